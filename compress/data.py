@@ -1,0 +1,322 @@
+"""Every data source behind one function, `load_data`, which returns a `Dataset` of stratified splits.
+
+Sources:
+- ``cifar10-mini``: a class-balanced CIFAR-10 subset shipped inside the package (no network, no extra files).
+- ``cifar10``: the full set, from a class-folder copy (``data_dir`` or $COMPRESS_CIFAR10_DIR), else Keras' download.
+- ``folder:PATH``: class folders, either ``PATH/train/<class>/`` + ``PATH/test/<class>/`` or ``PATH/<class>/``.
+
+Decoded images are cached as .npz under $COMPRESS_CACHE_DIR (default ~/.cache/compress), keyed on the source files'
+names, sizes and modification times, so a second load reads one file instead of decoding thousands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from compress.errors import DataError
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_DIR_ENV = "COMPRESS_CIFAR10_DIR"
+CACHE_DIR_ENV = "COMPRESS_CACHE_DIR"
+KNOWN_SOURCES = ("cifar10-mini", "cifar10", "folder:PATH")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+MINI_ARCHIVE = "cifar10_mini.zip"
+# A single-folder set is split into train/test with this fixed seed, so that --seed changes the
+# validation split and training order but never which images are held out for testing.
+TEST_SPLIT_SEED = 1234
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Images as uint8 NHWC arrays and integer labels, already split; `pipeline` makes tf.data from them."""
+
+    source: str
+    class_names: tuple[str, ...]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    seed: int = 0
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The raw (uint8 images, int64 labels) of 'train', 'val' or 'test'."""
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}")
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+    def normalized(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A split as float32 images in [0, 1], the form every model of the toolkit takes."""
+        x, y = self.split(name)
+        return normalize(x), y
+
+    def describe(self) -> dict:
+        """JSON-ready summary: source, classes, input shape and images per split."""
+        return {
+            "source": self.source,
+            "classes": list(self.class_names),
+            "input_shape": list(self.input_shape),
+            "counts": {name: int(len(self.split(name)[1])) for name in ("train", "val", "test")},
+            "seed": self.seed,
+        }
+
+    def pipeline(self, name: str, batch_size: int = 64, *, shuffle: bool = False, augment: bool = False):
+        """A tf.data pipeline of (normalised images, labels): shuffled and augmented on request, prefetched."""
+        from compress.keras import tf
+
+        x, y = self.split(name)
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
+        if shuffle:
+            ds = ds.shuffle(len(x), seed=self.seed, reshuffle_each_iteration=True)
+        if augment:
+            ds = ds.map(_augment_fn(self.input_shape, self.seed), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size).map(lambda images, labels: (tf.cast(images, tf.float32) / 255.0, labels))
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32) / 255.0
+
+
+def _augment_fn(input_shape: tuple[int, int, int], seed: int) -> Callable:
+    """Random horizontal flip and a shift of up to 1/8 of the image (reflect-padded), per image."""
+    from compress.keras import tf
+
+    height, width, _ = input_shape
+    pad = max(1, height // 8)
+    generator = tf.random.Generator.from_seed(seed)
+
+    def augment(image, label):
+        padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        offset = generator.uniform([2], 0, 2 * pad + 1, dtype=tf.int32)
+        image = tf.slice(padded, [offset[0], offset[1], 0], input_shape)
+        flip = generator.uniform([], 0, 2, dtype=tf.int32)
+        image = tf.cond(flip > 0, lambda: tf.reverse(image, axis=[1]), lambda: image)
+        return image, label
+
+    return augment
+
+
+def load_data(
+    source: str = "cifar10-mini",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    image_size: tuple[int, int] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Dataset:
+    """Load a data source and split it: validation is stratified from the training images, never the test ones."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"validation fraction must be between 0 and 1, got {val_fraction}")
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test fraction must be between 0 and 1, got {test_fraction}")
+    if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
+        raise DataError(f"image size must be two positive integers (height, width), got {image_size}")
+    cache = Path(cache_dir or os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "compress")
+
+    if source == "cifar10-mini":
+        tree = _zip_tree(resources.files("compress") / "datasets" / MINI_ARCHIVE)
+        raw = _decode_cached(tree, image_size, cache)
+    elif source == "cifar10":
+        folder = data_dir or os.environ.get(CIFAR10_DIR_ENV)
+        if folder:
+            raw = _decode_cached(_folder_tree(Path(folder), test_fraction), image_size, cache)
+            if raw[4] != CIFAR10_CLASSES:
+                raise DataError(f"{folder} does not hold the CIFAR-10 classes ({', '.join(CIFAR10_CLASSES)})")
+        else:
+            raw = _download_cifar10(image_size)
+    elif source.startswith("folder:"):
+        if data_dir is not None:
+            raise DataError("--data-dir applies to the cifar10 source; for folder:PATH the path is in the name")
+        raw = _decode_cached(_folder_tree(Path(source[len("folder:"):]), test_fraction), image_size, cache)
+    else:
+        raise DataError(f"unknown data source {source!r}; known sources: {', '.join(KNOWN_SOURCES)}")
+
+    x_train_all, y_train_all, x_test, y_test, class_names = raw
+    train_idx, val_idx = stratified_split(y_train_all, val_fraction, seed, class_names)
+    return Dataset(
+        source=source,
+        class_names=class_names,
+        x_train=x_train_all[train_idx],
+        y_train=y_train_all[train_idx],
+        x_val=x_train_all[val_idx],
+        y_val=y_train_all[val_idx],
+        x_test=x_test,
+        y_test=y_test,
+        seed=seed,
+    )
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int, class_names=()) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices so that `fraction` of every class goes to the second part; both parts are shuffled."""
+    rng = np.random.default_rng(seed)
+    first, second = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        if len(members) < 2:
+            name = class_names[label] if len(class_names) > label else label
+            raise DataError(f"class {name!r} has {len(members)} training image(s); at least 2 are needed to split")
+        take = min(len(members) - 1, max(1, round(len(members) * fraction)))
+        second.append(members[:take])
+        first.append(members[take:])
+    return rng.permutation(np.concatenate(first)), rng.permutation(np.concatenate(second))
+
+
+# A tree is {split: {class: [(name, size, mtime, read_bytes)]}}; its listing alone makes the cache key.
+Entry = tuple[str, int, float, Callable[[], bytes]]
+Tree = dict[str, dict[str, list[Entry]]]
+
+
+def _folder_tree(root: Path, test_fraction: float) -> Tree:
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data folder {root} is not a folder")
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        for split in ("train", "test"):
+            if not (root / split).is_dir():
+                raise DataError(f"{root} has a train/ or test/ folder but no {split}/ folder beside it")
+        tree = {split: _class_folders(root / split) for split in ("train", "test")}
+        only_train = sorted(set(tree["train"]) - set(tree["test"]))
+        only_test = sorted(set(tree["test"]) - set(tree["train"]))
+        if only_train:
+            raise DataError(f"class(es) {', '.join(only_train)} in {root / 'train'} have no images in {root / 'test'}")
+        if only_test:
+            raise DataError(f"class(es) {', '.join(only_test)} in {root / 'test'} have no images in {root / 'train'}")
+        return tree
+    classes = _class_folders(root)
+    # Split a single tree per class by ratio, with a fixed seed so the test images never depend on --seed.
+    tree: Tree = {"train": {}, "test": {}}
+    for name, entries in classes.items():
+        if len(entries) < 3:
+            raise DataError(f"class {name!r} in {root} has {len(entries)} image(s); at least 3 are needed to split")
+        order = np.random.default_rng(TEST_SPLIT_SEED).permutation(len(entries))
+        n_test = max(1, round(len(entries) * test_fraction))
+        tree["test"][name] = [entries[i] for i in sorted(order[:n_test])]
+        tree["train"][name] = [entries[i] for i in sorted(order[n_test:])]
+    return tree
+
+
+def _class_folders(root: Path) -> dict[str, list[Entry]]:
+    classes = {}
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        entries = []
+        for path in sorted(class_dir.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                stat = path.stat()
+                entries.append((str(path), stat.st_size, stat.st_mtime, path.read_bytes))
+        if entries:
+            classes[class_dir.name] = entries
+    if not classes:
+        raise DataError(f"no images found in {root}: expected class folders holding {'/'.join(IMAGE_SUFFIXES)} files")
+    return classes
+
+
+def _zip_tree(archive_path) -> Tree:
+    tree: Tree = {"train": {}, "test": {}}
+    with zipfile.ZipFile(io.BytesIO(archive_path.read_bytes())) as archive:
+        for info in archive.infolist():
+            split, class_name, _ = info.filename.split("/", 2)
+            data = archive.read(info)
+            entry = (info.filename, info.file_size, info.CRC, lambda data=data: data)
+            tree[split].setdefault(class_name, []).append(entry)
+    return tree
+
+
+def _decode_cached(tree: Tree, image_size, cache_dir: Path):
+    class_names = tuple(sorted(tree["train"]))
+    listing = hashlib.sha256(repr(image_size).encode())
+    for split in ("train", "test"):
+        for class_name in class_names:
+            for name, size, mtime, _ in tree[split][class_name]:
+                listing.update(f"{split}|{name}|{size}|{mtime}\n".encode())
+    cache_file = cache_dir / f"images-{listing.hexdigest()[:24]}.npz"
+    if cache_file.exists():
+        try:
+            with np.load(cache_file) as cached:
+                return (cached["x_train"], cached["y_train"], cached["x_test"], cached["y_test"], class_names)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # a damaged cache file is rebuilt below
+    x_train, y_train = _decode_split(tree["train"], class_names, image_size)
+    x_test, y_test = _decode_split(tree["test"], class_names, image_size)
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"training images are {x_train.shape[1:]} but test images {x_test.shape[1:]}; pass --image-size HxW"
+        )
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_suffix(f".{os.getpid()}.partial")
+        with open(partial, "wb") as handle:
+            np.savez(handle, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+        os.replace(partial, cache_file)
+    except OSError:
+        pass  # a read-only or full cache folder costs speed, not correctness
+    return x_train, y_train, x_test, y_test, class_names
+
+
+def _decode_split(classes: dict[str, list[Entry]], class_names, image_size):
+    entries = [(entry, label) for label, name in enumerate(class_names) for entry in classes[name]]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        images = list(pool.map(lambda item: _decode_image(item[0], image_size), entries))
+    shapes = Counter(image.shape[:2] for image in images)
+    if len(shapes) > 1:
+        (a, _), (b, _) = shapes.most_common(2)
+        raise DataError(
+            f"images differ in size ({a[0]}x{a[1]}, {b[0]}x{b[1]}, ...); pass --image-size HxW to resize them"
+        )
+    if any(image.shape[2] == 3 for image in images):
+        images = [np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image for image in images]
+    labels = np.array([label for _, label in entries], dtype=np.int64)
+    return np.stack(images), labels
+
+
+def _decode_image(entry: Entry, image_size) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    name, _, _, read = entry
+    try:
+        with Image.open(io.BytesIO(read())) as image:
+            image = image.convert("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+            if image_size is not None and image.size != (image_size[1], image_size[0]):
+                image = image.resize((image_size[1], image_size[0]), Image.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"cannot read image {name}: {exc}") from None
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _download_cifar10(image_size):
+    from compress.keras import keras
+
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    except Exception as exc:  # urllib raises several types; each means the same thing to the user
+        raise DataError(
+            f"could not download CIFAR-10 ({type(exc).__name__}); offline, point to a class-folder copy "
+            f"with --data-dir DIR or ${CIFAR10_DIR_ENV} (DIR/train/<class>/, DIR/test/<class>/)"
+        ) from None
+    if image_size is not None and tuple(image_size) != x_train.shape[1:3]:
+        raise DataError("--image-size is not supported for the downloaded CIFAR-10; use a class-folder copy")
+    return x_train, y_train.ravel().astype(np.int64), x_test, y_test.ravel().astype(np.int64), CIFAR10_CLASSES

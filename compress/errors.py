@@ -1,0 +1,17 @@
+"""Every error the toolkit raises on purpose derives from CompressError; the CLI prints it as one line, exit 2."""
+
+
+class CompressError(Exception):
+    """A problem with the user's input or request, explained in one line."""
+
+
+class DataError(CompressError):
+    """A data source that cannot be read or does not have the expected layout."""
+
+
+class ConfigError(CompressError):
+    """A setting out of range, an unknown name, or a malformed recipe."""
+
+
+class ModelError(CompressError):
+    """A model file that cannot be loaded, or a model a technique cannot handle."""

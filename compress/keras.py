@@ -1,0 +1,29 @@
+"""The one module that imports TensorFlow and Keras: everything else takes `tf`, `keras` and `tfmot` from here.
+
+tensorflow-model-optimization works only with Keras 2 (the `tf_keras` package), and TensorFlow decides which
+Keras `tf.keras` means when it is first imported; so the choice is made here, once, before that import.
+"""
+
+import os
+import sys
+
+from compress.errors import CompressError
+
+if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+    raise CompressError(
+        "TensorFlow was imported before compress with Keras 3 active; set TF_USE_LEGACY_KERAS=1 "
+        "before importing TensorFlow, or import compress first"
+    )
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
+
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
+import tensorflow_model_optimization as tfmot  # noqa: E402
+
+__all__ = ["tf", "keras", "tfmot", "versions"]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that shape a trained or compressed model."""
+    return {"tensorflow": tf.__version__, "tf_keras": keras.__version__, "tfmot": tfmot.__version__}
