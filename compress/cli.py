@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from compress.data import CIFAR10_DIR_ENV, KNOWN_SOURCES
@@ -81,6 +82,74 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_technique(args: argparse.Namespace) -> int:
+    """Apply one registered technique to a model file; writes OUT/model.keras (if any), its files and OUT/stats.json."""
+    from compress import registry
+    from compress.io import check_output_dir, load_model, save_model, write_json
+
+    technique = registry.get(args.command)
+    settings = {name: value for name, value in vars(args).items() if name.startswith(CONFIG_PREFIX) and value is not None}
+    config = technique.config_class.from_dict({name[len(CONFIG_PREFIX):]: value for name, value in settings.items()})
+    out = check_output_dir(args.out)
+    model = load_model(args.model, unsafe=args.unsafe)
+    data = load_data_from_args(args)
+    info(args, f"{technique.name}: {technique.summary}")
+    outcome = technique.apply(model, config, data, out_dir=out, verbose=keras_verbosity(args))
+    written = dict(outcome.files)
+    if outcome.model is not None:
+        written["model"] = save_model(outcome.model, out / "model.keras")
+    stats = {
+        "technique": technique.name,
+        "input": str(args.model),
+        "config": config.to_dict(),
+        "stats": outcome.stats,
+        "files": {name: str(path) for name, path in written.items()},
+    }
+    write_json(out / "stats.json", stats)
+    info(args, f"wrote {', '.join(str(path) for path in written.values())} and {out / 'stats.json'}")
+    return 0
+
+
+CONFIG_PREFIX = "config_"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
+    """One option per config field, named after it (`clusters` -> --clusters); the config validates the values."""
+    group = parser.add_argument_group("technique settings")
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        meta = field.metadata
+        help_text = f"{meta.get('help', '')} (default: {_show_default(field.default)})"
+        if field.type in ("bool", bool):
+            group.add_argument(flag, dest=CONFIG_PREFIX + field.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+            continue
+        parse = meta.get("parse") or {"int": int, "float": float, "str": str}.get(str(field.type), str)
+        group.add_argument(flag, dest=CONFIG_PREFIX + field.name, type=_cli_type(parse), default=None,
+                           metavar=meta.get("metavar") or field.name.upper(), help=help_text)
+
+
+def _show_default(value) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "none"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def _cli_type(parse):
+    """Wrap a config parser so a bad value is an argparse error (one line, exit 2), not a traceback."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except (ValueError, CompressError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
 def info(args: argparse.Namespace, message: str) -> None:
     if not args.quiet:
         print(message, flush=True)
@@ -112,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, metavar="DIR", help="output folder")
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.set_defaults(handler=cmd_train)
+
+    from compress import registry
+
+    for technique in registry.available():
+        sub = commands.add_parser(
+            technique.name,
+            help=technique.summary,
+            description=f"{technique.summary}. Reads MODEL (.keras); writes OUT/model.keras and/or the files the "
+            "technique makes, and OUT/stats.json.",
+        )
+        sub.add_argument("model", metavar="MODEL", help="input model (.keras)")
+        sub.add_argument("--out", required=True, metavar="DIR", help="output folder")
+        add_data_arguments(sub)
+        add_config_arguments(sub, technique.config_class)
+        sub.add_argument("--unsafe", action="store_true", help="allow model files holding Lambda layers (arbitrary code)")
+        sub.add_argument("--quiet", action="store_true", help="no progress output")
+        sub.set_defaults(handler=cmd_technique)
     return parser
 
 

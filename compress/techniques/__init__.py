@@ -1,0 +1,1 @@
+"""One module per compression technique; each exposes a `TECHNIQUE` entry that compress.registry finds by name."""
