@@ -155,14 +155,21 @@ def info(args: argparse.Namespace, message: str) -> None:
         print(message, flush=True)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2) rather than the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from baseline.train import RECIPES
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="compress",
         description="Compress trained Keras models and measure the exported files.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
 
     train = commands.add_parser(
         "train",
@@ -203,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:
+        return stop.code
     try:
         return args.handler(args)
     except CompressError as exc:

@@ -1,0 +1,181 @@
+"""Data sources: shapes, dtypes, balance, stratified validation, caching, and refusals of bad folders."""
+
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from compress.data import CIFAR10_CLASSES, load_data, stratified_split
+from compress.errors import DataError
+
+
+def make_folder_set(root, classes=("cat", "dog", "fox"), per_class=6, size=(12, 10), mode="RGB", layout="split"):
+    """Write a tiny class-folder image set; `layout` 'split' makes train/ and test/, 'flat' one tree."""
+    rng = np.random.default_rng(0)
+    splits = {"train": per_class, "test": max(2, per_class // 2)} if layout == "split" else {".": per_class}
+    for split, count in splits.items():
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                channels = 3 if mode == "RGB" else 1
+                pixels = rng.integers(0, 256, size=(size[0], size[1], channels), dtype=np.uint8)
+                Image.fromarray(pixels.squeeze(), mode).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    return load_data("cifar10-mini", cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_mini_shapes_dtypes_and_balance(mini):
+    assert mini.class_names == CIFAR10_CLASSES
+    assert mini.input_shape == (32, 32, 3)
+    assert mini.x_train.dtype == np.uint8 and mini.y_train.dtype == np.int64
+    assert len(mini.y_train) + len(mini.y_val) == 5000 and len(mini.y_test) == 1000
+    for labels, expected in ((mini.y_train, 450), (mini.y_val, 50), (mini.y_test, 100)):
+        assert np.bincount(labels, minlength=10).tolist() == [expected] * 10
+
+
+def test_mini_pipeline_is_normalised_and_batched(mini):
+    images, labels = next(iter(mini.pipeline("train", 32, shuffle=True, augment=True)))
+    assert images.shape == (32, 32, 32, 3) and images.dtype.name == "float32"
+    assert 0.0 <= float(images.numpy().min()) and float(images.numpy().max()) <= 1.0
+    assert labels.shape == (32,)
+
+
+def test_validation_split_is_stratified_even_for_class_sorted_data():
+    # Data read from class folders arrives sorted by class; Keras' validation_split=0.2 would take the last
+    # 20%, i.e. only the last two classes. Ours must hold every class, in proportion.
+    labels = np.repeat(np.arange(10), 100)
+    keras_style_val = labels[int(len(labels) * 0.8):]
+    assert len(np.unique(keras_style_val)) == 2
+    train_idx, val_idx = stratified_split(labels, 0.2, seed=0)
+    assert np.bincount(labels[val_idx], minlength=10).tolist() == [20] * 10
+    assert set(train_idx).isdisjoint(val_idx) and len(train_idx) + len(val_idx) == len(labels)
+
+
+def test_validation_comes_from_training_images_never_test(mini):
+    test_bytes = {image.tobytes() for image in mini.x_test}
+    assert not any(image.tobytes() in test_bytes for image in mini.x_val)
+    assert len(np.unique(mini.y_val)) == 10
+
+
+def test_seed_changes_validation_split_reproducibly(tmp_path):
+    a = load_data("cifar10-mini", seed=1, cache_dir=tmp_path)
+    b = load_data("cifar10-mini", seed=1, cache_dir=tmp_path)
+    c = load_data("cifar10-mini", seed=2, cache_dir=tmp_path)
+    assert np.array_equal(a.x_val, b.x_val) and not np.array_equal(a.x_val, c.x_val)
+    assert np.array_equal(a.x_test, c.x_test)
+
+
+def test_second_load_reuses_the_cache(tmp_path):
+    cache = tmp_path / "cache"
+    load_data("cifar10-mini", cache_dir=cache)
+    files = list(cache.glob("images-*.npz"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    started = time.perf_counter()
+    load_data("cifar10-mini", cache_dir=cache)
+    assert time.perf_counter() - started < 3.0
+    assert files[0].stat().st_mtime_ns == stamp  # read, not rewritten
+
+
+def test_damaged_cache_is_rebuilt(tmp_path):
+    cache = tmp_path / "cache"
+    first = load_data("cifar10-mini", cache_dir=cache)
+    cache_file = next(cache.glob("images-*.npz"))
+    cache_file.write_bytes(b"not an npz")
+    again = load_data("cifar10-mini", cache_dir=cache)
+    assert np.array_equal(first.x_test, again.x_test)
+
+
+def test_folder_with_train_and_test(tmp_path):
+    data = load_data(f"folder:{make_folder_set(tmp_path / 'set')}", cache_dir=tmp_path / "c", val_fraction=0.34)
+    assert data.class_names == ("cat", "dog", "fox")
+    assert data.input_shape == (12, 10, 3)
+    assert np.bincount(data.y_val).tolist() == [2, 2, 2]
+    assert np.bincount(data.y_test).tolist() == [3, 3, 3]
+
+
+def test_flat_folder_is_split_by_ratio_with_a_fixed_test_set(tmp_path):
+    root = make_folder_set(tmp_path / "flat", per_class=10, layout="flat")
+    a = load_data(f"folder:{root}", cache_dir=tmp_path / "c", seed=0)
+    b = load_data(f"folder:{root}", cache_dir=tmp_path / "c", seed=5)
+    assert np.bincount(a.y_test).tolist() == [2, 2, 2]
+    assert np.array_equal(a.x_test, b.x_test)
+
+
+def test_grayscale_and_resize(tmp_path):
+    root = make_folder_set(tmp_path / "gray", mode="L", size=(20, 20))
+    data = load_data(f"folder:{root}", cache_dir=tmp_path / "c", image_size=(8, 8))
+    assert data.input_shape == (8, 8, 1)
+
+
+def test_mixed_sizes_need_image_size(tmp_path):
+    root = make_folder_set(tmp_path / "mixed")
+    Image.new("RGB", (40, 40)).save(root / "train" / "cat" / "big.png")
+    with pytest.raises(DataError, match="--image-size"):
+        load_data(f"folder:{root}", cache_dir=tmp_path / "c")
+    assert load_data(f"folder:{root}", cache_dir=tmp_path / "c", image_size=(16, 16)).input_shape == (16, 16, 3)
+
+
+def test_cifar10_from_class_folder_copy_via_environment(tmp_path, monkeypatch):
+    root = make_folder_set(tmp_path / "c10", classes=CIFAR10_CLASSES, per_class=4, size=(32, 32))
+    monkeypatch.setenv("COMPRESS_CIFAR10_DIR", str(root))
+    data = load_data("cifar10", cache_dir=tmp_path / "c")
+    assert data.class_names == CIFAR10_CLASSES and data.input_shape == (32, 32, 3)
+
+
+def test_cifar10_offline_without_a_copy_says_how_to_provide_it(monkeypatch, tmp_path):
+    from compress.keras import keras
+
+    def offline():
+        raise OSError("URL fetch failure: no network")
+
+    monkeypatch.delenv("COMPRESS_CIFAR10_DIR", raising=False)
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", offline)
+    with pytest.raises(DataError, match="COMPRESS_CIFAR10_DIR"):
+        load_data("cifar10", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "prepare, message",
+    [
+        (lambda root: root / "missing", "does not exist"),
+        (lambda root: (root / "empty").mkdir() or root / "empty", "no images"),
+        (lambda root: _drop_test_class(make_folder_set(root / "s"), "fox"), "fox"),
+        (lambda root: _corrupt_image(make_folder_set(root / "s")), "broken.png"),
+    ],
+    ids=["missing-folder", "no-images", "class-missing-in-test", "unreadable-image"],
+)
+def test_bad_folders_are_refused_in_one_line(tmp_path, prepare, message):
+    path = prepare(tmp_path)
+    with pytest.raises(DataError, match=message) as caught:
+        load_data(f"folder:{path}", cache_dir=tmp_path / "c")
+    assert "\n" not in str(caught.value)
+
+
+def test_unknown_source_lists_known_ones():
+    with pytest.raises(DataError, match="cifar10-mini, cifar10, folder:PATH"):
+        load_data("imagenet")
+
+
+def _drop_test_class(root, name):
+    for path in (root / "test" / name).iterdir():
+        path.unlink()
+    (root / "test" / name).rmdir()
+    return root
+
+
+def _corrupt_image(root):
+    (root / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG truncated")
+    return root
+
+
+def test_cache_folder_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "envcache"))
+    load_data("cifar10-mini")
+    assert list((tmp_path / "envcache").glob("images-*.npz"))
