@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from compress.data import CIFAR10_DIR_ENV, KNOWN_SOURCES
 from compress.errors import CompressError
@@ -82,6 +83,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from compress.pipeline import RunOptions, describe_plan, load_recipe, run
+
+    recipe = load_recipe(args.recipe, quick=args.quick)
+    out = args.out or default_run_dir(args)
+    options = RunOptions(
+        out=Path(out),
+        data_args=dict(source=args.data, data_dir=args.data_dir, seed=args.seed, val_fraction=args.val_fraction,
+                       image_size=args.image_size),
+        model=Path(args.model) if args.model else None,
+        unsafe=args.unsafe,
+        verbose=keras_verbosity(args),
+        log=(lambda message: None) if args.quiet else (lambda message: print(message, flush=True)),
+    )
+    if args.dry_run:
+        print(f"plan for {out}:")
+        print("\n".join(describe_plan(recipe, options)))
+        return 0
+    from compress.report import format_summary, summarize
+
+    results = run(recipe, options)
+    info(args, "\n".join(format_summary(summarize(results))))
+    return 0
+
+
+def default_run_dir(args: argparse.Namespace) -> str:
+    """runs/<recipe>-<data>[-quick]: the same command reuses, and so resumes, the same folder."""
+    recipe = Path(args.recipe).stem if args.recipe else "default"
+    data = args.data.replace("folder:", "folder-").replace("/", "_").strip("_") or "data"
+    return str(Path("runs") / f"{recipe}-{data}{'-quick' if args.quick else ''}")
+
+
 def cmd_technique(args: argparse.Namespace) -> int:
     """Apply one registered technique to a model file; writes OUT/model.keras (if any), its files and OUT/stats.json."""
     from compress import registry
@@ -150,6 +183,57 @@ def _cli_type(parse):
     return convert
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from compress.report import format_summary, load_results, summarize, write_report
+
+    results = load_results(f"{args.dir}/results.json")
+    for path in write_report(results, args.dir):
+        info(args, f"wrote {path}")
+    for line in format_summary(summarize(results)):
+        info(args, line)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a .keras model to ONNX / TFLite, check parity; exit 2 when a file fails its parity check."""
+    from compress.errors import ExportError
+    from compress.export import export_model, parity_failure_message
+
+    data = load_data_from_args(args) if args.data else None
+    result = export_model(
+        args.model, args.out, formats=args.format or ["onnx"], data=data, chain=args.chain, unsafe=args.unsafe,
+        opset=args.opset,
+    )
+    for file in result["files"].values():
+        check = result["parity"]["files"][Path(file["path"]).name]
+        diff = "n/a" if check["max_abs_diff"] is None else f"{check['max_abs_diff']:.3g}"
+        info(args, f"{file['path']}: {file['precision']}, {file['bytes']:,} bytes; {check['runtime']} vs Keras: "
+                   f"top-1 agreement {check['top1_agreement']:.2%}, max |diff| {diff}{'' if check['ok'] else ' FAILED'}")
+    if not result["parity_ok"]:
+        raise ExportError(parity_failure_message(result, f"{args.out}/parity.json"))
+    info(args, f"wrote {', '.join(item['path'] for item in result['files'].values())}, "
+               f"{args.out}/parity.json and {args.out}/export.json")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Accuracy of a .onnx / .tflite / .keras file on the test split, measured in the file's own runtime."""
+    from compress.export import evaluate_file
+    from compress.io import write_json
+
+    data = load_data_from_args(args)
+    result = evaluate_file(args.file, data, batch_size=args.batch_size, unsafe=args.unsafe, limit=args.limit)
+    print(f"{result['file']}: accuracy {result['accuracy']:.4f} on {result['images']} {data.source} test images "
+          f"({result['runtime']}, {result['device']})", flush=True)
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def info(args: argparse.Namespace, message: str) -> None:
     if not args.quiet:
         print(message, flush=True)
@@ -188,6 +272,72 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, metavar="DIR", help="output folder")
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.set_defaults(handler=cmd_train)
+
+    report = commands.add_parser(
+        "report",
+        help="rebuild a run's report from its results.json",
+        description="Rebuild DIR/report.md, DIR/results.csv and the accuracy plots from DIR/results.json alone.",
+    )
+    report.add_argument("dir", metavar="DIR", help="run folder holding results.json")
+    report.add_argument("--quiet", action="store_true", help="no output but errors")
+    report.set_defaults(handler=cmd_report)
+
+    run = commands.add_parser(
+        "run",
+        help="the main job: baseline, every technique and combination, exported, measured, reported",
+        description="Run a recipe (default: the shipped one) into a run folder: train or take the baseline, apply "
+        "each stage, export every variant, measure accuracy, size and latency on the exported files, and write "
+        "report.md, results.json/csv and plots. A rerun skips the stages that finished with the same settings.",
+    )
+    run.add_argument("--recipe", metavar="FILE.toml", help="recipe file (default: the shipped default recipe)")
+    add_data_arguments(run)
+    run.add_argument("--model", metavar="BASELINE.keras", help="your trained model, used instead of training one")
+    run.add_argument("--out", metavar="DIR", help="run folder (default: runs/<recipe>-<data>[-quick])")
+    run.add_argument("--quick", action="store_true",
+                     help="short training (the recipe's [quick] epochs): a smoke run in minutes on the shipped data")
+    run.add_argument("--dry-run", action="store_true", help="print the resolved plan and what would be skipped; run nothing")
+    run.add_argument("--unsafe", action="store_true", help="allow a --model holding Lambda layers (arbitrary code)")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.set_defaults(handler=cmd_run)
+
+    from compress.export import DEFAULT_OPSET, FORMATS
+
+    export = commands.add_parser(
+        "export",
+        help="export a .keras model to ONNX / TFLite and check parity",
+        description="Export MODEL (.keras; float, pruned, clustered, distilled or QAT) to OUT/model.onnx and/or "
+        "OUT/model.tflite (int8 for QAT models), run each file beside the Keras model on fixed inputs and write "
+        "OUT/parity.json and OUT/export.json; exit 2 when a file fails the parity check.",
+    )
+    export.add_argument("model", metavar="MODEL", help="input model (.keras)")
+    export.add_argument("--format", action="append", choices=FORMATS,
+                        help="output format; repeat for both (default: onnx)")
+    export.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    export.add_argument("--chain", type=_comma_list, metavar="NAMES",
+                        help="techniques that made the model, recorded in the file (e.g. prune,qat)")
+    export.add_argument("--opset", type=_positive_int, default=DEFAULT_OPSET, help="ONNX opset, 17 or later")
+    add_data_arguments(export)
+    for action in export._actions:  # the data source is optional here: without it, parity uses seeded random images
+        if action.dest == "data":
+            action.default = None
+            action.help = "data source whose first 256 test images are the parity inputs (default: seeded random images)"
+    export.add_argument("--unsafe", action="store_true", help="allow model files holding Lambda layers (arbitrary code)")
+    export.add_argument("--quiet", action="store_true", help="no progress output")
+    export.set_defaults(handler=cmd_export)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="measure a .onnx / .tflite / .keras file's test accuracy in its own runtime",
+        description="Top-1 accuracy of FILE on the data source's test split: .onnx in onnxruntime (CPU), .tflite in "
+        "ai_edge_litert, .keras in Keras.",
+    )
+    evaluate.add_argument("file", metavar="FILE", help="model file (.onnx, .tflite or .keras)")
+    add_data_arguments(evaluate)
+    evaluate.add_argument("--batch-size", type=_positive_int, default=64, help="images per run (default: 64)")
+    evaluate.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N test images")
+    evaluate.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+    evaluate.add_argument("--unsafe", action="store_true", help="allow .keras files holding Lambda layers")
+    evaluate.set_defaults(handler=cmd_evaluate)
 
     from compress import registry
 

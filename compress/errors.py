@@ -15,3 +15,7 @@ class ConfigError(CompressError):
 
 class ModelError(CompressError):
     """A model file that cannot be loaded, or a model a technique cannot handle."""
+
+
+class ExportError(CompressError):
+    """A model that cannot be converted, or an exported file that fails its parity check."""

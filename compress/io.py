@@ -53,8 +53,15 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False):
         raise ModelError(f"model file {path} does not exist")
     if path.suffix != ".keras":
         raise ModelError(f"{path} is not a .keras model file")
-    # Models saved mid-compression carry tfmot wrappers; their classes must be known to deserialize.
-    with tfmot.quantization.keras.quantize_scope(), tfmot.clustering.keras.cluster_scope():
+    from compress.techniques.qat import loading_objects
+
+    # Models saved mid-compression carry tfmot wrappers; their classes must be known to deserialize, and two of
+    # tfmot's quantization classes need the fixed builds in loading_objects() to load from .keras files.
+    with (
+        tfmot.quantization.keras.quantize_scope(),
+        tfmot.clustering.keras.cluster_scope(),
+        keras.utils.custom_object_scope(loading_objects()),
+    ):
         try:
             return keras.models.load_model(path, compile=False, safe_mode=not unsafe)
         except ValueError as exc:

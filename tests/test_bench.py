@@ -1,0 +1,219 @@
+"""Measurements on tiny exported files: a MatMul+Relu ONNX model built by hand and a 2-layer Keras model as TFLite."""
+
+from __future__ import annotations
+
+import gzip
+import warnings
+
+import numpy as np
+import pytest
+
+from compress import bench
+from compress.errors import CompressError
+
+QUICK = {"warmup": 2, "min_repeats": 5, "min_seconds": 0.02}
+
+
+def _onnx_model(path, *, weights: np.ndarray, fixed_batch: int | str | None = "batch"):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    features, units = weights.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [fixed_batch, features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [fixed_batch, units])],
+        initializer=[
+            numpy_helper.from_array(weights.astype(np.float32), "w"),
+            numpy_helper.from_array(np.array([-1, features], dtype=np.int64), "unused_shape"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    weights = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    weights[:, :3] = 0.0  # 48 of 128 weights are zero
+    return _onnx_model(tmp_path_factory.mktemp("onnx") / "tiny.onnx", weights=weights)
+
+
+@pytest.fixture(scope="module")
+def tiny_keras():
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [keras.Input(shape=(8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(16, activation="relu"),
+         keras.layers.Dense(4)]
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_tflite(tiny_keras, tmp_path_factory):
+    from compress.keras import tf
+
+    folder = tmp_path_factory.mktemp("tflite")
+    float_path = folder / "float.tflite"
+    float_path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(tiny_keras).convert())
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(tiny_keras)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    rng = np.random.default_rng(0)
+    converter.representative_dataset = lambda: ([rng.random((1, 8, 8, 1), dtype=np.float32)] for _ in range(8))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    int8_path = folder / "int8.tflite"
+    with warnings.catch_warnings():  # "statistics for quantized inputs were expected": the inputs are random
+        warnings.simplefilter("ignore", UserWarning)
+        int8_path.write_bytes(converter.convert())
+    return {"float": float_path, "int8": int8_path}
+
+
+def _check_timing(result: dict, batch: int) -> None:
+    assert result["median_ms"] > 0
+    assert result["p95_ms"] >= result["median_ms"]
+    assert result["repeats"] >= QUICK["min_repeats"]
+    assert result["batch_size"] == batch
+    assert result["images_per_s"] == pytest.approx(batch * 1000.0 / result["median_ms"])
+
+
+def test_machine_info_without_tensorflow():
+    import subprocess
+    import sys
+
+    code = "import sys, json; from compress.bench import machine_info; " \
+           "info = machine_info(threads=1); print(json.dumps(info)); print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    import json
+
+    payload, imported = out.strip().splitlines()[-2:]
+    info = json.loads(payload)
+    assert imported == "False"
+    assert info["cpu"] and info["logical_cores"] >= 1 and info["latency_threads"] == 1
+    assert set(info["instruction_sets"]) <= set(bench.INT8_FLAGS)
+    for name in ("tensorflow", "tf_keras", "tfmot", "tf2onnx", "onnx", "onnxruntime", "ai_edge_litert"):
+        assert info["libraries"][name], name
+    assert "CPUExecutionProvider" in info["onnxruntime_providers"]
+    assert info["python"].startswith("3.")
+
+
+def test_file_size_reports_bytes_and_gzip(tmp_path):
+    path = tmp_path / "zeros.bin"
+    data = bytes(10_000) + np.random.default_rng(0).bytes(1000)
+    path.write_bytes(data)
+    size = bench.file_size(path)
+    assert size["file_bytes"] == len(data)
+    assert size["gzip_bytes"] == len(gzip.compress(data, compresslevel=9, mtime=0))
+    assert size["gzip_bytes"] < size["file_bytes"]
+    with pytest.raises(CompressError, match="does not exist"):
+        bench.file_size(tmp_path / "missing.onnx")
+
+
+def test_onnx_weight_stats_counts_weights_not_shapes(tiny_onnx):
+    stats = bench.onnx_weight_stats(tiny_onnx)
+    assert stats["params"] == 16 * 8  # the int64 shape constant is not a weight
+    assert stats["nonzero_params"] == 16 * 8 - 16 * 3
+    assert stats["bytes_by_dtype"] == {"float32": 16 * 8 * 4, "int64": 2 * 8}
+    assert stats["sparsity"] == pytest.approx(48 / 128)
+
+
+def test_onnx_weight_stats_separates_quantization_parameters(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.arange(-6, 6, dtype=np.int8).reshape(4, 3)
+    graph = helper.make_graph(
+        [
+            helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], axis=1),
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+        ],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        initializer=[
+            numpy_helper.from_array(weights, "w_q"),
+            numpy_helper.from_array(np.full(3, 0.1, dtype=np.float32), "w_scale"),
+            numpy_helper.from_array(np.zeros(3, dtype=np.int8), "w_zero"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "qdq.onnx"))
+    stats = bench.onnx_weight_stats(tmp_path / "qdq.onnx")
+    assert stats["params"] == 12 and stats["nonzero_params"] == 11 and stats["quant_params"] == 6
+    assert stats["bytes_by_dtype"] == {"float32": 12, "int8": 12 + 3}
+
+
+def test_onnx_weight_stats_rejects_a_non_onnx_file(tmp_path):
+    path = tmp_path / "junk.onnx"
+    path.write_bytes(b"\xff\x00 not a protobuf" * 10)
+    with pytest.raises(CompressError, match="junk.onnx"):
+        bench.onnx_weight_stats(path)
+
+
+def test_measure_latency_honours_repeats_and_time():
+    calls = []
+    result = bench.measure_latency(calls.append, np.zeros((4, 2)), warmup=3, min_repeats=7, min_seconds=0.0)
+    assert len(calls) == 3 + 7 and result["repeats"] == 7
+    _check_timing(result, 4)
+
+    import time
+
+    result = bench.measure_latency(lambda _: time.sleep(0.002), np.zeros((1, 2)), warmup=0, min_repeats=1,
+                                   min_seconds=0.03)
+    assert result["repeats"] >= 5  # time, not count, ended the loop
+    assert result["median_ms"] >= 2.0 and result["p95_ms"] >= result["median_ms"]
+    with pytest.raises(CompressError):
+        bench.measure_latency(calls.append, np.zeros((1, 2)), min_repeats=0)
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_onnx_latency(tiny_onnx, batch):
+    result = bench.onnx_latency(tiny_onnx, batch, threads=1, **QUICK)
+    _check_timing(result, batch)
+    assert result["threads"] == 1 and result["provider"] == "CPUExecutionProvider"
+    assert result["runtime"].startswith("onnxruntime ")
+
+
+def test_onnx_latency_refuses_a_fixed_other_batch_and_a_missing_provider(tmp_path):
+    path = _onnx_model(tmp_path / "fixed.onnx", weights=np.ones((4, 2), np.float32), fixed_batch=1)
+    _check_timing(bench.onnx_latency(path, 1, **QUICK), 1)
+    with pytest.raises(CompressError, match="fixed batch size of 1"):
+        bench.onnx_latency(path, 32, **QUICK)
+    with pytest.raises(CompressError, match="NoSuchExecutionProvider"):
+        bench.onnx_latency(path, 1, provider="NoSuchExecutionProvider", **QUICK)
+
+
+@pytest.mark.parametrize("kind", ["float", "int8"])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_tflite_latency(tiny_tflite, kind, batch):
+    from ai_edge_litert.interpreter import Interpreter
+
+    detail = Interpreter(model_path=str(tiny_tflite[kind])).get_input_details()[0]
+    assert detail["dtype"] == (np.int8 if kind == "int8" else np.float32)
+    result = bench.tflite_latency(tiny_tflite[kind], batch, threads=1, **QUICK)
+    _check_timing(result, batch)
+    assert result["threads"] == 1 and result["runtime"].startswith("ai-edge-litert")
+
+
+def test_keras_latency_labels_predict_and_tf_function(tiny_keras):
+    result = bench.keras_latency(tiny_keras, 2, **QUICK)
+    assert result["predict"]["label"] == "Keras model.predict(x, verbose=0)"
+    assert result["tf_function"]["label"] == "tf.function(model) call"
+    for key in ("predict", "tf_function"):
+        _check_timing(result[key], 2)
+
+
+def test_cuda_available_gives_a_reason():
+    available, reason = bench.cuda_available()
+    assert isinstance(available, bool) and reason
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert not available and "onnxruntime-gpu not installed" in reason

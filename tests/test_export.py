@@ -1,0 +1,455 @@
+"""Exports: ONNX / TFLite files for every variant, int8 weights for QAT, pruned zeros kept, parity, CLI errors.
+
+One tiny CNN (Conv8 - Flatten - Dense64 - Dense10 on 16x16x3, ~100k weights so the weights dominate the file size)
+trained for a few epochs on a synthetic 10-class set (a per-class pattern under heavy noise); its compressed variants
+are made once per module.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from compress.cli import main
+from compress.errors import ConfigError, ExportError
+
+SHAPE = (16, 16, 3)
+
+
+def _synthetic(rng, patterns, count):
+    labels = rng.integers(0, 10, count)
+    noise = rng.integers(0, 256, (count, *SHAPE))
+    images = np.clip(0.2 * patterns[labels] + 0.8 * noise, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def data():
+    from compress.data import Dataset
+
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 256, (10, *SHAPE))
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = (_synthetic(rng, patterns, n) for n in (320, 20, 300))
+    return Dataset("synthetic", tuple(f"c{i}" for i in range(10)), x_train, y_train, x_val, y_val, x_test, y_test)
+
+
+def _loss():
+    from compress.keras import keras
+
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _fit(model, data, epochs=1, callbacks=()):
+    x, y = data.normalized("train")
+    model.compile("adam", _loss(), metrics=["accuracy"])
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0, callbacks=list(callbacks))
+    return model
+
+
+def _tiny_cnn(extra_layers=()):
+    from compress.keras import keras
+
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input(shape=SHAPE, name="image"),
+            *extra_layers,
+            layers.Conv2D(8, 3, activation="relu", name="conv"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(64, activation="relu", name="dense"),
+            layers.Dense(10, name="logits"),
+        ]
+    )
+
+
+def _copy(model):
+    """A copy with its own layers: tfmot's wrappers reuse the layer objects, so training one would change the other."""
+    from compress.keras import keras
+
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+@pytest.fixture(scope="module")
+def models(data):
+    """float, pruned (wrappers left on and stripped), QAT, prune-preserving QAT and clustered variants."""
+    from compress.keras import keras, tfmot
+
+    keras.utils.set_random_seed(0)
+    float_model = _fit(_tiny_cnn(), data, epochs=3)
+    sparsity = tfmot.sparsity.keras
+    pruned_wrapped = sparsity.prune_low_magnitude(
+        _copy(float_model), pruning_schedule=sparsity.ConstantSparsity(0.7, begin_step=0, frequency=1)
+    )
+    _fit(pruned_wrapped, data, callbacks=[sparsity.UpdatePruningStep()])
+    pruned = sparsity.strip_pruning(pruned_wrapped)
+    quantization = tfmot.quantization.keras
+    qat = _fit(quantization.quantize_model(_copy(float_model)), data)
+    pqat = _fit(
+        quantization.quantize_apply(
+            quantization.quantize_annotate_model(_copy(pruned)),
+            tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme(),
+        ),
+        data,
+    )
+    clustering = tfmot.clustering.keras
+    clustered = clustering.strip_clustering(
+        _fit(clustering.cluster_weights(_copy(float_model), number_of_clusters=8), data)
+    )
+    layers = keras.layers
+    student = _fit(  # a distilled student is any small CNN; this one has BatchNorm and pooling for the converter
+        keras.Sequential([
+            keras.Input(shape=SHAPE, name="pixels"),
+            layers.Conv2D(8, 3, padding="same", use_bias=False), layers.BatchNormalization(), layers.ReLU(),
+            layers.MaxPooling2D(), layers.GlobalAveragePooling2D(), layers.Dense(10),
+        ]),
+        data,
+    )
+    return {"float": float_model, "pruned": pruned, "pruned_wrapped": pruned_wrapped, "qat": qat, "pqat": pqat,
+            "clustered": clustered, "student": student}
+
+
+@pytest.fixture(scope="module")
+def exports(models, data, tmp_path_factory):
+    from compress.export import export_model
+
+    root = tmp_path_factory.mktemp("exports")
+    return {
+        "float": export_model(models["float"], root / "float", formats=("onnx", "tflite"), data=data),
+        "qat": export_model(models["qat"], root / "qat", formats=("onnx", "tflite"), data=data, chain=["qat"]),
+        "pruned": export_model(models["pruned"], root / "pruned", data=data, chain=["prune"]),
+        "pqat": export_model(models["pqat"], root / "pqat", data=data, chain=["prune", "pqat"]),
+        "clustered": export_model(models["clustered"], root / "clustered", data=data, chain=["cluster"]),
+        "student": export_model(models["student"], root / "student", formats=("onnx", "tflite"), data=data,
+                                chain=["distill"]),
+    }
+
+
+def _onnx(result, fmt="onnx"):
+    import onnx
+
+    return onnx.load(result["files"][fmt]["path"])
+
+
+def _weight_initializers(proto):
+    from onnx import numpy_helper
+
+    arrays = [numpy_helper.to_array(tensor) for tensor in proto.graph.initializer]
+    return [array for array in arrays if array.ndim >= 2 and array.dtype != np.int64]
+
+
+def test_float_onnx_has_the_contract(exports, models):
+    import onnx
+    import onnxruntime as ort
+
+    import compress
+    from compress.export import weights_sha256
+
+    result = exports["float"]
+    proto = _onnx(result)
+    onnx.checker.check_model(proto, full_check=True)
+    assert max(item.version for item in proto.opset_import if item.domain in ("", "ai.onnx")) >= 17
+    (graph_input,) = proto.graph.input
+    assert graph_input.name == "image"
+    batch = graph_input.type.tensor_type.shape.dim[0]
+    assert batch.dim_param == "batch" and not batch.HasField("dim_value")
+    props = {prop.key: prop.value for prop in proto.metadata_props}
+    assert props["compress_version"] == compress.__version__
+    assert json.loads(props["technique_chain"]) == []
+    assert props["source_sha256"] == weights_sha256(models["float"]) and len(props["source_sha256"]) == 64
+    assert all(array.dtype == np.float32 for array in _weight_initializers(proto))
+    session = ort.InferenceSession(result["files"]["onnx"]["path"], providers=["CPUExecutionProvider"])
+    for batch_size in (1, 5):  # the batch dimension is really dynamic
+        out = session.run(None, {"image": np.zeros((batch_size, *SHAPE), np.float32)})[0]
+        assert out.shape == (batch_size, 10)
+    assert result["parity_ok"] and set(result["parity"]["files"]) == {"model.onnx", "model.tflite"}
+
+
+def test_export_writes_parity_and_manifest(exports):
+    from pathlib import Path
+
+    result = exports["float"]
+    folder = Path(result["files"]["onnx"]["path"]).parent
+    parity = json.loads((folder / "parity.json").read_text())
+    manifest = json.loads((folder / "export.json").read_text())
+    assert parity["parity_ok"] is True and manifest["parity_ok"] is True
+    check = parity["files"]["model.onnx"]
+    assert check["samples"] == 256 and "synthetic test split" in parity["inputs"]["source"]
+    assert check["top1_agreement"] >= 0.99 and check["max_abs_diff"] < 1e-3
+    assert manifest["files"]["tflite"]["precision"] == "float32"
+    assert sorted(p.name for p in folder.iterdir()) == ["export.json", "model.onnx", "model.tflite", "parity.json"]
+
+
+@pytest.mark.parametrize("variant", ["float", "pruned", "qat", "pqat", "clustered", "student"])
+def test_parity_passes_for_every_variant(exports, variant):
+    result = exports[variant]
+    assert result["parity_ok"] is True
+    for name, check in result["parity"]["files"].items():
+        assert check["ok"] and check["top1_agreement"] >= check["threshold"], (variant, name, check)
+        assert abs(check["accuracy"] - check["reference_accuracy"]) <= 0.005, (variant, name, check)
+
+
+def test_qat_onnx_stores_int8_weights_with_learned_scales(exports, models):
+    from onnx import numpy_helper
+
+    qat, float_result = exports["qat"], exports["float"]
+    assert qat["precision"] == "int8" and qat["files"]["onnx"]["int8_weight_fraction"] == 1.0
+    proto = _onnx(qat)
+    weights = _weight_initializers(proto)
+    assert weights and all(array.dtype == np.int8 for array in weights)
+    assert qat["files"]["onnx"]["bytes"] <= 0.3 * float_result["files"]["onnx"]["bytes"]
+    assert qat["files"]["tflite"]["bytes"] <= 0.3 * float_result["files"]["tflite"]["bytes"]
+
+    # The conv kernel's per-channel scales are the ones the QAT wrapper holds: max(|min|, |max|) / 127.
+    initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in proto.graph.initializer}
+    conv_kernel = next(name for name, array in initializers.items() if array.ndim == 4 and array.dtype == np.int8)
+    dequant = next(
+        node for node in proto.graph.node if node.op_type == "DequantizeLinear" and node.input[0] == conv_kernel
+    )
+    variables = {w.name.split("/")[-1].split(":")[0]: w.numpy() for w in models["qat"].get_layer("quant_conv").weights}
+    learned = np.maximum(np.abs(variables["kernel_min"]), np.abs(variables["kernel_max"])) / 127
+    np.testing.assert_allclose(initializers[dequant.input[1]], learned, rtol=1e-3)
+
+    # The input's quantization step is the range the QuantizeLayer learned in training.
+    quantize = next(node for node in proto.graph.node if node.op_type == "QuantizeLinear" and node.input[0] == "image")
+    layer = models["qat"].get_layer("quantize_layer")
+    low, high = _range(layer)
+    np.testing.assert_allclose(float(initializers[quantize.input[1]]), (high - low) / 255, rtol=2e-2)
+
+
+def _range(quantize_layer):
+    values = {w.name.split("/")[-1].split(":")[0]: float(w.numpy()) for w in quantize_layer.weights if w.shape == ()}
+    low = next(value for name, value in values.items() if name.endswith("_min"))
+    high = next(value for name, value in values.items() if name.endswith("_max"))
+    return low, high
+
+
+def test_qat_int8_tflite_runs_in_litert_with_float_or_int8_input(exports, models, data):
+    """The int8 .tflite runs through predict_file; a variant with int8 input/output gets quantized by the runner."""
+    from compress.export import predict_file
+    from compress.keras import tf
+
+    images, _ = data.normalized("test")
+    path = exports["qat"]["files"]["tflite"]["path"]
+    float_io = predict_file(path, images[:50], batch_size=16)
+    converter = tf.lite.TFLiteConverter.from_keras_model(models["qat"])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    int8_path = path.replace("model.tflite", "int8io.tflite")
+    with open(int8_path, "wb") as handle:
+        handle.write(converter.convert())
+    int8_io = predict_file(int8_path, images[:50], batch_size=16)
+    assert float_io.shape == int8_io.shape == (50, 10)
+    assert np.mean(float_io.argmax(1) == int8_io.argmax(1)) >= 0.98
+
+
+def test_pruned_zeros_stay_zero_in_onnx(exports):
+    for variant in ("pruned", "pqat"):
+        zeros = exports[variant]["files"]["onnx"]["weight_zero_fraction"]
+        assert zeros["keras"] >= 0.6, variant  # the fixture pruned to 70%
+        assert abs(zeros["onnx"] - zeros["keras"]) <= 0.001, (variant, zeros)
+    proto = _onnx(exports["pruned"])
+    weights = _weight_initializers(proto)
+    measured = sum(int(np.count_nonzero(w == 0)) for w in weights) / sum(w.size for w in weights)
+    assert measured == pytest.approx(exports["pruned"]["files"]["onnx"]["weight_zero_fraction"]["onnx"])
+    assert exports["float"]["files"]["onnx"]["weight_zero_fraction"]["onnx"] < 0.01
+
+
+def test_pruning_wrappers_left_on_are_stripped(models, tmp_path):
+    from compress.export import export_model
+
+    result = export_model(models["pruned_wrapped"], tmp_path, parity_samples=32)
+    assert result["stripped_wrappers"] == ["pruning"] and result["parity_ok"]
+    assert result["files"]["onnx"]["weight_zero_fraction"]["onnx"] >= 0.6
+    assert "prune_low_magnitude" not in " ".join(node.name for node in _onnx(result).graph.node)
+
+
+def test_perturbed_onnx_weights_fail_the_parity_check(exports, models, data, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from compress.export import check_parity
+
+    images, labels = data.normalized("test")
+    reference = models["float"](images[:128], training=False).numpy()
+    proto = _onnx(exports["float"])
+    rng = np.random.default_rng(0)
+    for tensor in proto.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if array.ndim >= 2:
+            tensor.CopyFrom(numpy_helper.from_array(rng.permutation(array.ravel()).reshape(array.shape), tensor.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(proto, broken)
+    check = check_parity(broken, images[:128], reference, precision="float32", labels=labels[:128])
+    assert check["ok"] is False and check["top1_agreement"] < 0.99
+    good = check_parity(exports["float"]["files"]["onnx"]["path"], images[:128], reference, precision="float32")
+    assert good["ok"] is True
+
+
+def _perturbing(convert):
+    def perturbed(*args, **kwargs):
+        from onnx import numpy_helper
+
+        proto = convert(*args, **kwargs)
+        for tensor in proto.graph.initializer:
+            array = numpy_helper.to_array(tensor)
+            if array.ndim >= 2:
+                tensor.CopyFrom(numpy_helper.from_array(-array, tensor.name))
+        return proto
+
+    return perturbed
+
+
+def test_cli_export_fails_when_parity_fails(models, tmp_path, monkeypatch, capsys):
+    from compress import export
+    from compress.io import save_model
+
+    model_path = save_model(models["float"], tmp_path / "model.keras")
+    monkeypatch.setattr(export, "_to_onnx", _perturbing(export._to_onnx))
+    assert main(["export", str(model_path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "parity check failed" in err[0] and "model.onnx" in err[0]
+    parity = json.loads((tmp_path / "out" / "parity.json").read_text())
+    assert parity["parity_ok"] is False and parity["files"]["model.onnx"]["ok"] is False
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["parity_ok"] is False
+
+
+def test_strict_export_raises_when_parity_fails(models, tmp_path, monkeypatch):
+    from compress import export
+
+    monkeypatch.setattr(export, "_to_onnx", _perturbing(export._to_onnx))
+    with pytest.raises(ExportError, match="parity check failed .*model.onnx: top-1 agreement"):
+        export.export_model(models["float"], tmp_path, parity_samples=64, strict=True)
+    assert json.loads((tmp_path / "parity.json").read_text())["parity_ok"] is False
+
+
+def _write_folder_data(data, root):
+    """The synthetic test images (and a few training ones) as PNG class folders, for --data folder:ROOT."""
+    from PIL import Image
+
+    for split, (images, labels) in (("train", data.split("train")), ("test", data.split("test"))):
+        for index, (image, label) in enumerate(zip(images, labels)):
+            if split == "train" and np.count_nonzero(labels[:index] == label) >= 3:
+                continue  # three training images per class are enough to split off validation
+            folder = root / split / data.class_names[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{index:04d}.png")
+    return f"folder:{root}"
+
+
+def test_cli_export_and_evaluate_every_format(models, data, tmp_path, monkeypatch, capsys):
+    import onnx
+
+    from compress.export import sha256_file
+    from compress.io import save_model
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    source = _write_folder_data(data, tmp_path / "data")
+    model_path = save_model(models["qat"], tmp_path / "qat.keras")
+    out = tmp_path / "out"
+    argv = ["export", str(model_path), "--format", "onnx", "--format", "tflite", "--out", str(out),
+            "--data", source, "--chain", "prune,qat"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "model.onnx: int8" in printed and "top-1 agreement" in printed
+    props = {p.key: p.value for p in onnx.load(out / "model.onnx").metadata_props}
+    assert props["source_sha256"] == sha256_file(model_path)
+    assert json.loads(props["technique_chain"]) == ["prune", "qat"]
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["files"]["model.onnx"]["samples"] == 256 and parity["parity_ok"]
+
+    keras_accuracy = float(np.mean(models["qat"](data.normalized("test")[0], training=False).numpy().argmax(1)
+                                   == data.y_test))
+    for name in ("model.onnx", "model.tflite"):
+        report = tmp_path / f"{name}.json"
+        assert main(["evaluate", str(out / name), "--data", source, "--json", str(report)]) == 0
+        assert "accuracy" in capsys.readouterr().out
+        result = json.loads(report.read_text())
+        assert result["images"] == len(data.y_test)
+        assert abs(result["accuracy"] - keras_accuracy) <= 0.005, (name, result, keras_accuracy)
+    assert main(["evaluate", str(model_path), "--data", source, "--limit", "40"]) == 0
+    assert "on 40 " in capsys.readouterr().out
+
+
+def test_evaluate_refuses_data_of_the_wrong_shape(exports, tmp_path, capsys):
+    code = main(["evaluate", exports["float"]["files"]["onnx"]["path"], "--data", "cifar10-mini", "--limit", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "16x16x3" in err[0] and "32x32x3" in err[0]
+
+
+@pytest.mark.parametrize(
+    "command, name, damage",
+    [
+        ("export", "model.keras", "truncate"),
+        ("evaluate", "model.keras", "truncate"),
+        ("export", "model.keras", "garbage"),
+        ("evaluate", "model.onnx", "truncate"),
+        ("evaluate", "model.onnx", "garbage"),
+        ("evaluate", "model.tflite", "truncate"),
+        ("export", "model.onnx", "none"),
+    ],
+)
+def test_damaged_files_are_one_line_exit_2(exports, models, tmp_path, capsys, command, name, damage):
+    from compress.io import save_model
+
+    target = tmp_path / name
+    if name.endswith(".keras"):
+        save_model(models["float"], target)
+    else:
+        shutil.copy(exports["float"]["files"][name.rsplit(".", 1)[1]]["path"], target)
+    payload = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(payload[: len(payload) // 2])
+    elif damage == "garbage":
+        target.write_bytes(b"this is not a model file\n" * 10)
+    argv = [command, str(target)] + (["--out", str(tmp_path / "out")] if command == "export" else ["--limit", "8"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("compress: error:") and name in err[0], err
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_lambda_model_needs_unsafe(data, tmp_path, capsys):
+    from compress.io import save_model
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(1)
+    model = _tiny_cnn([keras.layers.Lambda(lambda x: x * 2.0 - 1.0, name="rescale")])
+    path = save_model(model, tmp_path / "lambda.keras")
+    out = tmp_path / "out"
+    assert main(["export", str(path), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Lambda" in err[0] and "--unsafe" in err[0]
+    assert not out.exists() or not any(out.iterdir())
+    assert main(["export", str(path), "--out", str(out), "--quiet", "--unsafe"]) == 0
+    assert json.loads((out / "parity.json").read_text())["parity_ok"] is True
+
+
+def test_a_failed_write_leaves_no_partial_file(models, tmp_path, monkeypatch):
+    import onnx
+
+    from compress.export import export_model
+
+    def failing_save(proto, path):
+        with open(path, "wb") as handle:
+            handle.write(proto.SerializeToString()[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save", failing_save)
+    with pytest.raises(OSError):
+        export_model(models["float"], tmp_path, parity_samples=8)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_settings_are_validated(models, tmp_path):
+    from compress.export import ExportConfig, export_model
+
+    with pytest.raises(ConfigError, match="unknown export format 'pdf'"):
+        ExportConfig(formats=("pdf",))
+    with pytest.raises(ConfigError, match="opset"):
+        export_model(models["float"], tmp_path, opset=13)
+    with pytest.raises(ConfigError, match="parity samples"):
+        ExportConfig(parity_samples=0)
+    assert ExportConfig(formats=("onnx", "tflite", "onnx")).formats == ("onnx", "tflite")

@@ -1,0 +1,210 @@
+"""Recipes, plans, change detection and resume, on a tiny model with a stand-in technique (seconds, not minutes)."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from compress import registry
+from compress.cli import main
+from compress.errors import ConfigError
+from compress.pipeline import RunOptions, describe_plan, load_recipe, parse_recipe, run, stage_keys
+from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, require
+
+# ------------------------------------------------------------------ a stand-in technique, registered for these tests
+
+INTERRUPT = {"stage": None}  # name of a stage whose run is cut off after writing a partial file
+
+
+@dataclass(frozen=True)
+class ScaleConfig(TechniqueConfig):
+    factor: float = option(0.5, "multiply the last layer's kernel by this")
+
+    def validate(self):
+        require(self.factor > 0, f"factor must be > 0, got {self.factor}")
+
+
+def scale(model, config, data, *, out_dir, verbose=1):
+    from compress.techniques._finetune import copy_model
+
+    result = copy_model(model)
+    weights = result.layers[-1].get_weights()
+    result.layers[-1].set_weights([weights[0] * config.factor, *weights[1:]])
+    if INTERRUPT["stage"] == out_dir.name:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "model.keras").write_bytes(b"half-written")
+        raise KeyboardInterrupt
+    return Outcome(result, {"factor": config.factor})
+
+
+TECHNIQUE = Technique("scale", ScaleConfig, scale, "scale the classifier (a test stand-in)")
+
+
+@pytest.fixture(autouse=True)
+def scale_technique(monkeypatch):
+    monkeypatch.setitem(registry._MODULES, "scale", __name__)
+    INTERRUPT["stage"] = None
+
+
+RECIPE = """
+[measure]
+batch_sizes = [1]
+min_seconds = 0.0
+
+[[stage]]
+name = "a"
+technique = "scale"
+settings = { factor = 0.5 }
+
+[[stage]]
+name = "b"
+technique = "scale"
+input = "a"
+
+[[stage]]
+name = "c"
+technique = "scale"
+settings = { factor = 2.0 }
+"""
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+def test_default_recipe_resolves_with_every_technique():
+    recipe = load_recipe()
+    techniques = {stage.technique for stage in recipe.stages}
+    assert techniques == {"prune", "qat", "ptq", "distill", "cluster"}
+    order = [stage.name for stage in recipe.stages]
+    for stage in recipe.stages:
+        assert stage.input == "baseline" or order.index(stage.input) < order.index(stage.name)
+
+
+def test_quick_caps_epochs():
+    full, quick = load_recipe(), load_recipe(quick=True)
+    assert quick.baseline_epochs < full.baseline_epochs
+    for stage in quick.stages:
+        if hasattr(stage.config, "epochs"):
+            assert stage.config.epochs == 1
+
+
+def test_inputs_may_be_declared_after_their_readers():
+    recipe = parse_recipe(RECIPE.replace('input = "a"', 'input = "c"'))
+    assert [stage.name for stage in recipe.stages] == ["a", "c", "b"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r + "\n[extra]\nx = 1\n", "unknown key(s) extra; valid keys: baseline, export, measure, quick, stage"),
+        (lambda r: r.replace('technique = "scale"\ninput = "a"', 'technique = "sharpen"\ninput = "a"'),
+         "unknown technique 'sharpen'; known techniques: prune, qat, ptq, distill, cluster"),
+        (lambda r: r.replace('input = "a"', 'input = "zz"'), "reads 'zz', which is no stage; valid inputs: baseline"),
+        (lambda r: r.replace('settings = { factor = 0.5 }', 'input = "b"'), "cycle: a -> b -> a"),
+        (lambda r: r.replace("factor = 2.0", "factr = 2.0"), "unknown setting(s) factr"),
+        (lambda r: r.replace("factor = 2.0", "factor = -1.0"), "factor must be > 0"),
+        (lambda r: r.replace('name = "c"', 'name = "a"'), "used twice"),
+        (lambda r: r.replace('name = "c"', 'name = "baseline"'), "reserved"),
+        (lambda r: r + "\n[[stage]]\nname = 'd'\ntechnique = 'scale'\ncolour = 'red'\n", "unknown key(s) colour"),
+        (lambda r: r.replace("[measure]", "[measure\n"), "not valid TOML"),
+    ],
+    ids=["top-key", "technique", "missing-input", "cycle", "setting-key", "setting-range", "duplicate", "reserved",
+         "stage-key", "toml"],
+)
+def test_recipe_refusals_name_the_problem(edit, message):
+    with pytest.raises(ConfigError, match=None) as caught:
+        parse_recipe(edit(RECIPE))
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_change_detection_reruns_a_changed_stage_and_its_downstream_only(tmp_path):
+    options = RunOptions(out=tmp_path, data_args={})
+    before = stage_keys(parse_recipe(RECIPE), options, "base")
+    after = stage_keys(parse_recipe(RECIPE.replace("factor = 0.5", "factor = 0.25")), options, "base")
+    assert before["a"] != after["a"] and before["b"] != after["b"]  # b reads a
+    assert before["c"] == after["c"]
+    assert stage_keys(parse_recipe(RECIPE), options, "other-baseline")["c"] != before["c"]
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+    """A folder data set of 8x8 images and a tiny trained-looking model for it."""
+    from test_data import make_folder_set
+
+    from compress.io import save_model
+    from compress.keras import keras
+
+    root = make_folder_set(tmp_path / "images", per_class=8, size=(8, 8))
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    model_path = save_model(model, tmp_path / "user_model.keras")
+    recipe_path = tmp_path / "recipe.toml"
+    recipe_path.write_text(RECIPE)
+    return {"data": f"folder:{root}", "model": model_path, "recipe": recipe_path, "out": tmp_path / "run"}
+
+
+def _options(setup, log):
+    return RunOptions(out=setup["out"], data_args={"source": setup["data"], "cache_dir": setup["out"].parent / "c"},
+                      model=setup["model"], verbose=0, log=log.append)
+
+
+def test_run_resumes_and_redoes_only_what_changed(tiny_setup):
+    first_log, second_log, third_log = [], [], []
+    results = run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, first_log))
+    assert [v["name"] for v in results["variants"]] == ["baseline", "a", "b", "c"]
+    for variant in results["variants"]:
+        assert variant["parity_ok"] and 0.0 <= variant["accuracy"] <= 1.0 and variant["latency_ms_b1"] > 0
+    out = tiny_setup["out"]
+    for name in ("report.md", "results.json", "results.csv", "accuracy_vs_size.png", "accuracy_vs_latency.png"):
+        assert (out / name).is_file()
+    stamp = (out / "b" / "manifest.json").stat().st_mtime_ns
+
+    run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, second_log))
+    assert sum("skipped" in line for line in second_log) == 4
+    assert (out / "b" / "manifest.json").stat().st_mtime_ns == stamp
+
+    tiny_setup["recipe"].write_text(RECIPE.replace("factor = 0.5", "factor = 0.25"))
+    run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, third_log))
+    skipped = {line.split()[1] for line in third_log if "skipped" in line}
+    assert skipped == {"baseline", "c"}  # a changed, b reads a
+
+
+def test_interrupted_stage_is_never_trusted(tiny_setup):
+    INTERRUPT["stage"] = "c"
+    with pytest.raises(KeyboardInterrupt):
+        run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, []))
+    out = tiny_setup["out"]
+    assert (out / "a" / "manifest.json").is_file()
+    assert not (out / "c" / "manifest.json").exists()  # the half-written stage has no manifest
+
+    INTERRUPT["stage"] = None
+    log = []
+    results = run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, log))
+    assert {line.split()[1] for line in log if "skipped" in line} == {"baseline", "a", "b"}
+    assert {v["name"] for v in results["variants"]} == {"baseline", "a", "b", "c"}
+    from compress.io import load_model
+
+    assert load_model(out / "c" / "model.keras").count_params() > 0  # rewritten whole
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_setup, capsys):
+    code = main(["run", "--recipe", str(tiny_setup["recipe"]), "--data", tiny_setup["data"],
+                 "--model", str(tiny_setup["model"]), "--out", str(tiny_setup["out"]), "--dry-run"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "b: scale <- a" in printed and printed.count("would run") == 4
+    assert not tiny_setup["out"].exists()
+
+
+def test_cli_refuses_a_bad_recipe_in_one_line(tmp_path, capsys):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text("[[stage]]\nname = 'x'\ntechnique = 'prune'\nsettings = { sparsity = 1.5 }\n")
+    assert main(["run", "--recipe", str(recipe), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "sparsity" in err and len(err.strip().splitlines()) == 1
+    assert main(["run", "--recipe", str(tmp_path / "none.toml"), "--dry-run"]) == 2
+    assert "does not exist" in capsys.readouterr().err
