@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from compress import registry
 
-    for technique in registry.available():
+    for technique in map(registry.get, registry.names()):
         sub = commands.add_parser(
             technique.name,
             help=technique.summary,

@@ -111,7 +111,7 @@ def export_model(
     out = check_output_dir(out_dir)
     model, source = _resolve_source(model_or_path, unsafe=unsafe, source_hash=source_hash)
     model, stripped = strip_training_wrappers(model)
-    input_name, input_shape, output_name = _model_io(model)
+    input_name, input_shape, _ = _model_io(model)
     quantized = is_qat_model(model)
     precision = "int8" if quantized else "float32"
     chain = list(chain) if chain is not None else (["qat"] if quantized else [])
@@ -138,9 +138,8 @@ def export_model(
     for fmt in config.formats:
         target = out / f"model.{fmt}"
         if fmt == "onnx":
-            proto = _to_onnx(model, opset=config.opset, int8_tflite=tflite_bytes if quantized else None,
-                             input_name=input_name, input_shape=input_shape)
-            _tidy_onnx(proto, input_name=input_name, output_name=output_name, metadata=metadata)
+            proto = onnx_proto(model, opset=config.opset, metadata=metadata,
+                               int8_tflite=tflite_bytes if quantized else None)
             save_onnx(proto, target)
             entry = describe_onnx(proto)
             entry["converter"] = "tf2onnx from int8 TFLite" if quantized else "tf2onnx from Keras"
@@ -234,6 +233,14 @@ def to_tflite(model, *, int8: bool) -> bytes:
             return converter.convert()
     except Exception as exc:  # the converter raises ConverterError, ValueError and others, all "cannot convert"
         raise ExportError(f"TFLite conversion failed: {_first_line(exc) or type(exc).__name__}") from None
+
+
+def onnx_proto(model, *, opset: int = DEFAULT_OPSET, metadata: dict[str, str], int8_tflite: bytes | None = None):
+    """The model as an ONNX ModelProto, named and tagged the way every export is (from `int8_tflite` for QAT)."""
+    input_name, input_shape, output_name = _model_io(model)
+    proto = _to_onnx(model, opset=opset, int8_tflite=int8_tflite, input_name=input_name, input_shape=input_shape)
+    _tidy_onnx(proto, input_name=input_name, output_name=output_name, metadata=metadata)
+    return proto
 
 
 def _to_onnx(model, *, opset: int, int8_tflite: bytes | None, input_name: str, input_shape):

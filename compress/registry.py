@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 from compress.errors import ConfigError
 from compress.techniques.base import Technique
@@ -30,7 +29,3 @@ def get(name: str) -> Technique:
     assert technique.name == name, f"{_MODULES[name]} registers {technique.name!r}, not {name!r}"
     return technique
 
-
-def available() -> list[Technique]:
-    """Every technique whose module is present (all of them in a complete install)."""
-    return [get(name) for name in _MODULES if importlib.util.find_spec(_MODULES[name]) is not None]

@@ -43,9 +43,34 @@ class TechniqueConfig:
             raise ConfigError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(known)}")
         converted = {}
         for name, value in values.items():
-            parse = known[name].metadata.get("parse")
-            converted[name] = parse(value) if parse and isinstance(value, str) else _freeze(value)
+            parse = known[name].metadata.get("parse") or (parse_flag if known[name].type in ("bool", bool) else None)
+            try:
+                converted[name] = parse(value) if parse and isinstance(value, str) else _freeze(value)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+            _check_type(name, known[name].type, converted[name])
         return cls(**converted)
+
+
+_SCALAR_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_type(name: str, annotation, value) -> None:
+    """Refuse a value of the wrong kind (a word where a number belongs) before validation compares it."""
+    expected = _SCALAR_TYPES.get(getattr(annotation, "__name__", annotation))
+    wrong_bool = isinstance(value, bool) and annotation not in ("bool", bool)
+    if expected and (wrong_bool or not isinstance(value, expected)):
+        raise ConfigError(f"{name} must be of type {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def parse_flag(text: str) -> bool:
+    """'true'/'false' (and yes/no, on/off, 1/0) from a command line or a stringly typed file."""
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
 
 
 def _plain(value):

@@ -1,0 +1,52 @@
+"""Student architectures for distillation, by name: each builder takes (input_shape, num_classes, width).
+
+Every builder returns a plain Keras functional model that outputs logits and uses only layers that export cleanly to
+ONNX and to int8 TFLite/ONNX (Conv2D, BatchNormalization (folded into the convolution on export), ReLU, MaxPooling2D,
+GlobalAveragePooling2D, Dense). Keras is imported inside the builders, so that importing this module stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+def compact_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int = 16, *, batch_norm: bool = True):
+    """Conv(w)-Conv(w)-MaxPool-Conv(2w)-MaxPool-Conv(4w)-GlobalAveragePool-Dense(classes), 3x3 'same' convolutions.
+
+    Each convolution is followed by BatchNormalization (unless `batch_norm=False`) and ReLU. Parameters grow about
+    with width squared: width 16 is ~28k parameters on 32x32x3 with 10 classes, width 32 ~110k.
+    """
+    from compress.keras import keras
+
+    if width < 1:
+        raise ValueError(f"width must be a positive integer, got {width}")
+    layers = keras.layers
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = inputs
+    plan = [(width, "conv1", False), (width, "conv2", True), (2 * width, "conv3", True), (4 * width, "conv4", False)]
+    for filters, name, pool_after in plan:
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm, name=name)(x)
+        if batch_norm:
+            x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        x = layers.ReLU(name=f"{name}_relu")(x)
+        if pool_after:
+            # 'same' pooling keeps inputs as small as 1x1 valid; on even sizes it equals the usual 2x2 pooling.
+            x = layers.MaxPooling2D(2, padding="same", name=f"{name}_pool")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name=f"compact_cnn_w{width}")
+
+
+# Student name -> builder(input_shape, num_classes, width). distill's `student` setting names one of these.
+STUDENTS: dict[str, Callable] = {
+    "compact_cnn": compact_cnn,
+}
+
+
+def build_student(name: str, input_shape: tuple[int, int, int], num_classes: int, width: int):
+    """The named student architecture for this input and class count (names: STUDENTS)."""
+    from compress.errors import ConfigError
+
+    if name not in STUDENTS:
+        raise ConfigError(f"unknown student {name!r}; known students: {', '.join(STUDENTS)}")
+    return STUDENTS[name](tuple(input_shape), int(num_classes), int(width))

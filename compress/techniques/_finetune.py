@@ -1,0 +1,190 @@
+"""What the fine-tuning techniques (prune, cluster, qat) share: copying a model, choosing its weight layers,
+parsing name lists, a short Adam fine-tune on the training split and counting zeros and distinct values.
+
+TensorFlow is imported inside the functions, as everywhere outside compress.keras.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from compress.errors import ConfigError, ModelError
+
+WEIGHT_LAYER_TYPES = ("Conv2D", "Dense")
+
+
+class FrozenDict(dict):
+    """A dict that a frozen dataclass can hold as a default: hashable, refuses changes, JSON-ready as a dict."""
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items())))
+
+    def __reduce__(self):  # copy, deepcopy and pickle rebuild it whole instead of item by item
+        return (FrozenDict, (dict(self),))
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("FrozenDict cannot be changed")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """'conv1, dense1' -> ('conv1', 'dense1'); '' or 'none' is the empty tuple (the default choice)."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def as_names(value):
+    """A layer list from the CLI/TOML (text or list) as a tuple; anything else is left for validation to refuse."""
+    if isinstance(value, str):
+        return parse_names(value)
+    if isinstance(value, list | tuple):
+        return tuple(value)
+    return value
+
+
+def require_names(value, field: str) -> None:
+    if not (isinstance(value, tuple) and all(isinstance(name, str) and name for name in value)):
+        raise ConfigError(f"{field} must be a list of layer names, got {value!r}")
+
+
+def parse_name_values(text: str, what: str) -> FrozenDict:
+    """'dense1=0.95,conv2=0.5' -> {'dense1': 0.95, 'conv2': 0.5}; a malformed item is one ConfigError line."""
+    values = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            values[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"{what} must look like 'layer=value,layer=value', got {item!r} in {text!r}") from None
+    return FrozenDict(values)
+
+
+def copy_model(model):
+    """A new model with the same architecture and weights; training it leaves `model` untouched."""
+    from compress.keras import keras
+
+    if not isinstance(model, keras.Model):
+        raise ModelError(f"expected a Keras (tf_keras) model, got {type(model).__name__}")
+    try:
+        clone = keras.models.clone_model(model)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot copy model {model.name!r} (only Sequential and functional models): {first}") from None
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def weight_layers(model) -> list:
+    """The model's top-level Conv2D and Dense layers (subclasses included), in order."""
+    from compress.keras import keras
+
+    return [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
+
+
+def select_layers(model, names: tuple[str, ...], what: str) -> list:
+    """The layers named in `names`, or by default every Conv2D/Dense layer except the last one (the classifier).
+
+    `what` names the technique's verb in messages ("prune", "cluster"). Unknown names are refused with the list
+    of candidate layers.
+    """
+    candidates = weight_layers(model)
+    by_name = {layer.name: layer for layer in candidates}
+    if names:
+        unknown = [name for name in names if name not in by_name]
+        if unknown:
+            raise ConfigError(
+                f"cannot {what} layer(s) {', '.join(unknown)}: not a Conv2D/Dense layer of model {model.name!r}; "
+                f"layers that can be chosen: {', '.join(by_name) or 'none'}"
+            )
+        chosen = [by_name[name] for name in dict.fromkeys(names)]
+    else:
+        chosen = candidates[:-1]
+    if not chosen:
+        raise ModelError(
+            f"model {model.name!r} has no Conv2D/Dense layer to {what} besides its classifier"
+            + (f" {candidates[-1].name!r}; name it in --layers to {what} it" if candidates else "")
+        )
+    return chosen
+
+
+def fine_tune(model, data, *, epochs: int, batch_size: int, learning_rate: float, verbose: int, callbacks=()) -> dict:
+    """Compile with Adam and sparse cross-entropy on logits, train on 'train' (validating on 'val').
+
+    Returns the per-epoch history as plain floats.
+    """
+    from compress.keras import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    history = model.fit(
+        data.pipeline("train", batch_size, shuffle=True),
+        epochs=epochs,
+        validation_data=data.pipeline("val", 256),
+        callbacks=list(callbacks),
+        verbose=verbose,
+    )
+    return {key: [float(v) for v in values] for key, values in history.history.items()}
+
+
+def steps_per_epoch(data, batch_size: int) -> int:
+    return max(1, -(-len(data.split("train")[1]) // batch_size))
+
+
+def evaluate(model, data) -> dict:
+    """Test loss and accuracy of a Keras model (compiled here, so stripped models can be measured too)."""
+    from compress.keras import keras
+
+    model.compile(
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    loss, accuracy = model.evaluate(data.pipeline("test", 256), verbose=0)
+    return {"test_accuracy": float(accuracy), "test_loss": float(loss)}
+
+
+def zero_fraction(array) -> float:
+    import numpy as np
+
+    array = np.asarray(array)
+    return float(np.count_nonzero(array == 0) / array.size) if array.size else 0.0
+
+
+def all_params_sparsity(model) -> dict:
+    """Zeros over every weight of the model (kernels, biases, everything in get_weights)."""
+    import numpy as np
+
+    weights = model.get_weights()
+    total = int(sum(w.size for w in weights))
+    zeros = int(sum(np.count_nonzero(w == 0) for w in weights))
+    return {"params": total, "zero_params": zeros, "sparsity_all_params": zeros / total if total else 0.0}
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def require_positive_int(value, name: str) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_training_settings(config) -> None:
+    """The fine-tuning fields every such technique has: epochs, batch_size, learning_rate."""
+    require_positive_int(config.epochs, "epochs")
+    require_positive_int(config.batch_size, "batch_size")
+    if not (is_number(config.learning_rate) and 0 < config.learning_rate < 1):
+        raise ConfigError(f"learning_rate must be in (0, 1), got {config.learning_rate!r}")
+
+
+def check_mapping(value: Mapping, field: str) -> None:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{field} must be a table of layer names to values, got {value!r}")

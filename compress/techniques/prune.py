@@ -1,0 +1,200 @@
+"""Magnitude pruning with tfmot: zero the smallest weights of chosen layers while fine-tuning, then strip.
+
+Unstructured pruning follows a schedule to a target sparsity (one for all layers, or per layer); N:M structured
+pruning keeps at most N non-zero weights in every M consecutive ones along the input-channel axis (tfmot's
+`sparsity_m_by_n`, the pattern sparse tensor cores and XNNPACK use). The classifier is left whole by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compress.errors import ConfigError, ModelError
+from compress.techniques._finetune import (
+    as_names,
+    require_names,
+    check_training_settings,
+    is_number,
+    FrozenDict,
+    all_params_sparsity,
+    check_mapping,
+    copy_model,
+    evaluate,
+    fine_tune,
+    parse_name_values,
+    parse_names,
+    select_layers,
+    steps_per_epoch,
+    zero_fraction,
+)
+from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, require
+
+SCHEDULES = ("polynomial", "constant")
+# Pruning reaches its target at this share of the fine-tuning steps; the rest recovers accuracy at full sparsity.
+PRUNING_END_FRACTION = 0.8
+# Masks are recomputed about this many times on the way to the target.
+MASK_UPDATES = 10
+
+
+def parse_structure(text: str) -> str:
+    """Text of --structure / a recipe: 'none' (or empty) for unstructured, else 'N:M' as written when well formed."""
+    text = text.strip().lower()
+    if text in ("", "none"):
+        return "none"
+    parts = text.split(":")
+    if len(parts) == 2 and all(part.strip().isdigit() for part in parts):
+        return ":".join(part.strip() for part in parts)
+    return text  # validate() refuses it with the expected form
+
+
+def structure_pair(structure: str) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4): keep N of every M weights; 'none' -> None. Malformed text is one ConfigError line."""
+    if structure == "none":
+        return None
+    parts = structure.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        n, m = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ConfigError(f"structure must be N:M with 0 < N < M (e.g. 2:4) or none, got {structure!r}") from None
+    if not 0 < n < m:
+        raise ConfigError(f"structure must be N:M with 0 < N < M (e.g. 2:4) or none, got {structure!r}")
+    return n, m
+
+
+@dataclass(frozen=True)
+class PruneConfig(TechniqueConfig):
+    sparsity: float = option(0.5, "target fraction of zero weights in each pruned kernel, in (0, 1)")
+    schedule: str = option("polynomial", "how sparsity rises: polynomial (0 to target over 80%% of the steps) "
+                           "or constant (target from the first step)", metavar="{polynomial,constant}")
+    layers: tuple[str, ...] = option((), "comma-separated Conv2D/Dense layers to prune; none: all but the "
+                                     "classifier", parse=parse_names, metavar="NAMES")
+    layer_sparsity: dict = option(FrozenDict(), "per-layer targets overriding --sparsity, e.g. dense1=0.95,conv2=0.5",
+                                  parse=lambda text: parse_name_values(text, "layer_sparsity"), metavar="NAME=S,...")
+    structure: str = option("none", "N:M structured sparsity: keep at most N non-zero weights in every M consecutive "
+                            "input-channel weights (e.g. 2:4; replaces --sparsity/--schedule), or none",
+                            parse=parse_structure, metavar="N:M")
+    epochs: int = option(2, "fine-tuning epochs while pruning")
+    batch_size: int = option(64, "fine-tuning batch size")
+    learning_rate: float = option(5e-4, "Adam learning rate for fine-tuning")
+
+    def __post_init__(self):
+        # TOML/JSON hand over plain dicts and lists: keep the frozen config hashable.
+        check_mapping(self.layer_sparsity, "layer_sparsity")
+        object.__setattr__(self, "layer_sparsity", FrozenDict(self.layer_sparsity))
+        object.__setattr__(self, "layers", as_names(self.layers))
+        if isinstance(self.structure, str):
+            object.__setattr__(self, "structure", parse_structure(self.structure))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        require(_is_fraction(self.sparsity), f"sparsity must be in (0, 1), got {self.sparsity!r}")
+        require(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        require_names(self.layers, "layers")
+        for name, value in self.layer_sparsity.items():
+            require(_is_fraction(value), f"layer_sparsity for {name} must be in (0, 1), got {value!r}")
+        require(isinstance(self.structure, str), f"structure must be N:M text such as 2:4, got {self.structure!r}")
+        pair = structure_pair(self.structure)
+        require(pair is None or not self.layer_sparsity,
+                f"layer_sparsity does not apply with structure {self.structure} (N:M fixes every layer's sparsity)")
+        check_training_settings(self)
+
+    @property
+    def m_by_n(self) -> tuple[int, int] | None:
+        """tfmot's `sparsity_m_by_n`: (zeros, block) for N:M = keep N of M."""
+        pair = structure_pair(self.structure)
+        return None if pair is None else (pair[1] - pair[0], pair[1])
+
+
+def _is_fraction(value) -> bool:
+    return is_number(value) and 0 < value < 1
+
+
+def pruning_schedule(kind: str, target: float, total_steps: int):
+    """A tfmot schedule that reaches `target` at a mask update no later than ~80% of `total_steps`."""
+    from compress.keras import tfmot
+
+    sparsity = tfmot.sparsity.keras
+    # tfmot's step counter is 1 at the first batch; masks change at steps that are multiples of `frequency`
+    # in [begin_step, end_step]. end_step is a multiple of frequency so the last update applies the target.
+    frequency = max(1, int(total_steps * PRUNING_END_FRACTION) // MASK_UPDATES)
+    end_step = max(frequency, (int(total_steps * PRUNING_END_FRACTION) // frequency) * frequency)
+    if kind == "constant":
+        return sparsity.ConstantSparsity(target, begin_step=0, end_step=end_step, frequency=frequency)
+    return sparsity.PolynomialDecay(0.0, target, begin_step=0, end_step=end_step, frequency=frequency)
+
+
+def prune(model, config: PruneConfig, data, *, out_dir=None, verbose: int = 1) -> Outcome:
+    """Prune a copy of `model` while fine-tuning it on `data`; return the stripped model and its sparsity."""
+    from compress.keras import keras, tfmot
+
+    work = copy_model(model)
+    chosen = select_layers(work, config.layers, "prune")
+    names = [layer.name for layer in chosen]
+    unknown = sorted(set(config.layer_sparsity) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"layer_sparsity names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not pruned; "
+            f"pruned layers: {', '.join(names)} (choose others with --layers)"
+        )
+    targets = {name: float(config.layer_sparsity.get(name, config.sparsity)) for name in names}
+    steps = config.epochs * steps_per_epoch(data, config.batch_size)
+
+    def wrap(layer):
+        if layer.name not in targets:
+            return layer
+        return tfmot.sparsity.keras.prune_low_magnitude(
+            layer,
+            pruning_schedule=pruning_schedule(config.schedule, targets[layer.name], steps),
+            sparsity_m_by_n=config.m_by_n,
+        )
+
+    try:
+        wrapped = keras.models.clone_model(work, clone_function=wrap)
+    except ValueError as exc:
+        raise ModelError(f"tfmot cannot prune this model: {str(exc).strip().splitlines()[0]}") from None
+    history = fine_tune(
+        wrapped, data, epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
+        verbose=verbose, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
+    )
+    pruned = tfmot.sparsity.keras.strip_pruning(wrapped)
+
+    stats = sparsity_stats(pruned, names)
+    stats.update(
+        {
+            "pruned_layers": names,
+            "target_sparsity": targets if config.m_by_n is None else None,
+            "structure": config.structure,
+            "schedule": config.schedule if config.m_by_n is None else "one-shot N:M mask at the first step",
+            "fine_tune_steps": steps,
+        }
+    )
+    stats.update(evaluate(pruned, data))
+    stats["history"] = history
+    return Outcome(model=pruned, stats=stats)
+
+
+def sparsity_stats(model, layer_names) -> dict:
+    """Zeros per pruned kernel, over all pruned kernels together, and over all of the model's parameters."""
+    import numpy as np
+
+    per_layer, zeros, total = {}, 0, 0
+    for name in layer_names:
+        kernel = model.get_layer(name).kernel.numpy()
+        per_layer[name] = zero_fraction(kernel)
+        zeros += int(np.count_nonzero(kernel == 0))
+        total += int(kernel.size)
+    return {
+        "sparsity": per_layer,
+        "sparsity_pruned_kernels": zeros / total if total else 0.0,
+        **all_params_sparsity(model),
+    }
+
+
+TECHNIQUE = Technique(
+    name="prune",
+    config_class=PruneConfig,
+    apply=prune,
+    summary="magnitude pruning (unstructured or N:M) with fine-tuning, tfmot",
+)

@@ -1,0 +1,237 @@
+"""Post-training int8 quantization: the float model becomes int8 files, each measured in the runtime that runs it.
+
+Formats (choose with `formats`):
+- ``onnx-qdq`` -> model.int8.onnx: the float model in ONNX, `quant_pre_process`ed (shape inference, folding), then
+  onnxruntime `quantize_static` in QDQ format with static ranges from `calibration` training images (min/max).
+  Weights are int8 (symmetric, per output channel unless per_channel=false); activations uint8 (asymmetric), which
+  onnxruntime's quantize_static docs recommend for x86 CPUs: U8 activations with S8 weights, and on VNNI CPUs
+  without reduce_range (the 7-bit weights it gives only guard against overflow on CPUs without VNNI).
+- ``tflite-dynamic`` -> model.dynamic.tflite: dynamic-range quantization (int8 weights, float activations computed
+  and quantized on the fly); needs no calibration data.
+- ``tflite-int8`` -> model.int8.tflite: full-integer quantization calibrated on the same images, int8 inside and
+  int8 at the input and output (the form integer-only accelerators and microcontrollers take); a runner
+  quantizes the input with the file's input scale/zero point and dequantizes the output with its output ones.
+
+Every file is written atomically, and its top-1 test accuracy is measured by running the file itself
+(`compress.export.predict_file`: onnxruntime on CPU, or the ai-edge-litert interpreter), with its top-1 agreement
+with the Keras model beside it. The input model is only read (pruning/clustering wrappers are stripped from a copy;
+a QAT model is refused: `compress export` makes its int8 files from the ranges it learned).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from compress.errors import ConfigError, ExportError, ModelError
+from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, require
+
+FORMATS = ("onnx-qdq", "tflite-dynamic", "tflite-int8")
+FILE_NAMES = {
+    "onnx-qdq": "model.int8.onnx",
+    "tflite-dynamic": "model.dynamic.tflite",
+    "tflite-int8": "model.int8.tflite",
+}
+ONNX_OPSET = 17
+PREDICT_BATCH = 256
+
+
+def _parse_formats(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class PTQConfig(TechniqueConfig):
+    calibration: int = option(512, "training images used to calibrate activation ranges (>= 1)", parse=int)
+    formats: tuple[str, ...] = option(
+        FORMATS, f"comma list of the files to make: {', '.join(FORMATS)}", parse=_parse_formats, metavar="LIST"
+    )
+    per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)")
+
+    def validate(self) -> None:
+        require(
+            isinstance(self.calibration, int) and not isinstance(self.calibration, bool) and self.calibration >= 1,
+            f"calibration must be an integer >= 1 (training images), got {self.calibration!r}",
+        )
+        require(isinstance(self.formats, tuple) and len(self.formats) > 0,
+                f"formats must name at least one of {', '.join(FORMATS)}, got {self.formats!r}")
+        unknown = [name for name in self.formats if name not in FORMATS]
+        require(not unknown, f"unknown format(s) {', '.join(map(repr, unknown))}; known formats: {', '.join(FORMATS)}")
+        repeated = sorted({name for name in self.formats if self.formats.count(name) > 1})
+        require(not repeated, f"format(s) {', '.join(repeated)} listed more than once")
+        require(isinstance(self.per_channel, bool), f"per_channel must be true or false, got {self.per_channel!r}")
+
+
+def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome:
+    """Quantize `model` to int8 files in `out_dir`, one per format; return their sizes and measured accuracies."""
+    if out_dir is None:
+        raise ConfigError("ptq writes files: an output folder is needed")
+    from compress.export import is_qat_model, predict_file, strip_training_wrappers
+
+    out_dir = Path(out_dir)
+    _check_model(model, data)
+    if is_qat_model(model):
+        raise ModelError("the model is quantization-aware (QAT) already; `compress export` turns it into int8 files")
+    model, stripped = strip_training_wrappers(model)  # a copy without pruning/clustering wrappers; input untouched
+    train_images, _ = data.normalized("train")
+    calibration = train_images[: config.calibration]
+    test_images, test_labels = data.normalized("test")
+    keras_top1 = np.argmax(model.predict(test_images, batch_size=PREDICT_BATCH, verbose=0), axis=-1)
+
+    stats: dict = {
+        "calibration_images": int(len(calibration)),
+        "per_channel": config.per_channel,
+        "keras_test_accuracy": float(np.mean(keras_top1 == test_labels)),
+        "test_images": int(len(test_labels)),
+        "formats": {},
+    }
+    if stripped:
+        stats["stripped_wrappers"] = stripped
+    files: dict[str, Path] = {}
+    for name in config.formats:
+        target = out_dir / FILE_NAMES[name]
+        started = time.perf_counter()
+        if name == "onnx-qdq":
+            details = _write_onnx_qdq(model, calibration, config.per_channel, target)
+        else:
+            details = _write_tflite(model, calibration, config.per_channel, target, full_integer=name == "tflite-int8")
+        seconds = time.perf_counter() - started
+        top1 = np.argmax(predict_file(target, test_images, PREDICT_BATCH), axis=-1)
+        stats["formats"][name] = {
+            "file": target.name,
+            "bytes": target.stat().st_size,
+            "test_accuracy": float(np.mean(top1 == test_labels)),
+            "agreement_with_keras": float(np.mean(top1 == keras_top1)),
+            "convert_seconds": round(seconds, 2),
+            **details,
+        }
+        files[name] = target
+        if verbose:
+            entry = stats["formats"][name]
+            print(f"ptq: {target.name}: {entry['bytes']:,} bytes, test accuracy {entry['test_accuracy']:.4f} "
+                  f"(agrees with Keras on {entry['agreement_with_keras']:.1%})", flush=True)
+    return Outcome(model=None, stats=stats, files=files)
+
+
+# ----------------------------------------------------------------------------------------------------- ONNX
+
+
+class _CalibrationReader:
+    """onnxruntime's CalibrationDataReader protocol over an array of images, in batches."""
+
+    def __init__(self, input_name: str, images: np.ndarray, batch_size: int = 64):
+        self._batches = iter(
+            [{input_name: images[i : i + batch_size]} for i in range(0, len(images), batch_size)]
+        )
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def _write_onnx_qdq(model, calibration: np.ndarray, per_channel: bool, target: Path) -> dict:
+    import onnx
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from compress.io import atomic_path
+
+    reader_class = type("CalibrationReader", (_CalibrationReader, CalibrationDataReader), {})
+    with tempfile.TemporaryDirectory(prefix="compress-ptq-") as work:
+        float_path, prepared_path = Path(work) / "float.onnx", Path(work) / "prepared.onnx"
+        onnx.save(_float_onnx(model), float_path)
+        try:
+            quant_pre_process(str(float_path), str(prepared_path))
+        except Exception as exc:  # shape inference / optimisation failures surface as many types
+            raise ExportError(f"onnxruntime quant_pre_process failed on the float ONNX: {_first_line(exc)}") from None
+        session = onnxruntime.InferenceSession(str(prepared_path), providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+        with atomic_path(target) as partial:
+            try:
+                quantize_static(
+                    str(prepared_path),
+                    str(partial),
+                    reader_class(input_name, calibration),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel,
+                    reduce_range=False,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                )
+            except Exception as exc:  # calibration and graph-rewrite failures surface as many types
+                raise ExportError(f"onnxruntime quantize_static failed: {_first_line(exc)}") from None
+        float_bytes = float_path.stat().st_size
+    return {"float_onnx_bytes": float_bytes, "weights": "int8", "activations": "uint8", "opset": ONNX_OPSET}
+
+
+def _float_onnx(model):
+    """The float model as an ONNX ModelProto, converted and named the way `compress export` does it."""
+    from compress.export import onnx_proto
+
+    return onnx_proto(model, opset=ONNX_OPSET, metadata={"technique_chain": '["ptq"]', "precision": "int8"})
+
+
+# --------------------------------------------------------------------------------------------------- TFLite
+
+
+def _write_tflite(model, calibration: np.ndarray, per_channel: bool, target: Path, *, full_integer: bool) -> dict:
+    from compress.io import atomic_path
+    from compress.keras import tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if not per_channel:
+        converter._experimental_disable_per_channel = True  # the converter's only switch for per-tensor weights
+    if full_integer:
+
+        def representative_dataset():
+            for image in calibration:
+                yield [image[None, ...]]
+
+        converter.representative_dataset = representative_dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TensorFlow's deprecation notes about the converter's internals
+            content = converter.convert()
+    except Exception as exc:  # the converter raises ConverterError and others for unsupported ops
+        raise ExportError(f"TFLite conversion failed: {_first_line(exc)}") from None
+    with atomic_path(target) as partial:
+        partial.write_bytes(content)
+    if full_integer:
+        return {"weights": "int8", "activations": "int8", "io": "int8"}
+    return {"weights": "int8", "activations": "float32 (quantized on the fly)", "io": "float32"}
+
+
+# --------------------------------------------------------------------------------------------------- checks
+
+
+def _check_model(model, data) -> None:
+    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
+    if not inputs or not outputs or len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError("ptq needs a model with one image input and one output")
+    input_shape = tuple(inputs[0].shape[1:])
+    if input_shape != tuple(data.input_shape):
+        raise ModelError(f"the model takes images of shape {input_shape} but the data's are {tuple(data.input_shape)}")
+    if len(outputs[0].shape) != 2 or outputs[0].shape[-1] != data.num_classes:
+        raise ModelError(f"the model outputs {tuple(outputs[0].shape[1:])} but the data has {data.num_classes} classes")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+TECHNIQUE = Technique(
+    name="ptq",
+    config_class=PTQConfig,
+    apply=ptq,
+    summary="post-training int8 quantization to ONNX (QDQ) and TFLite files, each measured in its runtime",
+)

@@ -1,0 +1,250 @@
+"""Quantization-aware training (int8) with tfmot: fake-quantize weights and activations while fine-tuning.
+
+Layers are annotated one by one (`quantize_annotate_layer` + `quantize_apply`), so layers tfmot's 8-bit scheme does
+not support can stay in float on request instead of failing the whole model. tfmot's collaborative schemes keep a
+pruned model's zeros (`preserve="sparsity"`) or a clustered model's shared values (`preserve="clusters"`) through
+QAT. The result keeps its quantization wrappers: it is a QAT Keras model; compress.export makes the int8 file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compress.errors import ModelError
+from compress.techniques._finetune import (
+    check_training_settings,
+    copy_model,
+    evaluate,
+    fine_tune,
+    weight_layers,
+    zero_fraction,
+)
+from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, require
+
+UNSUPPORTED = ("error", "float")
+PRESERVE = ("none", "sparsity", "clusters")
+# Layers tfmot's registry does not list but its 8-bit layout transforms fold or rewrite before quantizing.
+_TRANSFORMED = ("SeparableConv1D", "SeparableConv2D")
+_BATCH_NORMS = ("BatchNormalization", "SyncBatchNormalization")
+_FOLDS_BATCH_NORM = ("Conv2D", "DepthwiseConv2D", "Dense")
+
+
+@dataclass(frozen=True)
+class QATConfig(TechniqueConfig):
+    unsupported: str = option("error", "layers tfmot cannot quantize: error (refuse, naming them) or float (keep "
+                              "them in float, listed in the stats)", metavar="{error,float}")
+    preserve: str = option("none", "keep an earlier stage's structure through QAT: none, sparsity (pruned zeros "
+                           "stay zero) or clusters (clustered kernels keep their shared values)",
+                           metavar="{none,sparsity,clusters}")
+    epochs: int = option(2, "quantization-aware fine-tuning epochs")
+    batch_size: int = option(64, "fine-tuning batch size")
+    learning_rate: float = option(1e-4, "Adam learning rate for fine-tuning")
+
+    def validate(self) -> None:
+        require(self.unsupported in UNSUPPORTED,
+                f"unsupported must be one of {', '.join(UNSUPPORTED)}, got {self.unsupported!r}")
+        require(self.preserve in PRESERVE, f"preserve must be one of {', '.join(PRESERVE)}, got {self.preserve!r}")
+        check_training_settings(self)
+
+
+def unsupported_layers(model) -> list:
+    """Top-level layers tfmot's default 8-bit scheme cannot quantize (found before anything is built)."""
+    from compress.keras import keras, tfmot
+
+    registry = tfmot.quantization.keras.default_8bit.Default8BitQuantizeRegistry()
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer) or registry.supports(layer):
+            continue
+        kind = type(layer).__name__
+        if kind in _TRANSFORMED or (kind in _BATCH_NORMS and _follows_foldable(layer)):
+            continue
+        found.append(layer)
+    return found
+
+
+def _follows_foldable(layer) -> bool:
+    """A batch norm right after a Conv2D/DepthwiseConv2D/Dense (possibly through a Reshape): tfmot folds it."""
+    source = _single_inbound(layer)
+    if source is not None and type(source).__name__ == "Reshape":
+        source = _single_inbound(source)
+    return source is not None and type(source).__name__ in _FOLDS_BATCH_NORM
+
+
+def _single_inbound(layer):
+    nodes = layer._inbound_nodes  # noqa: SLF001 - Keras 2 exposes the layer graph only this way
+    if len(nodes) != 1:
+        return None
+    inbound = nodes[0].inbound_layers
+    if isinstance(inbound, (list, tuple)):
+        return inbound[0] if len(inbound) == 1 else None
+    return inbound
+
+
+def _scheme(preserve: str):
+    from compress.keras import tfmot
+
+    if preserve == "sparsity":
+        return tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
+    if preserve == "clusters":
+        # preserve_sparsity=True also keeps the zeros of a model that was pruned and then clustered.
+        return tfmot.experimental.combine.Default8BitClusterPreserveQuantizeScheme(preserve_sparsity=True)
+    return tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme()
+
+
+def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Outcome:
+    """Quantization-aware fine-tuning of a copy of `model`; returns the QAT model (wrappers kept) and stats."""
+    from compress.keras import keras, tfmot
+
+    quantization = tfmot.quantization.keras
+    work = copy_model(model)
+    unsupported = unsupported_layers(work)
+    float_names = [layer.name for layer in unsupported]
+    if unsupported and config.unsupported == "error":
+        listed = ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in unsupported)
+        raise ModelError(
+            f"tfmot's 8-bit scheme cannot quantize layer(s) {listed}; pass --unsupported float to keep them in float"
+        )
+    before = _kernel_stats(_float_kernels(work), config.preserve)
+
+    def annotate(layer):
+        if layer.name in float_names or isinstance(layer, keras.layers.InputLayer):
+            return layer
+        return quantization.quantize_annotate_layer(layer)
+
+    try:
+        annotated = keras.models.clone_model(work, clone_function=annotate)
+        with quantization.quantize_scope():
+            quantized = quantization.quantize_apply(annotated, _scheme(config.preserve))
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise ModelError(f"tfmot cannot quantize this model: {str(exc).strip().splitlines()[0]}") from None
+
+    history = fine_tune(
+        quantized, data, epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
+        verbose=verbose,
+    )
+    if config.preserve != "none":
+        # The preserving quantizers matter only while training; their inference is the default 8-bit one. The
+        # default wrappers save and load like any QAT model (the preserving ones rebuild from the weights at hand
+        # when loaded, before the saved weights arrive), so hand back a default QAT model with the trained values.
+        quantized = _with_default_quantizers(quantized, work, annotate)
+    wrappers = [layer for layer in quantized.layers if isinstance(layer, quantization.QuantizeWrapper)]
+    stats = {
+        "quantized_layers": [layer.layer.name for layer in wrappers],
+        "float_layers": float_names,
+        "preserve": config.preserve,
+        **evaluate(quantized, data),
+        "history": history,
+    }
+    if config.preserve != "none":
+        kernels = _wrapped_kernels(wrappers)
+        after = _kernel_stats(kernels, config.preserve)
+        key = "sparsity" if config.preserve == "sparsity" else "unique_values"
+        stats[f"{key}_before"] = before
+        stats[f"{key}_after"] = {name: after[name] for name in before if name in after}
+    if config.preserve == "clusters":
+        # tfmot's cluster-preserving QAT trains Conv2D centroids per output channel (as int8 scales are), so a
+        # kernel clustered to k values keeps at most k per channel but may hold up to k x channels in all.
+        stats["unique_values_per_channel_after"] = {
+            name: _max_unique_per_channel(kernels[name]) for name in before if name in kernels
+        }
+    return Outcome(model=quantized, stats=stats)
+
+
+def _with_default_quantizers(trained, float_model, annotate):
+    """A default-scheme QAT model of `float_model` holding every trained value of `trained` (same layout)."""
+    from compress.keras import keras, tfmot
+
+    quantization = tfmot.quantization.keras
+    with quantization.quantize_scope():
+        result = quantization.quantize_apply(keras.models.clone_model(float_model, clone_function=annotate))
+    if [type(layer) for layer in result.layers] != [type(layer) for layer in trained.layers]:
+        raise ModelError("QAT model layout changed while rebuilding it with default quantizers")
+    for target, source in zip(result.layers, trained.layers):
+        if not isinstance(target, quantization.QuantizeWrapper):
+            target.set_weights(source.get_weights())
+            continue
+        trained_values = {_short_name(v): v for v in source.weights}
+        for variable in target.weights:
+            variable.assign(trained_values[_short_name(variable)])
+    return result
+
+
+def _short_name(variable) -> str:
+    """'quant_conv/kernel_min:0' -> 'kernel_min'."""
+    return variable.name.rsplit("/", 1)[-1].split(":", 1)[0]
+
+
+def loading_objects() -> dict:
+    """Replacements for two tfmot classes that do not load back from .keras files (tfmot PR 1123, unmerged).
+
+    QuantizeLayer does not mark itself built, so loading builds it twice (5 variables for 3 saved);
+    QuantizeWrapperV2 lists its inner layer's weights before building that layer, so the bias goes missing.
+    Same names and configs as tfmot's, so files saved either way load either way. Use inside quantize_scope().
+    """
+    global _LOADING_OBJECTS
+    if _LOADING_OBJECTS is None:
+        from compress.keras import tfmot
+
+        with tfmot.quantization.keras.quantize_scope() as scope:
+            known = {name: cls for table in scope.custom_objects for name, cls in table.items()}
+
+        class QuantizeLayer(known["QuantizeLayer"]):
+            def build(self, input_shape):
+                super().build(input_shape)
+                self.built = True
+
+        class QuantizeWrapperV2(known["QuantizeWrapperV2"]):
+            def build(self, input_shape):
+                if not self.layer.built:
+                    self.layer.build(input_shape)
+                    self.layer.built = True
+                super().build(input_shape)
+
+        _LOADING_OBJECTS = {"QuantizeLayer": QuantizeLayer, "QuantizeWrapperV2": QuantizeWrapperV2}
+    return dict(_LOADING_OBJECTS)
+
+
+_LOADING_OBJECTS = None
+
+
+def _float_kernels(model) -> dict:
+    return {layer.name: layer.kernel.numpy() for layer in weight_layers(model)}
+
+
+def _wrapped_kernels(wrappers) -> dict:
+    """The float kernel variables QAT trains, by inner layer name (the wrapped layer's `kernel` attribute is
+    replaced by its fake-quantized tensor)."""
+    kernels = {}
+    for wrapper in wrappers:
+        for variable in wrapper.weights:
+            if _short_name(variable) == "kernel":
+                kernels[wrapper.layer.name] = variable.numpy()
+    return kernels
+
+
+def _max_unique_per_channel(kernel) -> int:
+    """The most distinct values any output channel (last axis) of a kernel holds."""
+    import numpy as np
+
+    channels = kernel.reshape(-1, kernel.shape[-1])
+    return int(max(np.unique(channels[:, c]).size for c in range(channels.shape[1])))
+
+
+def _kernel_stats(kernels: dict, preserve: str) -> dict:
+    """Per kernel: zero fraction (preserve=sparsity) or distinct values (preserve=clusters)."""
+    import numpy as np
+
+    if preserve == "sparsity":
+        return {name: zero_fraction(values) for name, values in kernels.items()}
+    if preserve == "clusters":
+        return {name: int(np.unique(values).size) for name, values in kernels.items()}
+    return {}
+
+
+TECHNIQUE = Technique(
+    name="qat",
+    config_class=QATConfig,
+    apply=qat,
+    summary="int8 quantization-aware training (optionally keeping sparsity or clusters), tfmot",
+)

@@ -1,0 +1,91 @@
+"""Weight clustering: at most `clusters` distinct values per clustered kernel, classifier left whole, config, CLI."""
+
+import json
+import tomllib
+
+import numpy as np
+import pytest
+
+from compress.errors import ConfigError, ModelError
+from compress.techniques.cluster import INITS, ClusterConfig, cluster
+
+
+def unique(model, name):
+    return np.unique(model.get_layer(name).kernel.numpy()).size
+
+
+@pytest.mark.parametrize("init", list(INITS))
+def test_clustered_kernels_hold_at_most_k_values(tiny_cnn, synthetic_data, init):
+    before = [w.copy() for w in tiny_cnn.get_weights()]
+    config = ClusterConfig(clusters=4, init=init, epochs=1, batch_size=32)
+    outcome = cluster(tiny_cnn, config, synthetic_data, verbose=0)
+    stats = outcome.stats
+
+    assert stats["clustered_layers"] == ["conv1", "conv2", "dense1"]
+    for name in stats["clustered_layers"]:
+        assert 2 <= unique(outcome.model, name) <= 4, name
+        assert stats["unique_values"][name] == unique(outcome.model, name)
+    assert unique(outcome.model, "logits") > 4  # classifier not clustered
+    assert all(np.array_equal(a, b) for a, b in zip(before, tiny_cnn.get_weights()))  # input untouched
+    assert [type(layer).__name__ for layer in outcome.model.layers] == [
+        type(layer).__name__ for layer in tiny_cnn.layers
+    ]  # stripped
+    assert 0 <= stats["test_accuracy"] <= 1 and np.isfinite(stats["history"]["loss"]).all()
+    json.dumps(stats)
+
+
+def test_chosen_layers_unknown_names_and_too_few_weights(tiny_cnn, synthetic_data):
+    with pytest.raises(ConfigError, match="nope.*conv1, conv2, dense1, logits"):
+        cluster(tiny_cnn, ClusterConfig(layers=("nope",)), synthetic_data, verbose=0)
+    with pytest.raises(ModelError, match="conv1 \\(216 weights\\)"):
+        cluster(tiny_cnn, ClusterConfig(clusters=256), synthetic_data, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"clusters": 0}, "clusters must be an integer >= 2, got 0"),
+        ({"clusters": 1}, "clusters must be an integer >= 2, got 1"),
+        ({"clusters": 2.5}, "clusters must be"),  # the wording of a wrong type is the config base's
+        ({"init": "best"}, "init must be one of linear, kmeans_plus_plus, density, random, got 'best'"),
+        ({"epochs": -1}, "epochs must be a positive integer, got -1"),
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ],
+)
+def test_out_of_range_settings_are_refused(settings, message):
+    with pytest.raises(ConfigError) as caught:
+        ClusterConfig.from_dict(settings)
+    assert message in str(caught.value)
+
+
+def test_config_round_trips_through_dict_and_toml():
+    config = ClusterConfig(clusters=8, init="density", layers=("dense1",), epochs=1, batch_size=16, learning_rate=1e-3)
+    assert ClusterConfig.from_dict(config.to_dict()) == config
+    assert ClusterConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert ClusterConfig.from_dict(ClusterConfig().to_dict()) == ClusterConfig()
+    text = 'clusters = 8\ninit = "density"\nlayers = ["dense1"]\nepochs = 1\nbatch_size = 16\nlearning_rate = 0.001\n'
+    assert ClusterConfig.from_dict(tomllib.loads(text)) == config
+
+
+def test_cli_refuses_one_cluster(tmp_path, capsys):
+    from compress.cli import main
+
+    code = main(["cluster", str(tmp_path / "model.keras"), "--out", str(tmp_path / "out"), "--clusters", "1"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "compress: error: clusters must be an integer >= 2, got 1"
+
+
+def test_cli_clusters_baseline_on_shipped_data(baseline_1epoch, tmp_path, capsys):
+    from compress.cli import main
+    from compress.io import load_model
+
+    out = tmp_path / "clustered"
+    code = main(["cluster", str(baseline_1epoch), "--out", str(out), "--data", "cifar10-mini", "--epochs", "1",
+                 "--clusters", "8", "--init", "linear", "--batch-size", "128", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    stats = json.loads((out / "stats.json").read_text())["stats"]
+    assert stats["clustered_layers"] == ["conv1", "conv2", "dense1"]
+    model = load_model(out / "model.keras")
+    for name in stats["clustered_layers"]:
+        assert unique(model, name) <= 8, name
+    assert unique(model, "logits") > 8

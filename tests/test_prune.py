@@ -1,0 +1,168 @@
+"""Magnitude pruning: targets reached per layer and overall, N:M groups, classifier left whole, config checks, CLI."""
+
+import json
+import tomllib
+
+import numpy as np
+import pytest
+
+from compress.errors import ConfigError
+from compress.techniques.prune import PruneConfig, prune
+
+
+def kernels(model):
+    return {layer.name: layer.kernel.numpy() for layer in model.layers if hasattr(layer, "kernel")}
+
+
+def zeros(array):
+    return float(np.mean(array == 0))
+
+
+def test_polynomial_schedule_reaches_target_and_leaves_classifier_and_input_alone(tiny_cnn, synthetic_data):
+    before = [w.copy() for w in tiny_cnn.get_weights()]
+    outcome = prune(tiny_cnn, PruneConfig(sparsity=0.75, epochs=2, batch_size=16), synthetic_data, verbose=0)
+    stats = outcome.stats
+
+    assert stats["pruned_layers"] == ["conv1", "conv2", "dense1"]
+    measured = kernels(outcome.model)
+    for name in stats["pruned_layers"]:
+        assert abs(zeros(measured[name]) - 0.75) <= 0.01, name
+        assert stats["sparsity"][name] == pytest.approx(zeros(measured[name]))
+    assert abs(stats["sparsity_pruned_kernels"] - 0.75) <= 0.01
+    assert 0 < stats["sparsity_all_params"] < stats["sparsity_pruned_kernels"]
+    assert np.count_nonzero(measured["logits"] == 0) == 0  # classifier not pruned
+    assert all(np.array_equal(a, b) for a, b in zip(before, tiny_cnn.get_weights()))  # input untouched
+    assert not any("prune" in type(layer).__name__.lower() for layer in outcome.model.layers)  # stripped
+    assert 0 <= stats["test_accuracy"] <= 1 and np.isfinite(stats["history"]["loss"]).all()
+    json.dumps(stats)
+
+
+def test_constant_schedule_with_per_layer_targets(tiny_cnn, synthetic_data):
+    config = PruneConfig(sparsity=0.5, schedule="constant", layer_sparsity={"dense1": 0.9}, epochs=1, batch_size=32)
+    outcome = prune(tiny_cnn, config, synthetic_data, verbose=0)
+    measured = kernels(outcome.model)
+    assert outcome.stats["target_sparsity"] == {"conv1": 0.5, "conv2": 0.5, "dense1": 0.9}
+    for name, target in outcome.stats["target_sparsity"].items():
+        assert abs(zeros(measured[name]) - target) <= 0.01, name
+
+
+def m_by_n_groups(kernel, m):
+    """Groups of `m` consecutive weights along the input-channel axis (zero-padded), as tfmot arranges them."""
+    if kernel.ndim == 4:  # [h, w, in, out] -> [out*h*w, in]
+        rows = np.transpose(kernel, (3, 0, 1, 2)).reshape(-1, kernel.shape[2])
+    else:  # [in, out] -> [out, in]
+        rows = kernel.T
+    pad = -rows.shape[1] % m
+    rows = np.pad(rows, ((0, 0), (0, pad)))
+    return rows.reshape(rows.shape[0], -1, m)
+
+
+def test_two_of_four_structure(tiny_cnn, synthetic_data):
+    outcome = prune(tiny_cnn, PruneConfig(structure="2:4", epochs=1, batch_size=32), synthetic_data, verbose=0)
+    measured = kernels(outcome.model)
+    for name in ("conv1", "conv2", "dense1"):
+        groups = m_by_n_groups(measured[name], 4)
+        assert (np.count_nonzero(groups, axis=-1) <= 2).all(), name
+    # conv2 (8 input channels) and dense1 (128) split into whole groups of 4: exactly half the weights are zero.
+    assert zeros(measured["conv2"]) >= 0.5 and zeros(measured["dense1"]) >= 0.5
+    assert np.count_nonzero(measured["logits"] == 0) == 0
+    assert outcome.stats["structure"] == "2:4" and outcome.stats["target_sparsity"] is None
+
+
+def test_chosen_layers_and_unknown_names(tiny_cnn, synthetic_data):
+    with pytest.raises(ConfigError, match="nope.*conv1, conv2, dense1, logits"):
+        prune(tiny_cnn, PruneConfig(layers=("nope",)), synthetic_data, verbose=0)
+    with pytest.raises(ConfigError, match="logits.*pruned layers: conv1, conv2, dense1"):
+        prune(tiny_cnn, PruneConfig(layer_sparsity={"logits": 0.5}), synthetic_data, verbose=0)
+    outcome = prune(tiny_cnn, PruneConfig(sparsity=0.6, layers=("dense1", "logits"), epochs=1, batch_size=64),
+                    synthetic_data, verbose=0)
+    measured = kernels(outcome.model)
+    assert outcome.stats["pruned_layers"] == ["dense1", "logits"]
+    assert abs(zeros(measured["logits"]) - 0.6) <= 0.01
+    assert np.count_nonzero(measured["conv1"] == 0) == 0
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"sparsity": 1.5}, "sparsity must be in (0, 1), got 1.5"),
+        ({"sparsity": 0}, "sparsity must be in (0, 1), got 0"),
+        ({"sparsity": 1.0}, "sparsity must be in (0, 1), got 1.0"),
+        ({"schedule": "cubic"}, "schedule must be one of polynomial, constant, got 'cubic'"),
+        ({"structure": "4:2"}, "structure must be N:M with 0 < N < M"),
+        ({"structure": "2-4"}, "structure must be N:M with 0 < N < M"),
+        ({"structure": "0:4"}, "structure must be N:M with 0 < N < M"),
+        ({"structure": "2:4:8"}, "structure must be N:M with 0 < N < M"),
+        ({"structure": "a:b"}, "structure must be N:M with 0 < N < M"),
+        ({"layer_sparsity": "dense1=1.2"}, "layer_sparsity for dense1 must be in (0, 1), got 1.2"),
+        ({"layer_sparsity": "dense1"}, "layer_sparsity must look like 'layer=value,layer=value'"),
+        ({"structure": "2:4", "layer_sparsity": {"dense1": 0.9}}, "layer_sparsity does not apply with structure 2:4"),
+        ({"epochs": 0}, "epochs must be a positive integer, got 0"),
+        ({"learning_rate": 0}, "learning_rate must be in (0, 1), got 0"),
+        ({"colour": "red"}, "unknown setting(s) colour"),
+    ],
+)
+def test_out_of_range_settings_are_refused(settings, message):
+    with pytest.raises(ConfigError) as caught:
+        PruneConfig.from_dict(settings)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_config_round_trips_through_dict_and_toml():
+    config = PruneConfig(sparsity=0.8, schedule="constant", layers=("conv2", "dense1"),
+                         layer_sparsity={"dense1": 0.95, "conv2": 0.5}, epochs=3, batch_size=32, learning_rate=1e-3)
+    assert PruneConfig.from_dict(config.to_dict()) == config
+    assert PruneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert PruneConfig.from_dict(PruneConfig().to_dict()) == PruneConfig()
+    hash(config)
+    text = """
+        sparsity = 0.8
+        schedule = "constant"
+        layers = ["conv2", "dense1"]
+        epochs = 3
+        batch_size = 32
+        learning_rate = 1e-3
+        [layer_sparsity]
+        dense1 = 0.95
+        conv2 = 0.5
+    """
+    assert PruneConfig.from_dict(tomllib.loads(text)) == config
+    structured = PruneConfig.from_dict(tomllib.loads('structure = "2:4"\nlayers = "conv2, dense1"'))
+    assert structured.m_by_n == (2, 4) and structured.layers == ("conv2", "dense1")
+    assert PruneConfig(structure="1:4").m_by_n == (3, 4)  # keep 1 of 4 = tfmot's 3 zeros in blocks of 4
+    assert PruneConfig.from_dict({"structure": " 2 : 4 ", "layers": "none"}) == PruneConfig(structure="2:4")
+
+
+def test_unknown_technique_lists_known_names():
+    from compress import registry
+
+    with pytest.raises(ConfigError, match="unknown technique 'nope'; known techniques: prune, qat, .*cluster"):
+        registry.get("nope")
+    assert registry.get("prune").config_class is PruneConfig
+
+
+def test_cli_refuses_out_of_range_sparsity(tmp_path, capsys):
+    from compress.cli import main
+
+    code = main(["prune", str(tmp_path / "model.keras"), "--out", str(tmp_path / "out"), "--sparsity", "1.5"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == "compress: error: sparsity must be in (0, 1), got 1.5"
+
+
+def test_cli_prunes_baseline_on_shipped_data(baseline_1epoch, tmp_path, capsys):
+    from compress.cli import main
+    from compress.io import load_model
+
+    out = tmp_path / "pruned"
+    code = main(["prune", str(baseline_1epoch), "--out", str(out), "--data", "cifar10-mini", "--epochs", "1",
+                 "--sparsity", "0.7", "--batch-size", "128", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["config"]["sparsity"] == 0.7 and stats["stats"]["pruned_layers"] == ["conv1", "conv2", "dense1"]
+    for name, value in stats["stats"]["sparsity"].items():
+        assert abs(value - 0.7) <= 0.01, name
+    model = load_model(out / "model.keras")
+    assert np.count_nonzero(model.get_layer("logits").kernel.numpy() == 0) == 0
+    assert abs(zeros(model.get_layer("dense1").kernel.numpy()) - 0.7) <= 0.01

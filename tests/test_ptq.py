@@ -1,0 +1,133 @@
+"""Post-training quantization: the files it writes, their measured accuracy, the config and the CLI."""
+
+import json
+import tomllib
+
+import numpy as np
+import pytest
+
+from compress.cli import main
+from compress.errors import ConfigError
+from compress.export import predict_file
+from compress.techniques.ptq import FORMATS, PTQConfig, ptq
+
+
+@pytest.fixture(scope="module")
+def model(synthetic_data):
+    """A tiny trained CNN with enough weights (~10k) for int8 storage to show in the file size."""
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential([
+        keras.Input(synthetic_data.input_shape),
+        keras.layers.Conv2D(8, 3, activation="relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(32, activation="relu"),
+        keras.layers.Dense(synthetic_data.num_classes),
+    ])
+    net.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    net.fit(synthetic_data.pipeline("train", 32, shuffle=True), epochs=3, verbose=0)
+    return net
+
+
+def _weight_initializers(path):
+    """{weight name: (int8 array, its scale array)} of a QDQ ONNX file."""
+    import onnx
+    from onnx import numpy_helper
+
+    tensors = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    return {name[: -len("_quantized")]: (array, tensors[name[: -len("_quantized")] + "_scale"])
+            for name, array in tensors.items() if name.endswith("_quantized") and array.dtype == np.int8}
+
+
+def test_ptq_writes_each_format_and_measures_it_in_its_runtime(model, synthetic_data, tmp_path):
+    before = model.get_weights()
+    outcome = ptq(model, PTQConfig(calibration=32), synthetic_data, out_dir=tmp_path, verbose=0)
+
+    assert outcome.model is None
+    assert set(outcome.files) == set(FORMATS)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "model.dynamic.tflite", "model.int8.onnx", "model.int8.tflite"]
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+
+    stats = json.loads(json.dumps(outcome.stats))
+    assert stats["calibration_images"] == 32 and stats["per_channel"] is True
+    keras_accuracy = stats["keras_test_accuracy"]
+    for name in FORMATS:
+        entry = stats["formats"][name]
+        assert entry["bytes"] == outcome.files[name].stat().st_size
+        assert 0.0 <= entry["test_accuracy"] <= 1.0
+        assert entry["agreement_with_keras"] >= 0.9, name  # int8 keeps the float model's top-1 on most images
+        assert abs(entry["test_accuracy"] - keras_accuracy) <= 0.1, name
+
+    onnx_entry = stats["formats"]["onnx-qdq"]
+    assert onnx_entry["bytes"] < onnx_entry["float_onnx_bytes"] / 2
+    weights = _weight_initializers(outcome.files["onnx-qdq"])
+    assert weights and any(scale.size > 1 for _, scale in weights.values())  # per-channel scales
+    assert sum(array.size for array, _ in weights.values()) >= 9000  # the conv and dense weights are int8
+
+
+def test_runner_dequantizes_an_int8_tflite_file(model, synthetic_data, tmp_path):
+    outcome = ptq(model, PTQConfig(calibration=16, formats=("tflite-int8",)), synthetic_data, out_dir=tmp_path,
+                  verbose=0)
+    images = synthetic_data.normalized("test")[0][:20]
+    logits = predict_file(outcome.files["tflite-int8"], images, batch_size=8)  # odd last batch: resized
+    expected = model.predict(images, verbose=0)
+    assert logits.dtype == np.float32 and logits.shape == expected.shape
+    assert np.abs(logits - expected).max() < 0.1 * np.abs(expected).max() + 0.1
+
+
+def test_per_tensor_onnx_has_one_scale_per_weight(model, synthetic_data, tmp_path):
+    outcome = ptq(model, PTQConfig(calibration=8, formats=("onnx-qdq",), per_channel=False), synthetic_data,
+                  out_dir=tmp_path, verbose=0)
+    assert list(outcome.files) == ["onnx-qdq"] and outcome.stats["per_channel"] is False
+    weights = _weight_initializers(outcome.files["onnx-qdq"])
+    assert weights and all(scale.size == 1 for _, scale in weights.values())
+
+
+def test_config_round_trips_through_dict_and_toml():
+    config = PTQConfig(calibration=100, formats=("tflite-int8", "onnx-qdq"), per_channel=False)
+    assert PTQConfig.from_dict(config.to_dict()) == config
+    toml = "\n".join(f"{key} = {json.dumps(value)}" for key, value in config.to_dict().items())
+    assert PTQConfig.from_dict(tomllib.loads(toml)) == config
+    assert PTQConfig.from_dict({"formats": "onnx-qdq, tflite-dynamic"}).formats == ("onnx-qdq", "tflite-dynamic")
+    assert PTQConfig().formats == FORMATS and PTQConfig().calibration == 512 and PTQConfig().per_channel is True
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"calibration": 0}, "calibration must be an integer >= 1 .*got 0"),
+    ({"calibration": -3}, "calibration"),
+    ({"formats": ("onnx",)}, "unknown format.*'onnx'; known formats: onnx-qdq, tflite-dynamic, tflite-int8"),
+    ({"formats": ()}, "formats must name at least one"),
+    ({"formats": ("onnx-qdq", "onnx-qdq")}, "more than once"),
+])
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        PTQConfig(**settings)
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--calibration", "0", "calibration"),
+    ("--formats", "onnx,tflite", "unknown format"),
+])
+def test_cli_refuses_bad_settings_in_one_line(tmp_path, capsys, option, value, words):
+    assert main(["ptq", str(tmp_path / "model.keras"), "--out", str(tmp_path / "out"), option, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_quantizes_the_one_epoch_baseline(baseline_1epoch, tmp_path):
+    out = tmp_path / "ptq"
+    assert main(["ptq", str(baseline_1epoch), "--out", str(out), "--calibration", "64", "--quiet"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["technique"] == "ptq" and stats["config"]["calibration"] == 64
+    assert not (out / "model.keras").exists()
+    assert set(stats["files"]) == set(FORMATS)
+    keras_accuracy = stats["stats"]["keras_test_accuracy"]
+    for name in FORMATS:
+        entry = stats["stats"]["formats"][name]
+        assert (out / entry["file"]).stat().st_size == entry["bytes"]
+        assert abs(entry["test_accuracy"] - keras_accuracy) <= 0.05, (name, entry, keras_accuracy)
+    onnx_entry = stats["stats"]["formats"]["onnx-qdq"]
+    assert onnx_entry["bytes"] < onnx_entry["float_onnx_bytes"] / 3.5  # int8 weights: ~4x smaller

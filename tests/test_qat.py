@@ -1,0 +1,194 @@
+"""Quantization-aware training: wrappers kept, trains, saves and loads, unsupported layers, preserved zeros/clusters."""
+
+import json
+import tomllib
+
+import numpy as np
+import pytest
+
+from compress.errors import CompressError, ConfigError
+from compress.techniques.qat import QATConfig, qat
+
+
+def wrapped(model):
+    from compress.keras import tfmot
+
+    return {layer.layer.name: layer for layer in model.layers
+            if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper)}
+
+
+def trained_kernel(wrapper):
+    """The float kernel variable a QuantizeWrapper trains (its layer's `kernel` attribute is the fake-quantized op)."""
+    (kernel,) = [v for v in wrapper.weights if v.name.rsplit("/", 1)[-1].startswith("kernel:")]
+    return kernel.numpy()
+
+
+def round_trip(model, path, data):
+    from compress.io import load_model, save_model
+
+    images = data.normalized("test")[0][:16]
+    loaded = load_model(save_model(model, path))
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
+    return loaded
+
+
+def test_qat_keeps_wrappers_trains_and_round_trips(tiny_cnn, synthetic_data, tmp_path):
+    before = [w.copy() for w in tiny_cnn.get_weights()]
+    outcome = qat(tiny_cnn, QATConfig(epochs=2, batch_size=32, learning_rate=1e-3), synthetic_data, verbose=0)
+    stats = outcome.stats
+
+    assert set(wrapped(outcome.model)) == {"conv1", "conv2", "flatten", "dense1", "logits"}
+    assert stats["quantized_layers"] == ["conv1", "conv2", "flatten", "dense1", "logits"]
+    assert stats["float_layers"] == [] and stats["preserve"] == "none"
+    assert np.isfinite(stats["history"]["loss"]).all() and np.isfinite(stats["test_loss"])
+    assert stats["test_accuracy"] > 0.5  # the synthetic classes are easy
+    assert all(np.array_equal(a, b) for a, b in zip(before, tiny_cnn.get_weights()))  # input untouched
+    json.dumps(stats)
+
+    loaded = round_trip(outcome.model, tmp_path / "qat.keras", synthetic_data)
+    assert set(wrapped(loaded)) == set(wrapped(outcome.model))
+
+
+def model_with_layer_norm():
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(8, 3, name="conv1")(inputs)
+    x = layers.BatchNormalization(name="bn")(x)  # folded into conv1 by tfmot: supported
+    x = layers.ReLU(name="relu")(x)
+    x = layers.LayerNormalization(name="norm")(x)  # not in tfmot's 8-bit registry
+    x = layers.Flatten(name="flatten")(x)
+    outputs = layers.Dense(3, name="logits")(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_unsupported_layers_refused_or_kept_in_float(synthetic_data, tmp_path):
+    from compress.keras import keras
+
+    model = model_with_layer_norm()
+    with pytest.raises(CompressError) as caught:
+        qat(model, QATConfig(), synthetic_data, verbose=0)
+    assert "norm (LayerNormalization)" in str(caught.value) and "--unsupported float" in str(caught.value)
+    assert "\n" not in str(caught.value) and "bn (" not in str(caught.value)
+
+    outcome = qat(model, QATConfig(unsupported="float", epochs=1, batch_size=32), synthetic_data, verbose=0)
+    assert outcome.stats["float_layers"] == ["norm"]
+    assert "norm" not in outcome.stats["quantized_layers"] and "logits" in outcome.stats["quantized_layers"]
+    assert isinstance(outcome.model.get_layer("norm"), keras.layers.LayerNormalization)
+    assert np.isfinite(outcome.stats["history"]["loss"]).all()
+    round_trip(outcome.model, tmp_path / "partial.keras", synthetic_data)
+
+
+def with_smallest_zeroed(model, fraction):
+    """A copy of `model` whose non-classifier kernels have their smallest `fraction` of weights set to zero."""
+    from compress.keras import keras
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    for layer in copy.layers[:-1]:
+        if hasattr(layer, "kernel"):
+            kernel = layer.kernel.numpy()
+            kernel[np.abs(kernel) < np.quantile(np.abs(kernel), fraction)] = 0
+            layer.kernel.assign(kernel)
+    return copy
+
+
+def test_sparsity_preserving_qat_keeps_pruned_zeros(tiny_cnn, synthetic_data, tmp_path):
+    pruned = with_smallest_zeroed(tiny_cnn, 0.6)
+    config = QATConfig(preserve="sparsity", epochs=2, batch_size=32, learning_rate=1e-3)
+    outcome = qat(pruned, config, synthetic_data, verbose=0)
+    wrappers = wrapped(outcome.model)
+    for name in ("conv1", "conv2", "dense1"):
+        zero_before = pruned.get_layer(name).kernel.numpy() == 0
+        after = trained_kernel(wrappers[name])
+        assert (after[zero_before] == 0).all(), name  # every pruned weight is still exactly zero
+        assert not np.array_equal(after, pruned.get_layer(name).kernel.numpy()), name  # yet the layer trained
+        assert outcome.stats["sparsity_after"][name] == pytest.approx(outcome.stats["sparsity_before"][name])
+        assert outcome.stats["sparsity_before"][name] == pytest.approx(0.6, abs=0.01)
+    loaded = round_trip(outcome.model, tmp_path / "pqat.keras", synthetic_data)
+    assert np.mean(trained_kernel(wrapped(loaded)["dense1"]) == 0) == pytest.approx(0.6, abs=0.01)
+
+
+def with_clustered_kernels(model, clusters):
+    """A copy of `model` whose non-classifier kernels each hold only `clusters` values (linear centroids)."""
+    from compress.keras import keras
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    for layer in copy.layers[:-1]:
+        if hasattr(layer, "kernel"):
+            kernel = layer.kernel.numpy()
+            centroids = np.linspace(kernel.min(), kernel.max(), clusters, dtype=kernel.dtype)
+            layer.kernel.assign(centroids[np.abs(kernel[..., None] - centroids).argmin(-1)])
+    return copy
+
+
+def test_cluster_preserving_qat_keeps_clusters(tiny_cnn, synthetic_data, tmp_path):
+    clustered = with_clustered_kernels(tiny_cnn, 4)
+    config = QATConfig(preserve="clusters", epochs=2, batch_size=32, learning_rate=1e-3)
+    outcome = qat(clustered, config, synthetic_data, verbose=0)
+    stats = outcome.stats
+    wrappers = wrapped(outcome.model)
+    assert [stats["unique_values_before"][name] for name in ("conv1", "conv2", "dense1")] == [4, 4, 4]
+    assert len(np.unique(trained_kernel(wrappers["dense1"]))) <= 4  # Dense: one set of shared values
+    for name in ("conv1", "conv2"):  # Conv2D: tfmot keeps the clusters per output channel
+        kernel = trained_kernel(wrappers[name]).reshape(-1, 8)
+        assert max(len(np.unique(kernel[:, c])) for c in range(8)) <= 4, name
+        assert stats["unique_values_per_channel_after"][name] <= 4
+    round_trip(outcome.model, tmp_path / "cqat.keras", synthetic_data)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"unsupported": "skip"}, "unsupported must be one of error, float, got 'skip'"),
+        ({"preserve": "both"}, "preserve must be one of none, sparsity, clusters, got 'both'"),
+        ({"epochs": 0}, "epochs must be a positive integer, got 0"),
+        ({"learning_rate": 2}, "learning_rate must be in (0, 1), got 2"),
+    ],
+)
+def test_out_of_range_settings_are_refused(settings, message):
+    with pytest.raises(ConfigError) as caught:
+        QATConfig.from_dict(settings)
+    assert message in str(caught.value)
+
+
+def test_config_round_trips_through_dict_and_toml():
+    config = QATConfig(unsupported="float", preserve="sparsity", epochs=3, batch_size=16, learning_rate=5e-4)
+    assert QATConfig.from_dict(config.to_dict()) == config
+    assert QATConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert QATConfig.from_dict(QATConfig().to_dict()) == QATConfig()
+    text = 'unsupported = "float"\npreserve = "sparsity"\nepochs = 3\nbatch_size = 16\nlearning_rate = 5e-4\n'
+    assert QATConfig.from_dict(tomllib.loads(text)) == config
+
+
+def test_cli_refuses_unknown_preserve(tmp_path, capsys):
+    from compress.cli import main
+
+    code = main(["qat", str(tmp_path / "model.keras"), "--out", str(tmp_path / "out"), "--preserve", "weights"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "compress: error: preserve must be one of none, sparsity, clusters, got 'weights'"
+    )
+
+
+def test_cli_qat_on_baseline_with_shipped_data(baseline_1epoch, tmp_path, capsys):
+    from compress.cli import main
+    from compress.data import load_data
+    from compress.io import load_model
+    from compress.keras import keras
+
+    out = tmp_path / "qat"
+    code = main(["qat", str(baseline_1epoch), "--out", str(out), "--data", "cifar10-mini", "--epochs", "1",
+                 "--batch-size", "128", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    stats = json.loads((out / "stats.json").read_text())["stats"]
+    assert stats["quantized_layers"] == ["conv1", "pool1", "conv2", "flatten", "dense1", "logits"]
+    assert np.isfinite(stats["history"]["loss"]).all() and stats["test_accuracy"] > 0.15
+    model = load_model(out / "model.keras")
+    assert set(wrapped(model)) == set(stats["quantized_layers"])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    _, accuracy = model.evaluate(load_data("cifar10-mini").pipeline("test", 256), verbose=0)
+    assert accuracy == pytest.approx(stats["test_accuracy"], abs=1e-6)  # the saved file is the model measured
