@@ -21,6 +21,9 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 
+# TensorFlow's Python-side warnings (tf.function retracing, deprecations) say nothing a user can act on.
+tf.get_logger().setLevel("ERROR")
+
 __all__ = ["tf", "keras", "tfmot", "versions"]
 
 

@@ -27,7 +27,8 @@ def compact_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int 
     for filters, name, pool_after in plan:
         x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm, name=name)(x)
         if batch_norm:
-            x = layers.BatchNormalization(name=f"{name}_bn")(x)
+            # momentum 0.9 (not 0.99): short fine-tunes of a few hundred steps still settle the moving statistics
+            x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
         x = layers.ReLU(name=f"{name}_relu")(x)
         if pool_after:
             # 'same' pooling keeps inputs as small as 1x1 valid; on even sizes it equals the usual 2x2 pooling.

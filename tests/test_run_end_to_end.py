@@ -1,0 +1,47 @@
+"""The README's main command, `compress run --quick`, on the shipped data: every stage, file and figure.
+
+It takes a few minutes on a 2-core CPU, which CI affords, so it runs by default.
+"""
+
+import csv
+import json
+
+from compress.cli import main
+from compress.pipeline import load_recipe
+
+RESULT_KEYS = {"name", "chain", "file", "accuracy", "file_bytes", "gzip_bytes", "params", "nonzero_params",
+               "latency_ms_b1", "latency_ms_b32", "parity_ok"}
+
+
+def test_quick_run_on_shipped_data_produces_every_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "smallest within 1 point" in printed or "no variant" in printed
+
+    for name in ("report.md", "results.json", "results.csv", "accuracy_vs_size.png", "accuracy_vs_latency.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert {"machine", "baseline", "total_seconds", "stages", "variants"} <= set(results)
+    stage_names = {stage.name for stage in load_recipe(quick=True).stages} | {"baseline"}
+    assert {stage["name"] for stage in results["stages"]} == stage_names
+    assert {variant["stage"] for variant in results["variants"]} == stage_names
+
+    for variant in results["variants"]:
+        assert RESULT_KEYS <= set(variant), variant["name"]
+        assert (out / variant["file"]).is_file()
+        assert variant["parity_ok"] is True, variant["name"]
+        assert 0.0 <= variant["accuracy"] <= 1.0
+        assert variant["gzip_bytes"] < variant["file_bytes"] or variant["format"] == "tflite"
+        assert variant["latency_ms_b1"] > 0 and variant["latency_ms_b32"] > variant["latency_ms_b1"]
+    by_name = {variant["name"]: variant for variant in results["variants"]}
+    assert by_name["baseline"]["accuracy"] > 0.2  # learned something in the quick epochs
+    assert by_name["qat"]["weight_bytes_by_dtype"].get("int8", 0) > 0.9 * by_name["baseline"]["params"]
+    assert by_name["qat"]["file_bytes"] < 0.3 * by_name["baseline"]["file_bytes"]
+    assert by_name["distilled"]["params"] < by_name["baseline"]["params"] / 10
+
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["variant"] for row in rows] == [variant["name"] for variant in results["variants"]]
+    report = (out / "report.md").read_text()
+    assert all(f"| {name} |" in report or f"| **{name}** |" in report for name in by_name)
