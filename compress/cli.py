@@ -11,13 +11,15 @@ from compress.data import CIFAR10_DIR_ENV, KNOWN_SOURCES
 from compress.errors import CompressError
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, *, default: str | None = "cifar10-mini",
+                       purpose: str = "") -> None:
     group = parser.add_argument_group("data")
     group.add_argument(
         "--data",
-        default="cifar10-mini",
+        default=default,
         metavar="SOURCE",
-        help=f"data source: {', '.join(KNOWN_SOURCES)} (default: cifar10-mini, shipped with the package)",
+        help=f"data source{purpose}: {', '.join(KNOWN_SOURCES)} "
+        + ("(default: cifar10-mini, shipped with the package)" if default else "(default: seeded random images)"),
     )
     group.add_argument(
         "--data-dir",
@@ -316,11 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--chain", type=_comma_list, metavar="NAMES",
                         help="techniques that made the model, recorded in the file (e.g. prune,qat)")
     export.add_argument("--opset", type=_positive_int, default=DEFAULT_OPSET, help="ONNX opset, 17 or later")
-    add_data_arguments(export)
-    for action in export._actions:  # the data source is optional here: without it, parity uses seeded random images
-        if action.dest == "data":
-            action.default = None
-            action.help = "data source whose first 256 test images are the parity inputs (default: seeded random images)"
+    add_data_arguments(export, default=None, purpose=" whose first 256 test images are the parity inputs")
     export.add_argument("--unsafe", action="store_true", help="allow model files holding Lambda layers (arbitrary code)")
     export.add_argument("--quiet", action="store_true", help="no progress output")
     export.set_defaults(handler=cmd_export)

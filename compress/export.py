@@ -6,7 +6,8 @@ How each variant is exported:
 - QAT models (tfmot `QuantizeWrapperV2` / `QuantizeLayer`, including prune- and cluster-preserving QAT): first an
   int8 TFLite file (`Optimize.DEFAULT`, which gives full int8 with the ranges and per-channel scales training learned),
   then ONNX from that file with `tf2onnx.convert.from_tflite`: int8 weight initializers feeding DequantizeLinear.
-  tf2onnx on the Keras QAT model would keep every weight float32.
+  tf2onnx on the Keras QAT model would keep every weight float32. `use_integer_kernels` then rewrites that graph,
+  without changing what it computes, so that onnxruntime fuses it into QLinearConv / QGemm (int8 speed).
 
 Every file is written atomically, checked (ONNX: `onnx.checker` with shape inference, opset >= 17, a named input with a
 dynamic batch dimension, metadata naming the toolkit version, technique chain and source hash), and then run in its
@@ -239,6 +240,8 @@ def onnx_proto(model, *, opset: int = DEFAULT_OPSET, metadata: dict[str, str], i
     """The model as an ONNX ModelProto, named and tagged the way every export is (from `int8_tflite` for QAT)."""
     input_name, input_shape, output_name = _model_io(model)
     proto = _to_onnx(model, opset=opset, int8_tflite=int8_tflite, input_name=input_name, input_shape=input_shape)
+    if int8_tflite is not None:
+        use_integer_kernels(proto.graph)
     _tidy_onnx(proto, input_name=input_name, output_name=output_name, metadata=metadata)
     return proto
 
@@ -264,6 +267,113 @@ def _to_onnx(model, *, opset: int, int8_tflite: bytes | None, input_name: str, i
     except Exception as exc:  # tf2onnx raises many types for unsupported ops; each means "cannot convert"
         raise ExportError(f"ONNX conversion failed: {_first_line(exc) or type(exc).__name__}") from None
     return proto
+
+
+# Ops that only move or pick activation values, so they work the same on uint8 as on int8.
+_VALUE_MOVING_OPS = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Identity"}
+
+
+def use_integer_kernels(graph) -> None:
+    """Rewrite tf2onnx's QDQ graph of an int8 TFLite file so that onnxruntime runs it on integer kernels.
+
+    onnxruntime fuses DequantizeLinear -> Conv / MatMul+Add -> QuantizeLinear into QLinearConv / QGemm only when the
+    activations are uint8 (on x86; it converts int8 Q -> DQ pairs itself only where they sit side by side) and no float
+    Relu sits before the QuantizeLinear. Unfused, every call dequantizes all weights to float: slower than the float
+    file. Both rewrites compute exactly what the graph did; weights and learned scales stay as they are:
+    - int8 activations become uint8 (zero point + 128), where they only pass through value-moving ops to DQs;
+    - a Relu feeding a QuantizeLinear moves behind it as an integer Clip at the zero point (quantizing is monotonic,
+      and the zero point stands for 0.0), or goes when the zero point is the type's lowest value anyway.
+    """
+    _unsigned_activations(graph)
+    _relu_behind_quantize(graph)
+
+
+def _unsigned_activations(graph) -> None:
+    from onnx import TensorProto, numpy_helper
+
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    consumers = _consumers(graph)
+    graph_outputs = {value.name for value in graph.output}
+    unsigned_names: dict[str, str] = {}
+
+    def dequantizers(tensor: str):
+        """The DequantizeLinear nodes `tensor` reaches through value-moving ops; None if it reaches anything else."""
+        found = []
+        for node in consumers.get(tensor, []):
+            if node.op_type == "DequantizeLinear":
+                found.append(node)
+            elif node.op_type in _VALUE_MOVING_OPS and (further := dequantizers(node.output[0])) is not None:
+                found.extend(further)
+            else:
+                return None
+        return None if tensor in graph_outputs else found
+
+    def unsigned(name: str) -> str:
+        if name not in unsigned_names:
+            zero_point = numpy_helper.to_array(initializers[name]).astype(np.int16) + 128
+            unsigned_names[name] = _unused_name(graph, f"{name}_uint8")
+            graph.initializer.append(numpy_helper.from_array(zero_point.astype(np.uint8), unsigned_names[name]))
+        return unsigned_names[name]
+
+    for quantize in [node for node in graph.node if node.op_type == "QuantizeLinear"]:
+        zero_point = initializers.get(quantize.input[2]) if len(quantize.input) == 3 else None
+        if zero_point is None or zero_point.data_type != TensorProto.INT8:
+            continue
+        users = dequantizers(quantize.output[0])
+        if users is None or any(node.input[2] not in initializers for node in users):
+            continue
+        for node in (quantize, *users):
+            node.input[2] = unsigned(node.input[2])
+    used = {name for node in graph.node for name in node.input}
+    for name in unsigned_names:
+        if name not in used:  # an int8 zero point no node reads any more
+            graph.initializer.remove(initializers[name])
+
+
+def _relu_behind_quantize(graph) -> None:
+    from onnx import helper, numpy_helper
+
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    consumers = _consumers(graph)
+    graph_outputs = {value.name for value in graph.output}
+    for relu in [node for node in graph.node if node.op_type == "Relu"]:
+        users = consumers.get(relu.output[0], [])
+        if len(users) != 1 or users[0].op_type != "QuantizeLinear" or relu.output[0] in graph_outputs:
+            continue
+        quantize = users[0]
+        if len(quantize.input) < 3 or quantize.input[2] not in initializers or quantize.output[0] in graph_outputs:
+            continue
+        zero_point = numpy_helper.to_array(initializers[quantize.input[2]])
+        if zero_point.ndim != 0:  # Clip takes scalar bounds; per-axis activations keep their Relu
+            continue
+        quantize.input[0] = relu.input[0]
+        graph.node.remove(relu)
+        if zero_point == np.iinfo(zero_point.dtype).min:
+            continue  # quantizing already clips everything below 0.0
+        quantized, clipped = quantize.output[0], _unused_name(graph, f"{quantize.output[0]}_relu")
+        for node in consumers.get(quantized, []):
+            node.input[:] = [clipped if name == quantized else name for name in node.input]
+        position = list(graph.node).index(quantize) + 1
+        graph.node.insert(position, helper.make_node("Clip", [quantized, quantize.input[2]], [clipped],
+                                                     name=_unused_name(graph, f"{relu.name or 'Relu'}_clip")))
+
+
+def _consumers(graph) -> dict[str, list]:
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _unused_name(graph, name: str) -> str:
+    used = {tensor.name for tensor in graph.initializer} | {node.name for node in graph.node}
+    used |= {output for node in graph.node for output in node.output}
+    candidate, count = name, 0
+    while candidate in used:
+        count += 1
+        candidate = f"{name}_{count}"
+    return candidate
 
 
 @contextlib.contextmanager

@@ -290,6 +290,8 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
             continue
         options.log(f"[{position}/{len(names)}] {name} ({what}) ...")
         stage_started = time.perf_counter()
+        for leftover in stage_dir.glob(".*.partial*"):  # temporary files of a run killed mid-write
+            leftover.unlink()
         if stage is None:
             manifest = _run_baseline(recipe, options, data, stage_dir)
         else:

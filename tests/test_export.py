@@ -219,6 +219,21 @@ def test_qat_onnx_stores_int8_weights_with_learned_scales(exports, models):
     np.testing.assert_allclose(float(initializers[quantize.input[1]]), (high - low) / 255, rtol=2e-2)
 
 
+@pytest.mark.parametrize("variant", ["qat", "pqat"])
+def test_qat_onnx_runs_on_integer_kernels_in_onnxruntime(exports, variant, tmp_path):
+    """Every conv / dense layer fuses into QLinearConv / QGemm: none is left dequantizing its weights on each call."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(exports[variant]["files"]["onnx"]["path"], options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == 1 and ops.count("QGemm") == 2, ops
+    assert not {"Conv", "FusedConv", "MatMul", "Gemm", "FusedGemm", "Relu"} & set(ops), ops
+
+
 def _range(quantize_layer):
     values = {w.name.split("/")[-1].split(":")[0]: float(w.numpy()) for w in quantize_layer.weights if w.shape == ()}
     low = next(value for name, value in values.items() if name.endswith("_min"))

@@ -181,6 +181,8 @@ def test_interrupted_stage_is_never_trusted(tiny_setup):
     assert (out / "a" / "manifest.json").is_file()
     assert not (out / "c" / "manifest.json").exists()  # the half-written stage has no manifest
 
+    leftover = out / "c" / ".model.99999.partial.keras"  # what a SIGKILL during a write leaves
+    leftover.write_bytes(b"partial")
     INTERRUPT["stage"] = None
     log = []
     results = run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, log))
@@ -189,6 +191,7 @@ def test_interrupted_stage_is_never_trusted(tiny_setup):
     from compress.io import load_model
 
     assert load_model(out / "c" / "model.keras").count_params() > 0  # rewritten whole
+    assert not leftover.exists()
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_setup, capsys):
