@@ -18,7 +18,7 @@ import hashlib
 import json
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -128,9 +128,9 @@ def parse_recipe(text: str, *, quick: bool = False, where: str = "recipe") -> Re
             raise ConfigError(f"{label}: stage name {name!r} may hold only letters, digits, '-', '_' and '.'")
         technique = registry.get(table["technique"])
         settings = dict(table.get("settings", {}))
-        if stage_epochs_cap is not None and "epochs" in {f for f in technique.config_class.__dataclass_fields__}:
-            default = technique.config_class.__dataclass_fields__["epochs"].default
-            settings["epochs"] = min(settings.get("epochs", default), stage_epochs_cap)
+        epochs_field = technique.config_class.__dataclass_fields__.get("epochs")
+        if stage_epochs_cap is not None and epochs_field is not None:
+            settings["epochs"] = min(settings.get("epochs", epochs_field.default), stage_epochs_cap)
         try:
             config = technique.config_class.from_dict(settings)
         except ConfigError as exc:
@@ -201,7 +201,6 @@ class RunOptions:
     unsafe: bool = False
     verbose: int = 1  # Keras progress: 0 silent, 1 bar, 2 a line per epoch
     log: Callable[[str], None] = print
-    timings: dict = field(default_factory=dict)
 
 
 def stage_keys(recipe: Recipe, options: RunOptions, baseline_key: str) -> dict[str, str]:
@@ -263,7 +262,7 @@ def describe_plan(recipe: Recipe, options: RunOptions) -> list[str]:
 def run(recipe: Recipe, options: RunOptions) -> dict:
     """Run every stage not yet finished, then measure every variant and write results.json and the report."""
     from compress.data import load_data
-    from compress.io import check_output_dir, write_json
+    from compress.io import atomic_path, check_output_dir, write_json
     from compress.report import write_report
 
     started = time.perf_counter()
@@ -274,7 +273,8 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
 
         load_model(options.model, unsafe=options.unsafe)  # refuse a bad model before any work is done
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.toml").write_text(recipe.source)
+    with atomic_path(out / "recipe.toml") as partial:
+        partial.write_text(recipe.source)
     keys = stage_keys(recipe, options, baseline_key(recipe, options))
     names = [BASELINE, *(stage.name for stage in recipe.stages)]
     stage_seconds = []

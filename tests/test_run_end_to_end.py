@@ -30,7 +30,9 @@ def test_quick_run_on_shipped_data_produces_every_file(tmp_path, capsys):
     for variant in results["variants"]:
         assert RESULT_KEYS <= set(variant), variant["name"]
         assert (out / variant["file"]).is_file()
-        assert variant["parity_ok"] is True, variant["name"]
+        assert isinstance(variant["parity_ok"], bool), variant["name"]
+        if variant["precision"] == "float32":
+            assert variant["parity_ok"], variant["name"]  # a float export must match its Keras model
         assert 0.0 <= variant["accuracy"] <= 1.0
         assert variant["gzip_bytes"] < variant["file_bytes"] or variant["format"] == "tflite"
         assert variant["latency_ms_b1"] > 0 and variant["latency_ms_b32"] > variant["latency_ms_b1"]
@@ -45,3 +47,10 @@ def test_quick_run_on_shipped_data_produces_every_file(tmp_path, capsys):
     assert [row["variant"] for row in rows] == [variant["name"] for variant in results["variants"]]
     report = (out / "report.md").read_text()
     assert all(f"| {name} |" in report or f"| **{name}** |" in report for name in by_name)
+    # An int8 file of a model trained for one epoch may miss the 98% agreement threshold (its logits are near
+    # ties); then it must be shown as failed and never be named best.
+    failed = [name for name, variant in by_name.items() if not variant["parity_ok"]]
+    for name in failed:
+        assert "left out, parity check FAILED" in printed and name in printed
+    summary_lines = [line for line in printed.splitlines() if line.startswith(("smallest", "fastest"))]
+    assert not any(line.split(": ", 1)[1].startswith(tuple(f"{name} " for name in failed)) for line in summary_lines)
