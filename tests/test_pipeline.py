@@ -1,6 +1,5 @@
 """Recipes, plans, change detection and resume, on a tiny model with a stand-in technique (seconds, not minutes)."""
 
-import json
 from dataclasses import dataclass
 
 import pytest
@@ -8,7 +7,7 @@ import pytest
 from compress import registry
 from compress.cli import main
 from compress.errors import ConfigError
-from compress.pipeline import RunOptions, describe_plan, load_recipe, parse_recipe, run, stage_keys
+from compress.pipeline import RunOptions, load_recipe, parse_recipe, run, stage_keys
 from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, require
 
 # ------------------------------------------------------------------ a stand-in technique, registered for these tests

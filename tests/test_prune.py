@@ -166,3 +166,15 @@ def test_cli_prunes_baseline_on_shipped_data(baseline_1epoch, tmp_path, capsys):
     model = load_model(out / "model.keras")
     assert np.count_nonzero(model.get_layer("logits").kernel.numpy() == 0) == 0
     assert abs(zeros(model.get_layer("dense1").kernel.numpy()) - 0.7) <= 0.01
+
+
+@pytest.mark.parametrize("technique", ["prune", "cluster", "qat"])
+def test_a_qat_model_is_refused_with_the_order_to_use(technique, tiny_cnn, synthetic_data, tmp_path):
+    from compress import registry
+    from compress.errors import ModelError
+    from compress.keras import tfmot
+
+    entry = registry.get(technique)
+    quantized = tfmot.quantization.keras.quantize_model(tiny_cnn)
+    with pytest.raises(ModelError, match="quantization-aware \\(QAT\\) already.*apply them before qat"):
+        entry.apply(quantized, entry.config_class(), synthetic_data, out_dir=tmp_path)

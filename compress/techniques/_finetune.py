@@ -71,6 +71,13 @@ def copy_model(model):
 
     if not isinstance(model, keras.Model):
         raise ModelError(f"expected a Keras (tf_keras) model, got {type(model).__name__}")
+    from compress.export import is_qat_model
+
+    if is_qat_model(model):
+        raise ModelError(
+            f"model {model.name!r} is quantization-aware (QAT) already; prune, cluster and qat take a float model, "
+            "so apply them before qat (`compress export` turns a QAT model into int8 files)"
+        )
     try:
         clone = keras.models.clone_model(model)
     except (ValueError, TypeError, NotImplementedError) as exc:
@@ -133,6 +140,16 @@ def fine_tune(model, data, *, epochs: int, batch_size: int, learning_rate: float
         verbose=verbose,
     )
     return {key: [float(v) for v in values] for key, values in history.history.items()}
+
+
+def wrap_layers(model, wrap, verb: str):
+    """Clone `model` with tfmot wrappers applied by `wrap(layer)`; tfmot's refusal becomes one ModelError line."""
+    from compress.keras import keras
+
+    try:
+        return keras.models.clone_model(model, clone_function=wrap)
+    except ValueError as exc:
+        raise ModelError(f"tfmot cannot {verb} this model: {str(exc).strip().splitlines()[0]}") from None
 
 
 def steps_per_epoch(data, batch_size: int) -> int:

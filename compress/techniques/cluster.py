@@ -18,6 +18,7 @@ from compress.techniques._finetune import (
     fine_tune,
     parse_names,
     select_layers,
+    wrap_layers,
 )
 from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, require
 
@@ -55,7 +56,7 @@ class ClusterConfig(TechniqueConfig):
 
 def cluster(model, config: ClusterConfig, data, *, out_dir=None, verbose: int = 1) -> Outcome:
     """Cluster the weights of a copy of `model`, fine-tune it on `data`; return the stripped model and stats."""
-    from compress.keras import keras, tfmot
+    from compress.keras import tfmot
 
     clustering = tfmot.clustering.keras
     work = copy_model(model)
@@ -75,10 +76,7 @@ def cluster(model, config: ClusterConfig, data, *, out_dir=None, verbose: int = 
             return layer
         return clustering.cluster_weights(layer, number_of_clusters=config.clusters, cluster_centroids_init=init)
 
-    try:
-        wrapped = keras.models.clone_model(work, clone_function=wrap)
-    except ValueError as exc:
-        raise ModelError(f"tfmot cannot cluster this model: {str(exc).strip().splitlines()[0]}") from None
+    wrapped = wrap_layers(work, wrap, "cluster")
     history = fine_tune(
         wrapped, data, epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
         verbose=verbose,

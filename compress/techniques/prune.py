@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.errors import ConfigError, ModelError
+from compress.errors import ConfigError
 from compress.techniques._finetune import (
     as_names,
     require_names,
@@ -24,6 +24,7 @@ from compress.techniques._finetune import (
     parse_name_values,
     parse_names,
     select_layers,
+    wrap_layers,
     steps_per_epoch,
     zero_fraction,
 )
@@ -127,7 +128,7 @@ def pruning_schedule(kind: str, target: float, total_steps: int):
 
 def prune(model, config: PruneConfig, data, *, out_dir=None, verbose: int = 1) -> Outcome:
     """Prune a copy of `model` while fine-tuning it on `data`; return the stripped model and its sparsity."""
-    from compress.keras import keras, tfmot
+    from compress.keras import tfmot
 
     work = copy_model(model)
     chosen = select_layers(work, config.layers, "prune")
@@ -150,10 +151,7 @@ def prune(model, config: PruneConfig, data, *, out_dir=None, verbose: int = 1) -
             sparsity_m_by_n=config.m_by_n,
         )
 
-    try:
-        wrapped = keras.models.clone_model(work, clone_function=wrap)
-    except ValueError as exc:
-        raise ModelError(f"tfmot cannot prune this model: {str(exc).strip().splitlines()[0]}") from None
+    wrapped = wrap_layers(work, wrap, "prune")
     history = fine_tune(
         wrapped, data, epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
         verbose=verbose, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
