@@ -53,6 +53,7 @@ class Recipe:
     stages: tuple[Stage, ...]  # in execution order: every input comes before the stages that read it
     baseline_recipe: str = "default"
     baseline_epochs: int = 10
+    baseline_export: tuple[str, ...] = ("onnx",)  # the [export] formats, which stages inherit too
     threads: int = 1
     batch_sizes: tuple[int, ...] = (1, 32)
     min_seconds: float = 1.0  # shortest timing per file and batch size, after warm-up
@@ -143,6 +144,7 @@ def parse_recipe(text: str, *, quick: bool = False, where: str = "recipe") -> Re
         stages=tuple(stages[name] for name in ordered),
         baseline_recipe=baseline_recipe,
         baseline_epochs=baseline_epochs,
+        baseline_export=default_formats,
         threads=threads,
         batch_sizes=batch_sizes,
         min_seconds=float(min_seconds),
@@ -225,7 +227,8 @@ def baseline_key(recipe: Recipe, options: RunOptions) -> str:
         source = {"model_sha256": _file_sha256(options.model)}
     else:
         source = {"recipe": recipe.baseline_recipe, "epochs": recipe.baseline_epochs}
-    return _hash({"baseline": source, "data": _jsonable(options.data_args), "compress": __version__})
+    return _hash({"baseline": source, "export": list(recipe.baseline_export), "data": _jsonable(options.data_args),
+                  "compress": __version__})
 
 
 def is_finished(stage_dir: Path, key: str) -> bool:
@@ -322,7 +325,7 @@ def _run_baseline(recipe: Recipe, options: RunOptions, data, stage_dir: Path) ->
         model, stats = train_baseline(data, config, verbose=options.verbose)
     save_model(model, stage_dir / "model.keras")
     write_json(stage_dir / "metrics.json", stats)
-    exported = _export(model, stage_dir, ("onnx",), data, [])
+    exported = _export(model, stage_dir, recipe.baseline_export, data, [])
     return {"technique": None, "input": None, "files": _file_names(stage_dir, exported), "export": exported}
 
 
@@ -413,7 +416,7 @@ def measure_run(recipe: Recipe, options: RunOptions, data, names: list[str], sta
     cuda = _measure_latencies(variants, recipe, options)
     return {
         "machine": bench.machine_info(threads=recipe.threads),
-        "baseline": BASELINE,
+        "baseline": _baseline_variant(variants),
         "data": data.describe(),
         "total_seconds": round(time.perf_counter() - started, 2),
         "stages": stage_seconds,
@@ -421,6 +424,12 @@ def measure_run(recipe: Recipe, options: RunOptions, data, names: list[str], sta
         "keras_reference": _keras_reference(options.out / BASELINE / "model.keras", recipe),
         "cuda": cuda,
     }
+
+
+def _baseline_variant(variants: list[dict]) -> str:
+    """The variant the others are compared with: the baseline's ONNX file where it has one."""
+    own = [variant for variant in variants if variant["stage"] == BASELINE]
+    return next((variant["name"] for variant in own if variant["format"] == "onnx"), own[0]["name"])
 
 
 def _measure_latencies(variants: list[dict], recipe: Recipe, options: RunOptions) -> dict:

@@ -210,3 +210,25 @@ def test_cli_refuses_a_bad_recipe_in_one_line(tmp_path, capsys):
     assert "sparsity" in err and len(err.strip().splitlines()) == 1
     assert main(["run", "--recipe", str(tmp_path / "none.toml"), "--dry-run"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_export_formats_apply_to_the_baseline_too(tiny_setup):
+    recipe = """
+[export]
+formats = ["onnx", "tflite"]
+
+[measure]
+batch_sizes = [1]
+min_seconds = 0.0
+
+[[stage]]
+name = "a"
+technique = "scale"
+export = ["onnx"]
+"""
+    tiny_setup["recipe"].write_text(recipe)
+    results = run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, []))
+    assert [v["name"] for v in results["variants"]] == ["baseline:onnx", "baseline:tflite", "a"]
+    assert results["baseline"] == "baseline:onnx"
+    assert all(v["parity_ok"] for v in results["variants"])
+    assert (tiny_setup["out"] / "report.md").is_file()
