@@ -45,11 +45,13 @@ def scale_technique(monkeypatch):
     INTERRUPT["stage"] = None
 
 
-RECIPE = """
+FAST_MEASURE = """
 [measure]
 batch_sizes = [1]
 min_seconds = 0.0
+"""
 
+RECIPE = FAST_MEASURE + """
 [[stage]]
 name = "a"
 technique = "scale"
@@ -213,13 +215,9 @@ def test_cli_refuses_a_bad_recipe_in_one_line(tmp_path, capsys):
 
 
 def test_export_formats_apply_to_the_baseline_too(tiny_setup):
-    recipe = """
+    recipe = FAST_MEASURE + """
 [export]
 formats = ["onnx", "tflite"]
-
-[measure]
-batch_sizes = [1]
-min_seconds = 0.0
 
 [[stage]]
 name = "a"
