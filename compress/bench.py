@@ -81,6 +81,16 @@ def machine_info(*, threads: int | None = None) -> dict:
     return info
 
 
+def int8_sums_saturate() -> bool:
+    """True on an x86 CPU without VNNI: there onnxruntime's uint8 x int8 kernels add pairs of products in 16 bits
+    (pmaddubsw), which saturate when both weights of a pair are large (2 * 255 * 127 > 32767), so 8-bit weights
+    lose accuracy that 7-bit weights (onnxruntime's reduce_range) keep. VNNI and ARM kernels add in 32 bits."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    _, flags = _cpu_model_and_flags()
+    return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
 def library_versions() -> dict[str, str | None]:
     """Installed versions from package metadata (no imports); None for a library that is not installed."""
     versions = {}
@@ -160,6 +170,9 @@ def onnx_weight_stats(path: str | os.PathLike) -> dict:
                         tensor.name = node.output[0]
                         tensors.append(tensor)
 
+    zero_points = {}
+    for graph in _graphs(model.graph):
+        zero_points.update(quantized_zero_points(graph))
     params = nonzero = quant_params = 0
     bytes_by_dtype: dict[str, int] = {}
     for tensor in tensors:
@@ -170,7 +183,7 @@ def onnx_weight_stats(path: str | os.PathLike) -> dict:
             quant_params += int(array.size)
         elif dtype != "int64":
             params += int(array.size)
-            nonzero += int(np.count_nonzero(array))
+            nonzero += int(array.size) - count_zeros(array, zero_points.get(tensor.name))
     return {
         "params": params,
         "nonzero_params": nonzero,
@@ -178,6 +191,35 @@ def onnx_weight_stats(path: str | os.PathLike) -> dict:
         "quant_params": quant_params,
         "bytes_by_dtype": dict(sorted(bytes_by_dtype.items())),
     }
+
+
+def quantized_zero_points(graph) -> dict:
+    """{constant name: its zero point, shaped to broadcast against it} for constants read by DequantizeLinear.
+
+    A stored integer stands for 0.0 when it equals its zero point: 0 for int8, but 128 for the uint8 weights an
+    export makes for CPUs without VNNI, so zeros are counted against the zero point, not against 0.
+    """
+    from onnx import numpy_helper
+
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    found = {}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.input[2] not in constants:
+            continue
+        if node.input[0] not in constants:
+            continue
+        zero_point = numpy_helper.to_array(constants[node.input[2]])
+        rank = len(constants[node.input[0]].dims)
+        if zero_point.ndim == 1 and rank > 1:  # per-axis: along the node's axis (default 1)
+            axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1) % rank
+            zero_point = zero_point.reshape([-1 if dim == axis else 1 for dim in range(rank)])
+        found[node.input[0]] = zero_point
+    return found
+
+
+def count_zeros(array: np.ndarray, zero_point: np.ndarray | None = None) -> int:
+    """Elements of `array` that stand for 0.0: equal to `zero_point` (quantized) or to 0 (anything else)."""
+    return int(np.count_nonzero(array == (0 if zero_point is None else zero_point)))
 
 
 def _graphs(graph):

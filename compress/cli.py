@@ -204,7 +204,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     data = load_data_from_args(args) if args.data else None
     result = export_model(
         args.model, args.out, formats=args.format or ["onnx"], data=data, chain=args.chain, unsafe=args.unsafe,
-        opset=args.opset,
+        opset=args.opset, int8_weights=args.int8_weights,
     )
     for file in result["files"].values():
         check = result["parity"]["files"][Path(file["path"]).name]
@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.set_defaults(handler=cmd_run)
 
-    from compress.export import DEFAULT_OPSET, FORMATS
+    from compress.export import DEFAULT_OPSET, FORMATS, INT8_WEIGHT_TYPES
 
     export = commands.add_parser(
         "export",
@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--chain", type=_comma_list, metavar="NAMES",
                         help="techniques that made the model, recorded in the file (e.g. prune,qat)")
     export.add_argument("--opset", type=_positive_int, default=DEFAULT_OPSET, help="ONNX opset, 17 or later")
+    export.add_argument("--int8-weights", choices=INT8_WEIGHT_TYPES, default="auto",
+                        help="how a QAT model's ONNX file stores weights: int8, uint8 (zero point 128, same values; "
+                             "for x86 CPUs without VNNI, whose int8 kernels saturate), or auto (uint8 on such a CPU)")
     add_data_arguments(export, default=None, purpose=" whose first 256 test images are the parity inputs")
     export.add_argument("--unsafe", action="store_true", help="allow model files holding Lambda layers (arbitrary code)")
     export.add_argument("--quiet", action="store_true", help="no progress output")

@@ -38,9 +38,35 @@ def compact_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int 
     return keras.Model(inputs, outputs, name=f"compact_cnn_w{width}")
 
 
+def conv_pool_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int = 32):
+    """Three blocks of Conv(3x3 'same')-BatchNorm-ReLU-MaxPool with w, 2w, 4w filters, then GlobalAveragePool-Dense.
+
+    Pooling after every convolution puts the parameters where the images are small: width 32 has ~95k parameters
+    and needs about half the multiply-adds of compact_cnn at width 32 (10 M vs 20 M on 32x32x3), so an epoch costs
+    about 60 % as long. Distilled from a 3-epoch article CNN on the full CIFAR-10, 5 epochs of it (470 s on a 2-core
+    AVX2 CPU) reached 65.3 % validation accuracy after 4, where 3 epochs of compact_cnn (450 s) reached 64.8 %.
+    """
+    from compress.keras import keras
+
+    if width < 1:
+        raise ValueError(f"width must be a positive integer, got {width}")
+    layers = keras.layers
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = inputs
+    for block, filters in enumerate((width, 2 * width, 4 * width), start=1):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{block}")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"conv{block}_bn")(x)
+        x = layers.ReLU(name=f"conv{block}_relu")(x)
+        x = layers.MaxPooling2D(2, padding="same", name=f"conv{block}_pool")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name=f"conv_pool_cnn_w{width}")
+
+
 # Student name -> builder(input_shape, num_classes, width). distill's `student` setting names one of these.
 STUDENTS: dict[str, Callable] = {
     "compact_cnn": compact_cnn,
+    "conv_pool_cnn": conv_pool_cnn,
 }
 
 

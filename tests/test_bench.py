@@ -103,6 +103,18 @@ def test_machine_info_without_tensorflow():
     assert info["python"].startswith("3.")
 
 
+@pytest.mark.parametrize("machine, flags, saturate", [
+    ("x86_64", {"sse4_1", "avx2", "fma"}, True),
+    ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, False),
+    ("x86_64", {"avx2", "avx_vnni"}, False),
+    ("aarch64", {"asimd", "asimddp"}, False),
+])
+def test_int8_sums_saturate_on_x86_without_vnni(monkeypatch, machine, flags, saturate):
+    monkeypatch.setattr(bench.platform, "machine", lambda: machine)
+    monkeypatch.setattr(bench, "_cpu_model_and_flags", lambda: ("cpu", flags))
+    assert bench.int8_sums_saturate() is saturate
+
+
 def test_file_size_reports_bytes_and_gzip(tmp_path):
     path = tmp_path / "zeros.bin"
     data = bytes(10_000) + np.random.default_rng(0).bytes(1000)

@@ -35,18 +35,19 @@ def test_distillation_loss_soft_term_vanishes_when_student_matches_teacher():
     assert float(distillation_loss(np.array([1, 0]), logits, logits, 0.0, 3.0)) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("student, filters", [("compact_cnn", [16, 16, 32, 64]), ("conv_pool_cnn", [16, 32, 64])])
 @pytest.mark.parametrize("shape, classes", [((32, 32, 3), 10), ((28, 28, 1), 5)])
-def test_compact_cnn_builds_for_the_input_and_scales_with_width(shape, classes):
+def test_students_build_for_the_input_and_scale_with_width(student, filters, shape, classes):
     from compress.models import STUDENTS, build_student
 
-    small, large = (build_student("compact_cnn", shape, classes, width) for width in (8, 16))
+    small, large = (build_student(student, shape, classes, width) for width in (8, 16))
     assert small.input_shape == (None, *shape) and small.output_shape == (None, classes)
     assert 3 * small.count_params() < large.count_params() < 5 * small.count_params()  # ~width squared
     kinds = {type(layer).__name__ for layer in large.layers}
     assert kinds <= {"InputLayer", "Conv2D", "BatchNormalization", "ReLU", "MaxPooling2D",
                      "GlobalAveragePooling2D", "Dense"}
-    assert [layer.filters for layer in large.layers if type(layer).__name__ == "Conv2D"] == [16, 16, 32, 64]
-    assert "compact_cnn" in STUDENTS
+    assert [layer.filters for layer in large.layers if type(layer).__name__ == "Conv2D"] == filters
+    assert student in STUDENTS
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_config_round_trips_through_dict_and_toml():
     ({"temperature": -1.0}, "temperature"),
     ({"alpha": -0.1}, r"alpha must be in \[0, 1\], got -0.1"),
     ({"alpha": 1.5}, "alpha"),
-    ({"student": "resnet9"}, "unknown student 'resnet9'; known students: compact_cnn"),
+    ({"student": "resnet9"}, "unknown student 'resnet9'; known students: compact_cnn, conv_pool_cnn"),
     ({"width": 0}, "width must be an integer >= 1"),
     ({"epochs": 0}, "epochs"),
     ({"learning_rate": 0.0}, "learning_rate"),

@@ -198,13 +198,14 @@ def test_qat_onnx_stores_int8_weights_with_learned_scales(exports, models):
     assert qat["precision"] == "int8" and qat["files"]["onnx"]["int8_weight_fraction"] == 1.0
     proto = _onnx(qat)
     weights = _weight_initializers(proto)
-    assert weights and all(array.dtype == np.int8 for array in weights)
+    stored = np.uint8 if qat["files"]["onnx"]["int8_weights"].startswith("uint8") else np.int8  # auto: by the CPU
+    assert weights and all(array.dtype == stored for array in weights)
     assert qat["files"]["onnx"]["bytes"] <= 0.3 * float_result["files"]["onnx"]["bytes"]
     assert qat["files"]["tflite"]["bytes"] <= 0.3 * float_result["files"]["tflite"]["bytes"]
 
     # The conv kernel's per-channel scales are the ones the QAT wrapper holds: max(|min|, |max|) / 127.
     initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in proto.graph.initializer}
-    conv_kernel = next(name for name, array in initializers.items() if array.ndim == 4 and array.dtype == np.int8)
+    conv_kernel = next(name for name, array in initializers.items() if array.ndim == 4 and array.dtype == stored)
     dequant = next(
         node for node in proto.graph.node if node.op_type == "DequantizeLinear" and node.input[0] == conv_kernel
     )
@@ -232,6 +233,52 @@ def test_qat_onnx_runs_on_integer_kernels_in_onnxruntime(exports, variant, tmp_p
     ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
     assert ops.count("QLinearConv") == 1 and ops.count("QGemm") == 2, ops
     assert not {"Conv", "FusedConv", "MatMul", "Gemm", "FusedGemm", "Relu"} & set(ops), ops
+
+
+def test_uint8_weights_hold_the_same_values_and_still_fuse(models, tmp_path):
+    """int8_weights="uint8" (for CPUs whose int8 kernels saturate) stores w + 128 with zero point 128: the same values,
+    the same zeros (here of the pruned, sparsity-preserving QAT model) and the same fused integer kernels."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from compress.export import export_model
+
+    def dequantized(result):
+        proto = onnx.load(result["files"]["onnx"]["path"])
+        tensors = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+        found = {}
+        for node in proto.graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0] in tensors and tensors[node.input[0]].ndim >= 2:
+                weights, scale, zero_point = (tensors[name] for name in node.input[:3])
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                shape = [-1 if dim == axis else 1 for dim in range(weights.ndim)] if scale.ndim else []
+                values = (weights.astype(np.int32) - zero_point.astype(np.int32).reshape(shape)) * scale.reshape(shape)
+                found[weights.shape] = (weights.dtype, values)
+        return found
+
+    from compress.bench import onnx_weight_stats
+
+    signed, unsigned = (export_model(models["pqat"], tmp_path / kind, int8_weights=kind, parity_samples=8)
+                        for kind in ("int8", "uint8"))
+    assert signed["files"]["onnx"]["int8_weights"] == "int8"
+    assert unsigned["files"]["onnx"]["int8_weights"] == "uint8, zero point 128"
+    signed_values, unsigned_values = dequantized(signed), dequantized(unsigned)
+    assert signed_values.keys() == unsigned_values.keys() and len(signed_values) == 3
+    for shape, (dtype, values) in unsigned_values.items():
+        assert dtype == np.uint8 and signed_values[shape][0] == np.int8
+        np.testing.assert_array_equal(values, signed_values[shape][1])
+    # A pruned zero is stored as 128 in uint8: zeros are counted against the zero point.
+    zeros = [result["files"]["onnx"]["weight_zero_fraction"]["onnx"] for result in (signed, unsigned)]
+    assert zeros[0] == zeros[1] >= 0.6
+    stats = [onnx_weight_stats(result["files"]["onnx"]["path"]) for result in (signed, unsigned)]
+    assert stats[0]["nonzero_params"] == stats[1]["nonzero_params"] < 0.4 * stats[1]["params"]
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(unsigned["files"]["onnx"]["path"], options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == 1 and ops.count("QGemm") == 2, ops
 
 
 def _range(quantize_layer):
@@ -467,4 +514,6 @@ def test_export_settings_are_validated(models, tmp_path):
         export_model(models["float"], tmp_path, opset=13)
     with pytest.raises(ConfigError, match="parity samples"):
         ExportConfig(parity_samples=0)
+    with pytest.raises(ConfigError, match="int8 weights must be one of auto, int8, uint8"):
+        ExportConfig(int8_weights="int4")
     assert ExportConfig(formats=("onnx", "tflite", "onnx")).formats == ("onnx", "tflite")

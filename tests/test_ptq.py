@@ -67,6 +67,25 @@ def test_ptq_writes_each_format_and_measures_it_in_its_runtime(model, synthetic_
     assert sum(array.size for array, _ in weights.values()) >= 9000  # the conv and dense weights are int8
 
 
+@pytest.mark.parametrize("reduce_range, largest", [(True, 64), (False, 127)])
+def test_reduce_range_stores_weights_in_seven_bits(model, synthetic_data, tmp_path, reduce_range, largest):
+    """7-bit weights (for x86 CPUs without VNNI) span -64..64; 8-bit ones reach 127 in the channel that sets the scale."""
+    config = PTQConfig(calibration=16, formats=("onnx-qdq",), reduce_range=reduce_range)
+    outcome = ptq(model, config, synthetic_data, out_dir=tmp_path, verbose=0)
+    weights = _weight_initializers(outcome.files["onnx-qdq"])
+    assert max(int(np.abs(array.astype(np.int16)).max()) for array, _ in weights.values()) == largest
+    assert ("7 bits" in outcome.stats["formats"]["onnx-qdq"]["weights"]) is reduce_range
+
+
+def test_reduce_range_auto_follows_the_cpu(model, synthetic_data, tmp_path, monkeypatch):
+    from compress import bench
+
+    monkeypatch.setattr(bench, "int8_sums_saturate", lambda: True)
+    outcome = ptq(model, PTQConfig(calibration=16, formats=("onnx-qdq",)), synthetic_data, out_dir=tmp_path,
+                  verbose=0)
+    assert PTQConfig().reduce_range == "auto" and "7 bits" in outcome.stats["formats"]["onnx-qdq"]["weights"]
+
+
 def test_runner_dequantizes_an_int8_tflite_file(model, synthetic_data, tmp_path):
     outcome = ptq(model, PTQConfig(calibration=16, formats=("tflite-int8",)), synthetic_data, out_dir=tmp_path,
                   verbose=0)
@@ -99,6 +118,7 @@ def test_config_round_trips_through_dict_and_toml():
     ({"calibration": -3}, "calibration"),
     ({"formats": ("onnx",)}, "unknown format.*'onnx'; known formats: onnx-qdq, tflite-dynamic, tflite-int8"),
     ({"formats": ()}, "formats must name at least one"),
+    ({"reduce_range": "sometimes"}, "reduce_range must be true, false or \"auto\""),
     ({"formats": ("onnx-qdq", "onnx-qdq")}, "more than once"),
 ])
 def test_bad_settings_are_refused(settings, message):
