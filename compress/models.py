@@ -43,8 +43,8 @@ def conv_pool_cnn(input_shape: tuple[int, int, int], num_classes: int, width: in
 
     Pooling after every convolution puts the parameters where the images are small: width 32 has ~95k parameters
     and needs about half the multiply-adds of compact_cnn at width 32 (10 M vs 20 M on 32x32x3), so an epoch costs
-    about 60 % as long. Distilled from a 3-epoch article CNN on the full CIFAR-10, 5 epochs of it (470 s on a 2-core
-    AVX2 CPU) reached 65.3 % validation accuracy after 4, where 3 epochs of compact_cnn (450 s) reached 64.8 %.
+    about 60 % as long. Distilled from a 3-epoch article CNN on the full CIFAR-10 on a 2-core AVX2 CPU, 4 epochs of
+    it (370 s) reached 65.3 % validation accuracy, where 3 epochs of compact_cnn (450 s) reached 64.8 %.
     """
     from compress.keras import keras
 

@@ -38,7 +38,8 @@ def test_quick_run_on_shipped_data_produces_every_file(tmp_path, capsys):
         assert variant["latency_ms_b1"] > 0 and variant["latency_ms_b32"] > variant["latency_ms_b1"]
     by_name = {variant["name"]: variant for variant in results["variants"]}
     assert by_name["baseline"]["accuracy"] > 0.2  # learned something in the quick epochs
-    assert by_name["qat"]["weight_bytes_by_dtype"].get("int8", 0) > 0.9 * by_name["baseline"]["params"]
+    qat_bytes = by_name["qat"]["weight_bytes_by_dtype"]  # uint8 on x86 CPUs without VNNI (int8 kernels saturate)
+    assert qat_bytes.get("int8", 0) + qat_bytes.get("uint8", 0) > 0.9 * by_name["baseline"]["params"]
     assert by_name["qat"]["file_bytes"] < 0.3 * by_name["baseline"]["file_bytes"]
     assert by_name["distilled"]["params"] < by_name["baseline"]["params"] / 10
 
