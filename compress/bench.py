@@ -204,9 +204,7 @@ def quantized_zero_points(graph) -> dict:
     constants = {tensor.name: tensor for tensor in graph.initializer}
     found = {}
     for node in graph.node:
-        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.input[2] not in constants:
-            continue
-        if node.input[0] not in constants:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or not set(node.input[::2]) <= set(constants):
             continue
         zero_point = numpy_helper.to_array(constants[node.input[2]])
         rank = len(constants[node.input[0]].dims)
