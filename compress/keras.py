@@ -20,11 +20,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
+from tensorflow_model_optimization.python.core.clustering.keras.clustering_algorithm import (  # noqa: E402
+    ClusteringAlgorithm,  # tfmot's per-tensor centroid lookup, which compress.techniques.cluster speeds up
+)
 
 # TensorFlow's Python-side warnings (tf.function retracing, deprecations) say nothing a user can act on.
 tf.get_logger().setLevel("ERROR")
 
-__all__ = ["tf", "keras", "tfmot", "versions"]
+__all__ = ["tf", "keras", "tfmot", "ClusteringAlgorithm", "versions"]
 
 
 def versions() -> dict[str, str]:

@@ -89,3 +89,39 @@ def test_cli_clusters_baseline_on_shipped_data(baseline_1epoch, tmp_path, capsys
     for name in stats["clustered_layers"]:
         assert unique(model, name) <= 8, name
     assert unique(model, "logits") > 8
+
+
+def test_sorted_lookup_finds_the_nearest_centroid_as_tfmot_does():
+    from compress.keras import ClusteringAlgorithm, tf
+    from compress.techniques.cluster import nearest_centroids
+
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(5, 3, 3, 40)).astype(np.float32)
+    weights[0, 0, 0, :3] = [-10.0, 10.0, 0.0]  # beyond both ends, and exactly on a centroid
+    centroids = tf.Variable(rng.permutation(np.linspace(-1, 1, 7)).astype(np.float32))  # unsorted, holds 0.0
+    ours = nearest_centroids(weights, centroids).numpy()
+    theirs = ClusteringAlgorithm(centroids).get_pulling_indices(weights).numpy()
+    assert ours.dtype == np.int64 and ours.shape == weights.shape
+    values = centroids.numpy()
+    assert np.array_equal(np.abs(weights - values[ours]), np.abs(weights - values[theirs]))
+    assert values[ours[0, 0, 0, 2]] == 0.0 and ours[0, 0, 0, 0] == np.argmin(values)
+
+
+def test_clustering_wrappers_get_the_sorted_lookup_and_compute_the_same(tiny_cnn, synthetic_data):
+    from compress.keras import keras, tfmot
+    from compress.techniques.cluster import use_sorted_lookup
+
+    clustering = tfmot.clustering.keras
+    wrapped = keras.models.clone_model(
+        tiny_cnn,
+        clone_function=lambda layer: layer if layer.name not in ("conv1", "conv2", "dense1") else
+        clustering.cluster_weights(layer, number_of_clusters=4,
+                                   cluster_centroids_init=clustering.CentroidInitialization.LINEAR),
+    )
+    images = synthetic_data.normalized("test")[0][:16]
+    before = wrapped(images, training=False).numpy()
+    use_sorted_lookup(wrapped)
+    algorithms = [algorithm for layer in wrapped.layers
+                  for algorithm in getattr(layer, "clustering_algorithms", {}).values()]
+    assert [type(algorithm).__name__ for algorithm in algorithms] == ["SortedLookupClustering"] * 3
+    np.testing.assert_allclose(wrapped(images, training=False).numpy(), before, rtol=1e-6, atol=1e-6)

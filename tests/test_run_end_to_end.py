@@ -1,10 +1,13 @@
 """The README's main command, `compress run --quick`, on the shipped data: every stage, file and figure.
 
-It takes a few minutes on a 2-core CPU, which CI affords, so it runs by default.
+It takes about six minutes on a 2-core CPU, more than half of the default test run's budget, so it is marked slow
+(`python3 -m pytest -m slow`); tests/test_pipeline.py runs the same pipeline on tiny recipes by default.
 """
 
 import csv
 import json
+
+import pytest
 
 from compress.cli import main
 from compress.pipeline import load_recipe
@@ -13,6 +16,7 @@ RESULT_KEYS = {"name", "chain", "file", "accuracy", "file_bytes", "gzip_bytes", 
                "latency_ms_b1", "latency_ms_b32", "parity_ok"}
 
 
+@pytest.mark.slow
 def test_quick_run_on_shipped_data_produces_every_file(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--quick", "--out", str(out)]) == 0
