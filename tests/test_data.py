@@ -46,6 +46,13 @@ def test_mini_pipeline_is_normalised_and_batched(mini):
     assert labels.shape == (32,)
 
 
+def test_pipeline_does_not_autotune(mini):
+    # tf.data's autotuning made `fit` on the full set return ~50 s after its last epoch (see Dataset.pipeline).
+    pipeline = mini.pipeline("train", 32, shuffle=True, augment=True)
+    assert pipeline.options().autotune.enabled is False
+    assert len(list(pipeline)) == -(-len(mini.y_train) // 32)
+
+
 def test_validation_split_is_stratified_even_for_class_sorted_data():
     # Data read from class folders arrives sorted by class; Keras' validation_split=0.2 would take the last
     # 20%, i.e. only the last two classes. Ours must hold every class, in proportion.
