@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,6 +53,8 @@ LIBRARIES = {
     "numpy": ("numpy",),
 }
 DEFAULT_TIMING = {"warmup": 10, "min_repeats": 50, "min_seconds": 1.0}
+DEFAULT_ROUNDS = 10  # interleaved timing: turns each file gets
+ROUND_WARMUP = 2  # untimed calls at the start of each turn
 
 
 # --------------------------------------------------------------------------------------------- machine
@@ -73,6 +76,7 @@ def machine_info(*, threads: int | None = None) -> dict:
         "python": platform.python_version(),
         "libraries": library_versions(),
         "onnxruntime_providers": _onnxruntime_providers(),
+        "tensorflow_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),  # how this process trained
     }
     if hasattr(os, "sched_getaffinity"):
         info["usable_cores"] = len(os.sched_getaffinity(0))
@@ -264,23 +268,81 @@ def measure_latency(
     Returns median_ms, p95_ms, mean_ms, min_ms, images_per_s (batch / median), repeats, warmup and batch_size.
     The batch size is taken from `inputs` (an array, or a dict/list of arrays) unless given.
     """
+    _check_timing_settings(warmup, min_repeats, min_seconds)
+    batch = batch_size if batch_size is not None else _batch_of(inputs)
+    for _ in range(warmup):
+        run_callable(inputs)
+    times_ns = _time_calls(lambda: run_callable(inputs), min_repeats, min_seconds)
+    return _timing_summary(times_ns, batch, warmup)
+
+
+@dataclass(frozen=True)
+class LoadedFile:
+    """An exported file loaded in its runtime with an input batch ready: `run()` infers that batch once."""
+
+    run: Callable[[], Any]
+    batch_size: int
+    labels: dict  # runtime, provider, threads: what the timing was taken with
+
+
+def interleaved_latency(
+    files: dict[str, LoadedFile],
+    *,
+    rounds: int = DEFAULT_ROUNDS,
+    warmup: int = DEFAULT_TIMING["warmup"],
+    min_repeats: int = DEFAULT_TIMING["min_repeats"],
+    min_seconds: float = DEFAULT_TIMING["min_seconds"],
+) -> dict[str, dict]:
+    """Time several loaded files in turns, so that a drift in the machine's speed falls on all of them alike.
+
+    Each of `rounds` rounds times every file for 1/rounds of `min_repeats` calls and of `min_seconds` (after
+    `ROUND_WARMUP` untimed calls, since the files before it took the caches), starting one file later each
+    round. Per file: `measure_latency`'s figures over all its timed calls, plus `rounds` and its labels.
+    """
+    _check_timing_settings(warmup, min_repeats, min_seconds)
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"rounds must be a positive integer, got {rounds!r}")
+    for loaded in files.values():
+        for _ in range(warmup):
+            loaded.run()
+    names = list(files)
+    times_ns: dict[str, list[int]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            for _ in range(ROUND_WARMUP):
+                files[name].run()
+            times_ns[name] += _time_calls(files[name].run, -(-min_repeats // rounds), min_seconds / rounds)
+    return {
+        name: {**_timing_summary(times_ns[name], files[name].batch_size, warmup), "rounds": rounds,
+               **files[name].labels}
+        for name in names
+    }
+
+
+def _check_timing_settings(warmup: int, min_repeats: int, min_seconds: float) -> None:
     if warmup < 0 or min_repeats < 1 or min_seconds < 0:
         raise ConfigError(
             f"latency settings out of range: warmup {warmup} (>= 0), min_repeats {min_repeats} (>= 1), "
             f"min_seconds {min_seconds} (>= 0)"
         )
-    batch = batch_size if batch_size is not None else _batch_of(inputs)
-    for _ in range(warmup):
-        run_callable(inputs)
+
+
+def _time_calls(run: Callable[[], Any], min_repeats: int, min_seconds: float) -> list[int]:
+    """Nanoseconds of each call of `run()`, calling until both `min_repeats` calls and `min_seconds` are spent."""
     times_ns: list[int] = []
     budget_ns = min_seconds * 1e9
     spent_ns = 0
     while len(times_ns) < min_repeats or spent_ns < budget_ns:
         start = time.perf_counter_ns()
-        run_callable(inputs)
+        run()
         elapsed = time.perf_counter_ns() - start
         times_ns.append(elapsed)
         spent_ns += elapsed
+    return times_ns
+
+
+def _timing_summary(times_ns: list[int], batch: int, warmup: int) -> dict:
     times_ms = np.array(times_ns, dtype=np.float64) / 1e6
     median = float(statistics.median(times_ms))
     median = max(median, 1e-6)  # a timer resolution of 0 must not divide by zero below
@@ -329,11 +391,26 @@ def onnx_latency(
     seed: int = 0,
     **timing,
 ) -> dict:
-    """Latency of an ONNX file in onnxruntime: `threads` intra-op threads, 1 inter-op, sequential execution.
+    """Latency of an ONNX file in onnxruntime (see `load_onnx`); `timing` passes warmup / min_repeats /
+    min_seconds to `measure_latency`. The result records runtime, provider, threads and batch size beside the times.
+    """
+    return _latency_of(load_onnx(path, batch_size, threads=threads, provider=provider, seed=seed), **timing)
 
-    The input shape is read from the model, with the batch dimension set to `batch_size` (it must be dynamic
-    or equal). `timing` passes warmup / min_repeats / min_seconds to `measure_latency`. The result records
-    runtime, provider, threads and batch size beside the times.
+
+def _latency_of(loaded: LoadedFile, **timing) -> dict:
+    return {**measure_latency(lambda _: loaded.run(), None, batch_size=loaded.batch_size, **timing), **loaded.labels}
+
+
+def load_onnx(
+    path: str | os.PathLike,
+    batch_size: int,
+    *,
+    threads: int = 1,
+    provider: str = "CPUExecutionProvider",
+    seed: int = 0,
+) -> LoadedFile:
+    """An ONNX file in onnxruntime: `threads` intra-op threads, 1 inter-op, sequential execution, with a batch of
+    `batch_size` random images; the input shape is read from the model (its batch dimension dynamic or equal).
     """
     import onnxruntime as ort
 
@@ -362,9 +439,11 @@ def onnx_latency(
         shape = _concrete_shape(node.shape, batch_size, f"{path} input {node.name!r}")
         feeds[node.name] = _random_input(shape, _ORT_TYPES.get(node.type, np.float32), rng)
     output_names = [node.name for node in session.get_outputs()]
-    result = measure_latency(lambda x: session.run(output_names, x), feeds, batch_size=batch_size, **timing)
-    result.update(runtime=f"onnxruntime {ort.__version__}", provider=provider, threads=threads, inter_op_threads=1)
-    return result
+    return LoadedFile(
+        run=lambda: session.run(output_names, feeds),
+        batch_size=batch_size,
+        labels=dict(runtime=f"onnxruntime {ort.__version__}", provider=provider, threads=threads, inter_op_threads=1),
+    )
 
 
 _ORT_TYPES = {
@@ -398,10 +477,16 @@ def _check_threads(threads: int, batch_size: int) -> None:
 
 
 def tflite_latency(path: str | os.PathLike, batch_size: int, threads: int = 1, *, seed: int = 0, **timing) -> dict:
-    """Latency of a TFLite file in the ai-edge-litert interpreter with `threads` threads.
+    """Latency of a TFLite file in the ai-edge-litert interpreter (see `load_tflite`); `timing` as in
+    `onnx_latency`."""
+    return _latency_of(load_tflite(path, batch_size, threads, seed=seed), **timing)
 
-    The input is resized to `batch_size`. An int8/uint8 input is fed quantised images (float [0, 1) through
-    the input's scale and zero point). Each timed call sets the input, invokes, and reads the outputs.
+
+def load_tflite(path: str | os.PathLike, batch_size: int, threads: int = 1, *, seed: int = 0) -> LoadedFile:
+    """A TFLite file in the ai-edge-litert interpreter with `threads` threads, its input resized to `batch_size`.
+
+    An int8/uint8 input is fed quantised images (float [0, 1) through the input's scale and zero point). Each
+    run sets the input, invokes, and reads the outputs.
     """
     from ai_edge_litert.interpreter import Interpreter
 
@@ -434,15 +519,14 @@ def tflite_latency(path: str | os.PathLike, batch_size: int, threads: int = 1, *
         feeds.append((detail["index"], sample))
     outputs = [detail["index"] for detail in interpreter.get_output_details()]
 
-    def run(pairs):
-        for index, value in pairs:
+    def run():
+        for index, value in feeds:
             interpreter.set_tensor(index, value)
         interpreter.invoke()
         return [interpreter.get_tensor(index) for index in outputs]
 
-    result = measure_latency(run, feeds, batch_size=batch_size, **timing)
-    result.update(runtime=f"ai-edge-litert {library_versions()['ai_edge_litert']}", provider="cpu", threads=threads)
-    return result
+    labels = dict(runtime=f"ai-edge-litert {library_versions()['ai_edge_litert']}", provider="cpu", threads=threads)
+    return LoadedFile(run=run, batch_size=batch_size, labels=labels)
 
 
 def keras_latency(model, batch_size: int, *, seed: int = 0, **timing) -> dict:

@@ -433,27 +433,41 @@ def _baseline_variant(variants: list[dict]) -> str:
 
 
 def _measure_latencies(variants: list[dict], recipe: Recipe, options: RunOptions) -> dict:
-    """CPU latency of every file at each batch size; CUDA latency of the ONNX files where a GPU can run them."""
+    """CPU latency of every file at each batch size; CUDA latency of the ONNX files where a GPU can run them.
+
+    The files of one batch size are timed in interleaved rounds, so that the ratios between them hold on a
+    machine whose speed drifts.
+    """
     from compress import bench
 
     cuda_ok, cuda_reason = bench.cuda_available()
     for variant in variants:
-        path = options.out / variant["file"]
         for batch in REPORTED_BATCH_SIZES:
             if batch not in recipe.batch_sizes:
                 variant[f"latency_ms_b{batch}"] = None
                 variant.setdefault("not_measured", {})[f"latency_ms_b{batch}"] = "batch size not in the recipe's [measure]"
-        for batch in recipe.batch_sizes:
-            if path.suffix == ".onnx":
-                timing = bench.onnx_latency(path, batch, threads=recipe.threads, min_seconds=recipe.min_seconds)
-            else:
-                timing = bench.tflite_latency(path, batch, threads=recipe.threads, min_seconds=recipe.min_seconds)
+    paths = {variant["name"]: options.out / variant["file"] for variant in variants}
+    onnx_names = [name for name, path in paths.items() if path.suffix == ".onnx"]
+    for batch in recipe.batch_sizes:
+        options.log(f"    batch {batch}: {len(paths)} files in {bench.DEFAULT_ROUNDS} interleaved rounds ...")
+        cpu = bench.interleaved_latency(
+            {name: bench.load_onnx(path, batch, threads=recipe.threads) if path.suffix == ".onnx"
+             else bench.load_tflite(path, batch, recipe.threads) for name, path in paths.items()},
+            min_seconds=recipe.min_seconds,
+        )
+        gpu = {}
+        if cuda_ok and onnx_names:
+            gpu = bench.interleaved_latency(
+                {name: bench.load_onnx(paths[name], batch, provider="CUDAExecutionProvider") for name in onnx_names},
+                min_seconds=recipe.min_seconds,
+            )
+        for variant in variants:
+            timing = cpu[variant["name"]]
             variant[f"latency_ms_b{batch}"] = timing["median_ms"]
             variant[f"latency_p95_ms_b{batch}"] = timing["p95_ms"]
             variant[f"images_per_s_b{batch}"] = timing["images_per_s"]
-            if cuda_ok and path.suffix == ".onnx":
-                gpu = bench.onnx_latency(path, batch, provider="CUDAExecutionProvider", min_seconds=recipe.min_seconds)
-                variant[f"latency_cuda_ms_b{batch}"] = gpu["median_ms"]
+            if variant["name"] in gpu:
+                variant[f"latency_cuda_ms_b{batch}"] = gpu[variant["name"]]["median_ms"]
     return {"measured": cuda_ok, "reason": cuda_reason}
 
 

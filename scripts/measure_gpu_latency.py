@@ -31,24 +31,28 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default: 1,32)")
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="shortest timing per file and batch size")
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="shortest timing per file and batch size, over all rounds")
     parser.add_argument("--out", type=Path, help="write the JSON here as well as to stdout")
     args = parser.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     available, reason = bench.cuda_available()
-    report = {"machine": bench.machine_info(threads=1), "gpu": gpu_name(), "cuda": {"measured": available,
-                                                                                     "reason": reason}, "files": {}}
-    for path in args.files:
-        entry = {"file_bytes": path.stat().st_size}
-        for batch in batch_sizes:
-            cpu = bench.onnx_latency(path, batch, threads=1, min_seconds=args.min_seconds)
-            entry[f"cpu_ms_b{batch}"] = cpu["median_ms"]
+    entries = {str(path): {"file_bytes": path.stat().st_size} for path in args.files}
+    report = {"machine": bench.machine_info(threads=1), "gpu": gpu_name(),
+              "cuda": {"measured": available, "reason": reason}, "files": entries}
+    for batch in batch_sizes:
+        print(f"batch {batch}: {len(args.files)} files in interleaved rounds ...", file=sys.stderr, flush=True)
+        timings = {"cpu": bench.interleaved_latency(
+            {str(path): bench.load_onnx(path, batch, threads=1) for path in args.files}, min_seconds=args.min_seconds)}
+        if available:
+            timings["cuda"] = bench.interleaved_latency(
+                {str(path): bench.load_onnx(path, batch, provider="CUDAExecutionProvider") for path in args.files},
+                min_seconds=args.min_seconds)
+        for name, entry in entries.items():
+            entry[f"cpu_ms_b{batch}"] = timings["cpu"][name]["median_ms"]
             if available:
-                gpu = bench.onnx_latency(path, batch, provider="CUDAExecutionProvider", min_seconds=args.min_seconds)
-                entry[f"cuda_ms_b{batch}"] = gpu["median_ms"]
-                entry[f"cuda_p95_ms_b{batch}"] = gpu["p95_ms"]
-        report["files"][str(path)] = entry
-        print(f"{path}: {entry}", file=sys.stderr, flush=True)
+                entry[f"cuda_ms_b{batch}"] = timings["cuda"][name]["median_ms"]
+                entry[f"cuda_p95_ms_b{batch}"] = timings["cuda"][name]["p95_ms"]
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -185,6 +185,38 @@ def test_measure_latency_honours_repeats_and_time():
         bench.measure_latency(calls.append, np.zeros((1, 2)), min_repeats=0)
 
 
+def test_interleaved_latency_spreads_a_slowing_machine_over_every_file(monkeypatch):
+    """Two identical files on a machine that slows down call by call: timed one after the other, the second
+    looks much slower; timed in interleaved rounds, both get the same figure."""
+    clock = {"ns": 0, "calls": 0}
+
+    def call_on_a_slowing_machine():
+        clock["calls"] += 1
+        clock["ns"] += 1_000_000 + 10_000 * clock["calls"]
+
+    monkeypatch.setattr(bench, "time", type("FakeTime", (), {"perf_counter_ns": staticmethod(lambda: clock["ns"])}))
+    files = {name: bench.LoadedFile(call_on_a_slowing_machine, 1, {"runtime": "fake"}) for name in ("a", "b")}
+    settings = dict(warmup=0, min_repeats=100, min_seconds=0.0)
+
+    one_after_the_other = bench.interleaved_latency(files, rounds=1, **settings)
+    assert one_after_the_other["b"]["median_ms"] > 1.5 * one_after_the_other["a"]["median_ms"]
+
+    interleaved = bench.interleaved_latency(files, rounds=10, **settings)
+    assert interleaved["b"]["median_ms"] == pytest.approx(interleaved["a"]["median_ms"], rel=0.02)
+    for result in interleaved.values():
+        assert result["repeats"] == 100 and result["rounds"] == 10 and result["runtime"] == "fake"
+    with pytest.raises(CompressError, match="rounds"):
+        bench.interleaved_latency(files, rounds=0, **settings)
+
+
+def test_interleaved_latency_of_real_files(tiny_onnx, tiny_tflite):
+    files = {"onnx": bench.load_onnx(tiny_onnx, 1), "tflite": bench.load_tflite(tiny_tflite["int8"], 1)}
+    results = bench.interleaved_latency(files, rounds=3, **QUICK)
+    for result in results.values():
+        _check_timing(result, 1)
+    assert results["onnx"]["provider"] == "CPUExecutionProvider" and results["tflite"]["runtime"].startswith("ai-edge")
+
+
 @pytest.mark.parametrize("batch", [1, 32])
 def test_onnx_latency(tiny_onnx, batch):
     result = bench.onnx_latency(tiny_onnx, batch, threads=1, **QUICK)
