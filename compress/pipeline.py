@@ -415,7 +415,7 @@ def measure_run(recipe: Recipe, options: RunOptions, data, names: list[str], sta
     options.log("measuring latency of every file, side by side ...")
     cuda = _measure_latencies(variants, recipe, options)
     return {
-        "machine": bench.machine_info(threads=recipe.threads),
+        "machine": {**bench.machine_info(threads=recipe.threads), "latency_rounds": bench.DEFAULT_ROUNDS},
         "baseline": _baseline_variant(variants),
         "data": data.describe(),
         "total_seconds": round(time.perf_counter() - started, 2),

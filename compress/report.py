@@ -10,8 +10,9 @@ results.json (read by other tools too)::
 
 Every listed key must be present. A measured figure may be null where it was not measured; the report then
 says "not measured", with the reason from the variant's optional ``"not_measured": {key: reason}``.
-Optional keys used when present: per variant "latency_p95_ms_b1", "latency_cuda_ms_b1", "latency_threads",
-"weight_bytes_by_dtype", "notes"; top level "cuda": {"measured": bool, "reason": str},
+Optional keys used when present: machine "latency_threads", "latency_rounds"; per variant "latency_p95_ms_b1",
+"latency_cuda_ms_b1", "latency_threads", "weight_bytes_by_dtype", "notes"; top level "cuda": {"measured": bool,
+"reason": str},
 "keras_reference": {...keras_latency()...}, "notes": [str, ...]. Other keys are carried along, unread.
 """
 
@@ -393,7 +394,8 @@ def render_markdown(results: dict, summary: dict, rows: list[dict]) -> str:
         f"Baseline: **{_md(base['name'])}** ({_md(str(base['format']))}, accuracy "
         f"{_percent(base['accuracy']) if base['accuracy'] is not None else NOT_MEASURED}). "
         f"Sizes and latencies are measured on the exported files; latency is the median of timed runs "
-        f"({threads}). Ratios are against the baseline: × smaller compares gzip sizes, × faster batch-1 latency."
+        f"({threads}){_interleaving(results)}. Ratios are against the baseline: × smaller compares gzip sizes, "
+        f"× faster batch-1 latency."
     )
     formats = sorted({str(v["format"]) for v in results["variants"]})
     if len(formats) > 1:
@@ -480,6 +482,11 @@ def _keras_lines(keras: dict) -> list[str]:
                     f"{_ms(timing['median_ms'])} ms median"
                 )
     return lines or [f"- {NOT_MEASURED}"]
+
+
+def _interleaving(results: dict) -> str:
+    rounds = results["machine"].get("latency_rounds")
+    return f", the files taking turns over {rounds} rounds" if rounds else ""
 
 
 def _latency_threads(results: dict) -> str:

@@ -162,6 +162,9 @@ def test_run_resumes_and_redoes_only_what_changed(tiny_setup):
     out = tiny_setup["out"]
     for name in ("report.md", "results.json", "results.csv", "accuracy_vs_size.png", "accuracy_vs_latency.png"):
         assert (out / name).is_file()
+    assert results["machine"]["latency_rounds"] == 10
+    assert "the files taking turns over 10 rounds" in (out / "report.md").read_text()
+    assert any("interleaved rounds" in line for line in first_log)
     stamp = (out / "b" / "manifest.json").stat().st_mtime_ns
 
     run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, second_log))
