@@ -42,10 +42,12 @@ from compress.errors import ConfigError, DataError, ExportError, ModelError
 FORMATS = ("onnx", "tflite")
 MIN_OPSET = 17
 DEFAULT_OPSET = 17
-PARITY_SAMPLES = 256
+PARITY_SAMPLES = 1000  # enough that the agreement is known to +-0.5 points at 98 %: 256 gave +-0.9
 PARITY_SEED = 0
-# Top-1 agreement an exported file needs with its source on the parity inputs.
-PARITY_THRESHOLDS = {"float32": 0.99, "int8": 0.98}
+# Top-1 agreement an exported file needs with its source on the parity inputs. An int8 file is compared with the
+# float model it was quantized from, so near-tied predictions flip: correct int8 files of the CIFAR-10 benchmark
+# agree on 97.7-98.7 % of the 10,000 test images, files broken by saturating int8 kernels on 85-88.5 %.
+PARITY_THRESHOLDS = {"float32": 0.99, "int8": 0.96}
 RUNTIMES = {".onnx": "onnxruntime", ".tflite": "litert", ".keras": "keras"}
 INT8_WEIGHT_TYPES = ("auto", "int8", "uint8")
 
