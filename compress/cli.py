@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.set_defaults(handler=cmd_run)
 
-    from compress.export import DEFAULT_OPSET, FORMATS, INT8_WEIGHT_TYPES
+    from compress.export import DEFAULT_OPSET, FORMATS, INT8_WEIGHT_TYPES, PARITY_SAMPLES
 
     export = commands.add_parser(
         "export",
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--int8-weights", choices=INT8_WEIGHT_TYPES, default="auto",
                         help="how a QAT model's ONNX file stores weights: int8, uint8 (zero point 128, same values; "
                              "for x86 CPUs without VNNI, whose int8 kernels saturate), or auto (uint8 on such a CPU)")
-    add_data_arguments(export, default=None, purpose=" whose first 256 test images are the parity inputs")
+    add_data_arguments(export, default=None, purpose=f" whose first {PARITY_SAMPLES:,} test images are the parity inputs")
     export.add_argument("--unsafe", action="store_true", help="allow model files holding Lambda layers (arbitrary code)")
     export.add_argument("--quiet", action="store_true", help="no progress output")
     export.set_defaults(handler=cmd_export)
