@@ -48,7 +48,7 @@ def test_chosen_layers_unknown_names_and_too_few_weights(tiny_cnn, synthetic_dat
         ({"clusters": 1}, "clusters must be an integer >= 2, got 1"),
         ({"clusters": 2.5}, "clusters must be"),  # the wording of a wrong type is the config base's
         ({"init": "best"}, "init must be one of linear, kmeans_plus_plus, density, random, got 'best'"),
-        ({"epochs": -1}, "epochs must be a positive integer, got -1"),
+        ({"epochs": -1}, "epochs must be a number in (0, 1000] (0.5 trains on half an epoch), got -1"),
         ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
     ],
 )

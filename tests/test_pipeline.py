@@ -1,6 +1,7 @@
 """Recipes, plans, change detection and resume, on a tiny model with a stand-in technique (seconds, not minutes)."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +79,15 @@ def test_default_recipe_resolves_with_every_technique():
     order = [stage.name for stage in recipe.stages]
     for stage in recipe.stages:
         assert stage.input == "baseline" or order.index(stage.input) < order.index(stage.name)
+
+
+def test_full_cifar10_recipe_resolves_and_its_results_came_from_it():
+    root = Path(__file__).resolve().parent.parent
+    recipe = load_recipe(root / "recipes" / "cifar10.toml")
+    assert {stage.technique for stage in recipe.stages} == {"prune", "qat", "ptq", "distill", "cluster"}
+    assert recipe.stage("pruned-spqat").input == "pruned" and recipe.stage("distilled-ptq").input == "distilled"
+    # benchmarks/cifar10/ holds the results of this recipe: the benchmark script copies it there with them
+    assert (root / "benchmarks" / "cifar10" / "recipe.toml").read_text() == recipe.source
 
 
 def test_quick_caps_epochs():

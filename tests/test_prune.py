@@ -37,6 +37,42 @@ def test_polynomial_schedule_reaches_target_and_leaves_classifier_and_input_alon
     json.dumps(stats)
 
 
+def test_fractional_epochs_train_on_that_share_of_the_batches(tiny_cnn, synthetic_data):
+    from compress.keras import keras
+    from compress.techniques._finetune import fine_tune, training_plan
+
+    # 240 training images in batches of 16: 15 batches an epoch.
+    assert training_plan(synthetic_data, 2, 16) == (2, 15)
+    assert training_plan(synthetic_data, 0.5, 16) == (1, 8)
+    assert training_plan(synthetic_data, 1.5, 16) == (2, 11)  # 22.5 batches as two Keras epochs of 11
+    assert training_plan(synthetic_data, 0.01, 16) == (1, 1)
+
+    batches = []
+
+    class CountBatches(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            batches.append(0)
+
+        def on_train_batch_end(self, batch, logs=None):
+            batches[-1] += 1
+
+    for epochs, expected in ((1.5, [11, 11]), (1, [15])):
+        batches.clear()
+        history = fine_tune(tiny_cnn, synthetic_data, epochs=epochs, batch_size=16, learning_rate=1e-3, verbose=0,
+                            callbacks=[CountBatches()])
+        assert batches == expected
+        assert len(history["val_accuracy"]) == len(expected)
+
+
+def test_pruning_over_half_an_epoch_reaches_its_target(tiny_cnn, synthetic_data):
+    outcome = prune(tiny_cnn, PruneConfig(sparsity=0.75, epochs=0.5, batch_size=16), synthetic_data, verbose=0)
+
+    assert outcome.stats["fine_tune_steps"] == 8
+    assert len(outcome.stats["history"]["loss"]) == 1
+    for name in outcome.stats["pruned_layers"]:
+        assert abs(zeros(kernels(outcome.model)[name]) - 0.75) <= 0.01, name
+
+
 def test_constant_schedule_with_per_layer_targets(tiny_cnn, synthetic_data):
     config = PruneConfig(sparsity=0.5, schedule="constant", layer_sparsity={"dense1": 0.9}, epochs=1, batch_size=32)
     outcome = prune(tiny_cnn, config, synthetic_data, verbose=0)
@@ -97,7 +133,7 @@ def test_chosen_layers_and_unknown_names(tiny_cnn, synthetic_data):
         ({"layer_sparsity": "dense1=1.2"}, "layer_sparsity for dense1 must be in (0, 1), got 1.2"),
         ({"layer_sparsity": "dense1"}, "layer_sparsity must look like 'layer=value,layer=value'"),
         ({"structure": "2:4", "layer_sparsity": {"dense1": 0.9}}, "layer_sparsity does not apply with structure 2:4"),
-        ({"epochs": 0}, "epochs must be a positive integer, got 0"),
+        ({"epochs": 0}, "epochs must be a number in (0, 1000] (0.5 trains on half an epoch), got 0"),
         ({"learning_rate": 0}, "learning_rate must be in (0, 1), got 0"),
         ({"colour": "red"}, "unknown setting(s) colour"),
     ],

@@ -145,7 +145,7 @@ def test_cluster_preserving_qat_keeps_clusters(tiny_cnn, synthetic_data, tmp_pat
     [
         ({"unsupported": "skip"}, "unsupported must be one of error, float, got 'skip'"),
         ({"preserve": "both"}, "preserve must be one of none, sparsity, clusters, got 'both'"),
-        ({"epochs": 0}, "epochs must be a positive integer, got 0"),
+        ({"epochs": 0}, "epochs must be a number in (0, 1000] (0.5 trains on half an epoch), got 0"),
         ({"learning_rate": 2}, "learning_rate must be in (0, 1), got 2"),
     ],
 )

@@ -39,7 +39,7 @@ class ClusterConfig(TechniqueConfig):
                        metavar="{" + ",".join(INITS) + "}")
     layers: tuple[str, ...] = option((), "comma-separated Conv2D/Dense layers to cluster; none: all but the "
                                      "classifier", parse=parse_names, metavar="NAMES")
-    epochs: int = option(2, "fine-tuning epochs while clustered")
+    epochs: float = option(2, "fine-tuning epochs while clustered (0.5: half an epoch)")
     # Every step reassigns each clustered weight to its nearest centroid, a cost per step whatever the batch, so
     # large batches pay: on the full CIFAR-10 on a 2-core CPU, a clustered step of the article CNN took 0.89 s at
     # batch 256, where its baseline training took 0.17-0.19 s per step at batch 64.

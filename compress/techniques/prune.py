@@ -24,8 +24,8 @@ from compress.techniques._finetune import (
     parse_name_values,
     parse_names,
     select_layers,
+    training_plan,
     wrap_layers,
-    steps_per_epoch,
     zero_fraction,
 )
 from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, require
@@ -76,7 +76,7 @@ class PruneConfig(TechniqueConfig):
     structure: str = option("none", "N:M structured sparsity: keep at most N non-zero weights in every M consecutive "
                             "input-channel weights (e.g. 2:4; replaces --sparsity/--schedule), or none",
                             parse=parse_structure, metavar="N:M")
-    epochs: int = option(2, "fine-tuning epochs while pruning")
+    epochs: float = option(2, "fine-tuning epochs while pruning (0.5: half an epoch)")
     batch_size: int = option(64, "fine-tuning batch size")
     learning_rate: float = option(5e-4, "Adam learning rate for fine-tuning")
 
@@ -140,7 +140,8 @@ def prune(model, config: PruneConfig, data, *, out_dir=None, verbose: int = 1) -
             f"pruned layers: {', '.join(names)} (choose others with --layers)"
         )
     targets = {name: float(config.layer_sparsity.get(name, config.sparsity)) for name in names}
-    steps = config.epochs * steps_per_epoch(data, config.batch_size)
+    keras_epochs, steps_each = training_plan(data, config.epochs, config.batch_size)
+    steps = keras_epochs * steps_each
 
     def wrap(layer):
         if layer.name not in targets:

@@ -36,7 +36,7 @@ class QATConfig(TechniqueConfig):
     preserve: str = option("none", "keep an earlier stage's structure through QAT: none, sparsity (pruned zeros "
                            "stay zero) or clusters (clustered kernels keep their shared values)",
                            metavar="{none,sparsity,clusters}")
-    epochs: int = option(2, "quantization-aware fine-tuning epochs")
+    epochs: float = option(2, "quantization-aware fine-tuning epochs (0.5: half an epoch)")
     batch_size: int = option(64, "fine-tuning batch size")
     learning_rate: float = option(1e-4, "Adam learning rate for fine-tuning")
 
