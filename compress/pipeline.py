@@ -107,8 +107,11 @@ def parse_recipe(text: str, *, quick: bool = False, where: str = "recipe") -> Re
     min_seconds = measure.get("min_seconds", 1.0)
     if not isinstance(min_seconds, (int, float)) or min_seconds < 0:
         raise ConfigError(f"{where}: measure min_seconds must be a number >= 0, got {min_seconds!r}")
-    for name, value in (("baseline epochs", baseline_epochs), ("measure threads", threads)):
-        if not isinstance(value, int) or value < 1:
+    checked = [("baseline epochs", baseline_epochs), ("measure threads", threads)]
+    if stage_epochs_cap is not None:
+        checked.append(("quick stage_epochs", stage_epochs_cap))
+    for name, value in checked:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{where}: {name} must be a positive integer, got {value!r}")
     if not batch_sizes or not all(isinstance(b, int) and b >= 1 for b in batch_sizes):
         raise ConfigError(f"{where}: measure batch_sizes must be positive integers, got {list(batch_sizes)}")

@@ -98,6 +98,13 @@ def test_quick_caps_epochs():
             assert stage.config.epochs == 1
 
 
+def test_quick_refuses_a_stage_epochs_cap_that_is_no_positive_integer():
+    parse_recipe(RECIPE + "\n[quick]\nstage_epochs = 2\n", quick=True)
+    for bad in ("'one'", "0", "0.5"):
+        with pytest.raises(ConfigError, match="quick stage_epochs must be a positive integer"):
+            parse_recipe(RECIPE + f"\n[quick]\nstage_epochs = {bad}\n", quick=True)
+
+
 def test_inputs_may_be_declared_after_their_readers():
     recipe = parse_recipe(RECIPE.replace('input = "a"', 'input = "c"'))
     assert [stage.name for stage in recipe.stages] == ["a", "c", "b"]
