@@ -168,8 +168,8 @@ def training_plan(data, epochs: float, batch_size: int) -> tuple[int, int]:
     """(Keras epochs, batches in each) for `epochs` over the training split.
 
     Whole epochs stay whole. A fraction such as 0.5 or 1.5 becomes ceil(epochs) Keras epochs of equal length
-    whose batches add up to that share of the data: QAT and clustering recover in far less than an epoch, and on a
-    2-core CPU an epoch of the article's CNN costs minutes.
+    whose batches add up to that share of the data: QAT and clustering need little fine-tuning, and on a 2-core CPU
+    an epoch of the article's CNN costs minutes.
     """
     keras_epochs = math.ceil(epochs)
     return keras_epochs, max(1, round(epochs * steps_per_epoch(data, batch_size) / keras_epochs))
