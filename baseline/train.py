@@ -9,7 +9,7 @@ from compress.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class Recipe:
+class TrainingRecipe:
     """How to train: the optimiser's settings, batch size, augmentation and default length."""
 
     learning_rate: float
@@ -21,12 +21,14 @@ class Recipe:
     summary: str
 
 
-RECIPES = {
+MAX_EPOCHS = 1000  # far beyond any useful run; refuses a typo that would train for years
+
+TRAINING_RECIPES = {
     # The article: Adam at its default rate, Keras' default batch of 32, no augmentation, 10 epochs.
-    "article": Recipe(1e-3, 32, False, False, 0.0, 10, "the article's plain recipe: Adam 1e-3, batch 32, no augmentation"),
+    "article": TrainingRecipe(1e-3, 32, False, False, 0.0, 10, "the article's plain recipe: Adam 1e-3, batch 32, no augmentation"),
     # Flip + shift augmentation fights the 5.5M-parameter dense layer's overfitting; cosine decay to zero
     # lets the short run settle; decoupled weight decay keeps the dense weights small.
-    "default": Recipe(
+    "default": TrainingRecipe(
         1e-3, 64, True, True, 1e-4, 10, "AdamW 1e-3 with cosine decay, batch 64, flip + shift augmentation"
     ),
 }
@@ -39,17 +41,19 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.recipe not in RECIPES:
-            raise ConfigError(f"unknown recipe {self.recipe!r}; known recipes: {', '.join(RECIPES)}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ConfigError(f"epochs must be a positive integer, got {self.epochs}")
+        if self.recipe not in TRAINING_RECIPES:
+            raise ConfigError(f"unknown training recipe {self.recipe!r}; known: {', '.join(TRAINING_RECIPES)}")
+        if self.epochs is not None and not (
+            isinstance(self.epochs, int) and not isinstance(self.epochs, bool) and 1 <= self.epochs <= MAX_EPOCHS
+        ):
+            raise ConfigError(f"epochs must be an integer from 1 to {MAX_EPOCHS}, got {self.epochs!r}")
 
     @property
     def resolved_epochs(self) -> int:
-        return self.epochs if self.epochs is not None else RECIPES[self.recipe].epochs
+        return self.epochs if self.epochs is not None else TRAINING_RECIPES[self.recipe].epochs
 
 
-def compile_for_training(model, recipe: Recipe, steps: int) -> None:
+def compile_for_training(model, recipe: TrainingRecipe, steps: int) -> None:
     """Compile `model` with the recipe's optimiser over `steps` training steps (the schedule's length)."""
     from compress.keras import keras
 
@@ -71,7 +75,7 @@ def train_baseline(data, config: TrainConfig, *, verbose: int = 1):
     from compress.keras import keras, versions
 
     keras.utils.set_random_seed(config.seed)
-    recipe = RECIPES[config.recipe]
+    recipe = TRAINING_RECIPES[config.recipe]
     epochs = config.resolved_epochs
     model = build_article_cnn(data.input_shape, data.num_classes)
     train = data.pipeline("train", recipe.batch_size, shuffle=True, augment=recipe.augment)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
 from compress.data import CIFAR10_DIR_ENV, KNOWN_SOURCES
-from compress.errors import CompressError
+from compress.errors import MAX_MESSAGE_CHARS, CompressError, ConfigError
+
+DEBUG_ENV = "COMPRESS_DEBUG"
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, default: str | None = "cifar10-mini",
@@ -40,8 +44,10 @@ def _image_size(text: str) -> tuple[int, int]:
         height, width = (int(part) for part in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HxW such as 32x32, got {text!r}") from None
-    if height < 1 or width < 1:
-        raise argparse.ArgumentTypeError(f"image size must be positive, got {text!r}")
+    from compress.data import MAX_IMAGE_SIDE
+
+    if not (1 <= height <= MAX_IMAGE_SIDE and 1 <= width <= MAX_IMAGE_SIDE):
+        raise argparse.ArgumentTypeError(f"image size must be from 1x1 to {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}, got {text!r}")
     return height, width
 
 
@@ -72,10 +78,12 @@ def keras_verbosity(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from baseline.train import TrainConfig, train_baseline
-    from compress.io import check_output_dir, save_model, write_json
+    from compress.checks import check_writable
+    from compress.files import write_json
+    from compress.kerasmodel import save_model
 
-    config = TrainConfig(recipe=args.recipe, epochs=args.epochs, seed=args.seed)
-    out = check_output_dir(args.out)
+    config = TrainConfig(recipe=args.training_recipe, epochs=args.epochs, seed=args.seed)
+    out = check_writable(args.out)
     data = load_data_from_args(args)
     info(args, f"training the article's CNN on {data.source}: {data.describe()['counts']} images, recipe {config.recipe}")
     model, metrics = train_baseline(data, config, verbose=keras_verbosity(args))
@@ -96,6 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                        image_size=args.image_size),
         model=Path(args.model) if args.model else None,
         unsafe=args.unsafe,
+        remeasure=args.remeasure,
         verbose=keras_verbosity(args),
         log=(lambda message: None) if args.quiet else (lambda message: print(message, flush=True)),
     )
@@ -103,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"plan for {out}:")
         print("\n".join(describe_plan(recipe, options)))
         return 0
-    from compress.report import format_summary, summarize
+    from compress.report.summary import format_summary, summarize
 
     results = run(recipe, options)
     info(args, "\n".join(format_summary(summarize(results))))
@@ -120,14 +129,17 @@ def default_run_dir(args: argparse.Namespace) -> str:
 def cmd_technique(args: argparse.Namespace) -> int:
     """Apply one registered technique to a model file; writes OUT/model.keras (if any), its files and OUT/stats.json."""
     from compress import registry
-    from compress.io import check_output_dir, load_model, save_model, write_json
+    from compress.checks import check_model_fits_data, check_writable
+    from compress.files import write_json
+    from compress.kerasmodel import load_model, save_model
 
     technique = registry.get(args.command)
     settings = {name: value for name, value in vars(args).items() if name.startswith(CONFIG_PREFIX) and value is not None}
     config = technique.config_class.from_dict({name[len(CONFIG_PREFIX):]: value for name, value in settings.items()})
-    out = check_output_dir(args.out)
+    out = check_writable(args.out)
     model = load_model(args.model, unsafe=args.unsafe)
     data = load_data_from_args(args)
+    check_model_fits_data(model, data, log=lambda message: info(args, message))
     info(args, f"{technique.name}: {technique.summary}")
     outcome = technique.apply(model, config, data, out_dir=out, verbose=keras_verbosity(args))
     written = dict(outcome.files)
@@ -186,7 +198,9 @@ def _cli_type(parse):
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from compress.report import format_summary, load_results, summarize, write_report
+    from compress.report import write_report
+    from compress.report.summary import format_summary, summarize
+    from compress.results import load_results
 
     results = load_results(f"{args.dir}/results.json")
     for path in write_report(results, args.dir):
@@ -198,9 +212,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a .keras model to ONNX / TFLite, check parity; exit 2 when a file fails its parity check."""
+    from compress.checks import check_writable
     from compress.errors import ExportError
-    from compress.export import export_model, parity_failure_message
+    from compress.export.exporter import export_model
+    from compress.export.parity import parity_failure_message
 
+    check_writable(args.out)
     data = load_data_from_args(args) if args.data else None
     result = export_model(
         args.model, args.out, formats=args.format or ["onnx"], data=data, chain=args.chain, unsafe=args.unsafe,
@@ -220,9 +237,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Accuracy of a .onnx / .tflite / .keras file on the test split, measured in the file's own runtime."""
-    from compress.export import evaluate_file
-    from compress.io import write_json
+    from compress.checks import check_writable
+    from compress.files import write_json
+    from compress.measure.accuracy import evaluate_file
 
+    if args.json:
+        if Path(args.json).is_dir():
+            raise ConfigError(f"--json {args.json} is a folder; give a file path such as {Path(args.json) / 'result.json'}")
+        check_writable(Path(args.json).parent)
     data = load_data_from_args(args)
     result = evaluate_file(args.file, data, batch_size=args.batch_size, unsafe=args.unsafe, limit=args.limit)
     print(f"{result['file']}: accuracy {result['accuracy']:.4f} on {result['images']} {data.source} test images "
@@ -249,12 +271,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from baseline.train import RECIPES
+    from baseline.train import TRAINING_RECIPES
 
     parser = OneLineParser(
         prog="compress",
         description="Compress trained Keras models and measure the exported files.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show full tracebacks and TensorFlow's own log lines (or set {DEBUG_ENV}=1)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
 
     train = commands.add_parser(
@@ -266,10 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(train)
     train.add_argument("--epochs", type=_positive_int, help="training epochs (default: the recipe's, 10)")
     train.add_argument(
-        "--recipe",
-        choices=sorted(RECIPES),
+        "--training-recipe",
+        choices=sorted(TRAINING_RECIPES),
         default="default",
-        help="; ".join(f"{name}: {recipe.summary}" for name, recipe in RECIPES.items()),
+        help="; ".join(f"{name}: {recipe.summary}" for name, recipe in TRAINING_RECIPES.items()),
     )
     train.add_argument("--out", required=True, metavar="DIR", help="output folder")
     train.add_argument("--quiet", action="store_true", help="no progress output")
@@ -298,11 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true",
                      help="short training (the recipe's [quick] epochs): a smoke run in minutes on the shipped data")
     run.add_argument("--dry-run", action="store_true", help="print the resolved plan and what would be skipped; run nothing")
-    run.add_argument("--unsafe", action="store_true", help="allow a --model holding Lambda layers (arbitrary code)")
+    run.add_argument("--unsafe", action="store_true",
+                     help="allow Lambda layers (arbitrary code) in --model and in the run folder's models")
+    run.add_argument("--remeasure", action="store_true",
+                     help="measure every file again (default: reuse the figures of files unchanged since measured)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.set_defaults(handler=cmd_run)
 
-    from compress.export import DEFAULT_OPSET, FORMATS, INT8_WEIGHT_TYPES, PARITY_SAMPLES
+    from compress.export.convert import DEFAULT_OPSET
+    from compress.export.exporter import EXPORT_FORMATS, INT8_WEIGHT_TYPES
+    from compress.export.parity import PARITY_SAMPLES
 
     export = commands.add_parser(
         "export",
@@ -312,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/parity.json and OUT/export.json; exit 2 when a file fails the parity check.",
     )
     export.add_argument("model", metavar="MODEL", help="input model (.keras)")
-    export.add_argument("--format", action="append", choices=FORMATS,
+    export.add_argument("--format", action="append", choices=EXPORT_FORMATS,
                         help="output format; repeat for both (default: onnx)")
     export.add_argument("--out", required=True, metavar="DIR", help="output folder")
     export.add_argument("--chain", type=_comma_list, metavar="NAMES",
@@ -360,6 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv[:1] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    from compress.keras import configure
+
+    configure(quiet=not debug)
+    with contextlib.nullcontext() if debug else _native_logs_silenced():
+        return _main(argv, debug)
+
+
+def _main(argv: list[str], debug: bool) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -368,11 +407,56 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except CompressError as exc:
-        print(f"compress: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"compress: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, permission denied ... while writing: the user's machine, not a bug
+        if debug:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"compress: error: cannot read or write{where}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("compress: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(message: str) -> str:
+    line = " ".join(message.split())
+    return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+@contextlib.contextmanager
+def _native_logs_silenced():
+    """Send what TensorFlow's C++ code writes to file descriptor 2 (oneDNN, CPU features, cuInit, XNNPACK lines that
+    its log-level settings no longer stop) to nowhere, while Python's own stderr, ours, stays on the terminal."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to redirect (a closed descriptor): nothing to silence
+        yield
+        return
+    python_stderr = sys.stderr
+    python_stderr.flush()
+    try:
+        on_fd2 = python_stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a test harness's in-memory stream: it is not on fd 2
+        on_fd2 = False
+    if on_fd2:
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding=python_stderr.encoding,
+                               errors="backslashreplace")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if sys.stderr is not python_stderr:
+            sys.stderr.close()
+            sys.stderr = python_stderr
 
 
 if __name__ == "__main__":

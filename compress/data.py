@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from compress.errors import DataError
+from compress.errors import DataError, first_line
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_DIR_ENV = "COMPRESS_CIFAR10_DIR"
@@ -36,6 +36,7 @@ PREFETCH_BATCHES = 2  # batches made ahead of training: one takes ~7 ms to augme
 # A single-folder set is split into train/test with this fixed seed, so that --seed changes the
 # validation split and training order but never which images are held out for testing.
 TEST_SPLIT_SEED = 1234
+MAX_IMAGE_SIDE = 4096  # --image-size beyond this asks for more memory than any image classifier here needs
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,8 +146,8 @@ def load_data(
         raise DataError(f"validation fraction must be between 0 and 1, got {val_fraction}")
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test fraction must be between 0 and 1, got {test_fraction}")
-    if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
-        raise DataError(f"image size must be two positive integers (height, width), got {image_size}")
+    if image_size is not None and (len(image_size) != 2 or not all(1 <= side <= MAX_IMAGE_SIDE for side in image_size)):
+        raise DataError(f"image size must be two integers from 1 to {MAX_IMAGE_SIDE} (height, width), got {image_size}")
     cache = Path(cache_dir or os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "compress")
 
     if source == "cifar10-mini":
@@ -168,6 +169,9 @@ def load_data(
         raise DataError(f"unknown data source {source!r}; known sources: {', '.join(KNOWN_SOURCES)}")
 
     x_train_all, y_train_all, x_test, y_test, class_names = raw
+    if len(class_names) < 2:
+        raise DataError(f"{source} has {len(class_names)} class ({', '.join(class_names)}); a classifier needs two or "
+                        "more class folders")
     train_idx, val_idx = stratified_split(y_train_all, val_fraction, seed, class_names)
     return Dataset(
         source=source,
@@ -274,10 +278,11 @@ def _decode_cached(tree: Tree, image_size, cache_dir: Path):
             pass  # a damaged cache file is rebuilt below
     x_train, y_train = _decode_split(tree["train"], class_names, image_size)
     x_test, y_test = _decode_split(tree["test"], class_names, image_size)
-    if x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(
-            f"training images are {x_train.shape[1:]} but test images {x_test.shape[1:]}; pass --image-size HxW"
-        )
+    if x_train.shape[-1] != x_test.shape[-1]:  # a grayscale split beside a colour one: both become RGB
+        x_train, x_test = (np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x for x in (x_train, x_test))
+    if x_train.shape[1:3] != x_test.shape[1:3]:
+        raise DataError(f"training images are {x_train.shape[1]}x{x_train.shape[2]} but test images "
+                        f"{x_test.shape[1]}x{x_test.shape[2]}; pass --image-size HxW to resize both")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_suffix(f".{os.getpid()}.partial")
@@ -309,14 +314,19 @@ def _decode_image(entry: Entry, image_size) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     name, _, _, read = entry
+    content = read()
+    if not content:
+        raise DataError(f"cannot read image {name}: the file is empty")
     try:
-        with Image.open(io.BytesIO(read())) as image:
+        with Image.open(io.BytesIO(content)) as image:
             image = image.convert("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
             if image_size is not None and image.size != (image_size[1], image_size[0]):
                 image = image.resize((image_size[1], image_size[0]), Image.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"cannot read image {name}: {exc}") from None
+    except UnidentifiedImageError:
+        raise DataError(f"cannot read image {name}: not an image file PIL can read, or a damaged one") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read image {name}: {first_line(exc)}") from None
     return array[..., None] if array.ndim == 2 else array
 
 

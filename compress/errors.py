@@ -1,5 +1,7 @@
 """Every error the toolkit raises on purpose derives from CompressError; the CLI prints it as one line, exit 2."""
 
+MAX_MESSAGE_CHARS = 300
+
 
 class CompressError(Exception):
     """A problem with the user's input or request, explained in one line."""
@@ -19,3 +21,13 @@ class ModelError(CompressError):
 
 class ExportError(CompressError):
     """A model that cannot be converted, or an exported file that fails its parity check."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's text (or its type's name), cut to `limit` characters.
+
+    Library errors can hold a whole model config on one line; the user needs the gist, and --debug shows the rest.
+    """
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -1,39 +1,68 @@
 """The one module that imports TensorFlow and Keras: everything else takes `tf`, `keras` and `tfmot` from here.
 
-tensorflow-model-optimization works only with Keras 2 (the `tf_keras` package), and TensorFlow decides which
-Keras `tf.keras` means when it is first imported; so the choice is made here, once, before that import.
+tensorflow-model-optimization works only with Keras 2 (the `tf_keras` package), and TensorFlow decides which Keras
+`tf.keras` means when it is first imported. Importing `compress` changes nothing; the first use of `tf`, `keras` or
+`tfmot` here sets TF_USE_LEGACY_KERAS=1 (the one setting the toolkit cannot work without) and imports them.
+`configure()` adds what the command line wants on top: TensorFlow's oneDNN kernels on and its logging quiet.
 """
+
+from __future__ import annotations
 
 import os
 import sys
 
 from compress.errors import CompressError
 
-if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
-    raise CompressError(
-        "TensorFlow was imported before compress with Keras 3 active; set TF_USE_LEGACY_KERAS=1 "
-        "before importing TensorFlow, or import compress first"
+_LAZY = ("tf", "keras", "tfmot", "ClusteringAlgorithm")
+__all__ = ["configure", "versions", *_LAZY]
+
+
+def configure(*, quiet: bool = True) -> None:
+    """Process settings for a command-line run; call before anything imports TensorFlow.
+
+    TensorFlow leaves its oneDNN kernels off on some x86 CPUs, where they train markedly faster (see the README);
+    a user's own TF_ENABLE_ONEDNN_OPTS wins. `quiet` turns TensorFlow's C++ and Python logging down.
+    """
+    _choose_keras2()
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    if quiet:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+
+
+def _choose_keras2() -> None:
+    if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+        raise CompressError(
+            "TensorFlow was imported before compress with Keras 3 active; set TF_USE_LEGACY_KERAS=1 "
+            "before importing TensorFlow, or use compress before importing TensorFlow"
+        )
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+
+def _load() -> None:
+    _choose_keras2()
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+    import tf_keras as keras
+    from tensorflow_model_optimization.python.core.clustering.keras.clustering_algorithm import (
+        ClusteringAlgorithm,  # tfmot's per-tensor centroid lookup, which compress.techniques.cluster speeds up
     )
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
-# TensorFlow leaves its oneDNN kernels off on some x86 CPUs (an AMD EPYC with AVX2 among them); there they train
-# the article CNN 1.3x and the distillation student 1.6x faster per step (scripts/time_training_step.py). A user's
-# own setting wins.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
-import tensorflow_model_optimization as tfmot  # noqa: E402
-from tensorflow_model_optimization.python.core.clustering.keras.clustering_algorithm import (  # noqa: E402
-    ClusteringAlgorithm,  # tfmot's per-tensor centroid lookup, which compress.techniques.cluster speeds up
-)
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3":
+        tf.get_logger().setLevel("ERROR")  # tf.function retracing and deprecation notes say nothing a user can act on
+    globals().update(tf=tf, keras=keras, tfmot=tfmot, ClusteringAlgorithm=ClusteringAlgorithm)
 
-# TensorFlow's Python-side warnings (tf.function retracing, deprecations) say nothing a user can act on.
-tf.get_logger().setLevel("ERROR")
 
-__all__ = ["tf", "keras", "tfmot", "ClusteringAlgorithm", "versions"]
+def __getattr__(name: str):
+    if name in _LAZY:
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def versions() -> dict[str, str]:
     """Versions of the libraries that shape a trained or compressed model."""
-    return {"tensorflow": tf.__version__, "tf_keras": keras.__version__, "tfmot": tfmot.__version__}
+    _load()
+    loaded = globals()
+    return {name: loaded[module].__version__ for name, module in
+            (("tensorflow", "tf"), ("tf_keras", "keras"), ("tfmot", "tfmot"))}

@@ -34,7 +34,7 @@ def time_steps(model_name: str, steps: int) -> float:
 
         model = build_article_cnn((32, 32, 3), 10)
     else:
-        from compress.models import conv_pool_cnn
+        from compress.students import conv_pool_cnn
 
         model = conv_pool_cnn((32, 32, 3), 10, 32)
     model.compile(optimizer=keras.optimizers.AdamW(1e-3),

@@ -8,7 +8,7 @@ def baseline_1epoch(tmp_path_factory):
     """The article's CNN trained 1 epoch on the shipped cifar10-mini data (article recipe); path to its .keras file."""
     from baseline.train import TrainConfig, train_baseline
     from compress.data import load_data
-    from compress.io import save_model
+    from compress.kerasmodel import save_model
 
     model, _ = train_baseline(load_data("cifar10-mini"), TrainConfig(recipe="article", epochs=1), verbose=0)
     return save_model(model, tmp_path_factory.mktemp("baseline_1epoch") / "model.keras")

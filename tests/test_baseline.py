@@ -42,7 +42,7 @@ def test_train_on_shipped_data_writes_model_and_metrics_and_learns(tmp_path, cap
     assert metrics["data"]["source"] == "cifar10-mini" and metrics["data"]["counts"]["test"] == 1000
     assert set(metrics["versions"]) == {"tensorflow", "tf_keras", "tfmot"}
     assert metrics["test_accuracy"] > 0.2  # chance is 0.1
-    from compress.io import load_model
+    from compress.kerasmodel import load_model
 
     assert load_model(out / "model.keras").count_params() == 5_616_266
 
@@ -60,7 +60,7 @@ def _make_file(tmp_path):
         (["--data", "imagenet"], "known sources: cifar10-mini, cifar10, folder:PATH"),
         (["--epochs", "0"], "positive integer"),
         (["--epochs", "-3"], "positive integer"),
-        (["--recipe", "fancy"], "invalid choice"),
+        (["--training-recipe", "fancy"], "invalid choice"),
     ],
     ids=["missing-folder", "unknown-source", "zero-epochs", "negative-epochs", "unknown-recipe"],
 )
@@ -74,7 +74,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args,
 
 
 def test_unreadable_image_is_named_through_the_cli(tmp_path, capsys):
-    from test_data import make_folder_set
+    from helpers import make_folder_set
 
     root = make_folder_set(tmp_path / "set")
     (root / "test" / "cat" / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
@@ -96,5 +96,5 @@ def test_output_path_that_is_a_file_is_refused(tmp_path, capsys):
 def test_cli_help_lists_every_option(capsys):
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
-    for option in ("--data", "--data-dir", "--seed", "--epochs", "--recipe", "--out", "--quiet", "--image-size"):
+    for option in ("--data", "--data-dir", "--seed", "--epochs", "--training-recipe", "--out", "--quiet", "--image-size"):
         assert option in text

@@ -77,7 +77,7 @@ def test_cli_refuses_one_cluster(tmp_path, capsys):
 
 def test_cli_clusters_baseline_on_shipped_data(baseline_1epoch, tmp_path, capsys):
     from compress.cli import main
-    from compress.io import load_model
+    from compress.kerasmodel import load_model
 
     out = tmp_path / "clustered"
     code = main(["cluster", str(baseline_1epoch), "--out", str(out), "--data", "cifar10-mini", "--epochs", "1",

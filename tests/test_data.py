@@ -6,23 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import make_folder_set
 from compress.data import CIFAR10_CLASSES, load_data, stratified_split
 from compress.errors import DataError
-
-
-def make_folder_set(root, classes=("cat", "dog", "fox"), per_class=6, size=(12, 10), mode="RGB", layout="split"):
-    """Write a tiny class-folder image set; `layout` 'split' makes train/ and test/, 'flat' one tree."""
-    rng = np.random.default_rng(0)
-    splits = {"train": per_class, "test": max(2, per_class // 2)} if layout == "split" else {".": per_class}
-    for split, count in splits.items():
-        for name in classes:
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                channels = 3 if mode == "RGB" else 1
-                pixels = rng.integers(0, 256, size=(size[0], size[1], channels), dtype=np.uint8)
-                Image.fromarray(pixels.squeeze(), mode).save(folder / f"{i:03d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

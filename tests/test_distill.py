@@ -38,7 +38,7 @@ def test_distillation_loss_soft_term_vanishes_when_student_matches_teacher():
 @pytest.mark.parametrize("student, filters", [("compact_cnn", [16, 16, 32, 64]), ("conv_pool_cnn", [16, 32, 64])])
 @pytest.mark.parametrize("shape, classes", [((32, 32, 3), 10), ((28, 28, 1), 5)])
 def test_students_build_for_the_input_and_scale_with_width(student, filters, shape, classes):
-    from compress.models import STUDENTS, build_student
+    from compress.students import STUDENTS, build_student
 
     small, large = (build_student(student, shape, classes, width) for width in (8, 16))
     assert small.input_shape == (None, *shape) and small.output_shape == (None, classes)
@@ -67,9 +67,9 @@ def teacher(synthetic_data):
 
 
 def test_distill_trains_a_named_student_and_leaves_the_teacher_unchanged(teacher, synthetic_data, tmp_path):
-    from compress.io import load_model, save_model
+    from compress.kerasmodel import load_model, save_model
     from compress.keras import keras
-    from compress.models import build_student
+    from compress.students import build_student
 
     before = teacher.get_weights()
     config = DistillConfig(width=4, epochs=3, batch_size=32, learning_rate=1e-2, augment=False)
@@ -94,7 +94,7 @@ def test_distill_trains_a_named_student_and_leaves_the_teacher_unchanged(teacher
 
 
 def test_student_from_a_keras_file_is_trained_and_the_file_left_alone(teacher, synthetic_data, tmp_path):
-    from compress.io import load_model, save_model
+    from compress.kerasmodel import load_model, save_model
     from compress.keras import keras
 
     path = save_model(keras.Sequential([
@@ -113,7 +113,7 @@ def test_student_from_a_keras_file_is_trained_and_the_file_left_alone(teacher, s
 
 
 def test_student_file_that_does_not_fit_the_data_is_refused(teacher, synthetic_data, tmp_path):
-    from compress.io import save_model
+    from compress.kerasmodel import save_model
     from compress.keras import keras
 
     path = save_model(keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(7)]),
@@ -147,7 +147,7 @@ def test_bad_settings_are_refused(settings, message):
 
 
 def test_cli_refuses_a_bad_temperature_in_one_line(teacher, tmp_path, capsys):
-    from compress.io import save_model
+    from compress.kerasmodel import save_model
 
     model = save_model(teacher, tmp_path / "teacher.keras")
     assert main(["distill", str(model), "--out", str(tmp_path / "out"), "--temperature", "0"]) == 2
@@ -157,7 +157,7 @@ def test_cli_refuses_a_bad_temperature_in_one_line(teacher, tmp_path, capsys):
 
 
 def test_cli_distills_the_one_epoch_baseline(baseline_1epoch, tmp_path):
-    from compress.io import load_model
+    from compress.kerasmodel import load_model
 
     out = tmp_path / "distilled"
     assert main(["distill", str(baseline_1epoch), "--out", str(out), "--epochs", "1", "--quiet"]) == 0

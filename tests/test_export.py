@@ -113,7 +113,7 @@ def models(data):
 
 @pytest.fixture(scope="module")
 def exports(models, data, tmp_path_factory):
-    from compress.export import export_model
+    from compress.export.exporter import export_model
 
     root = tmp_path_factory.mktemp("exports")
     return {
@@ -145,7 +145,7 @@ def test_float_onnx_has_the_contract(exports, models):
     import onnxruntime as ort
 
     import compress
-    from compress.export import weights_sha256
+    from compress.kerasmodel import weights_sha256
 
     result = exports["float"]
     proto = _onnx(result)
@@ -242,7 +242,7 @@ def test_uint8_weights_hold_the_same_values_and_still_fuse(models, tmp_path):
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from compress.export import export_model
+    from compress.export.exporter import export_model
 
     def dequantized(result):
         proto = onnx.load(result["files"]["onnx"]["path"])
@@ -257,7 +257,7 @@ def test_uint8_weights_hold_the_same_values_and_still_fuse(models, tmp_path):
                 found[weights.shape] = (weights.dtype, values)
         return found
 
-    from compress.bench import onnx_weight_stats
+    from compress.measure.sizes import onnx_weight_stats
 
     signed, unsigned = (export_model(models["pqat"], tmp_path / kind, int8_weights=kind, parity_samples=8)
                         for kind in ("int8", "uint8"))
@@ -290,19 +290,19 @@ def _range(quantize_layer):
 
 def test_qat_int8_tflite_runs_in_litert_with_float_or_int8_input(exports, models, data):
     """The int8 .tflite runs through predict_file; a variant with int8 input/output gets quantized by the runner."""
-    from compress.export import predict_file
+    from compress.runtimes import open_session
     from compress.keras import tf
 
     images, _ = data.normalized("test")
     path = exports["qat"]["files"]["tflite"]["path"]
-    float_io = predict_file(path, images[:50], batch_size=16)
+    float_io = open_session(path).predict(images[:50], batch_size=16)
     converter = tf.lite.TFLiteConverter.from_keras_model(models["qat"])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.inference_input_type = converter.inference_output_type = tf.int8
     int8_path = path.replace("model.tflite", "int8io.tflite")
     with open(int8_path, "wb") as handle:
         handle.write(converter.convert())
-    int8_io = predict_file(int8_path, images[:50], batch_size=16)
+    int8_io = open_session(int8_path).predict(images[:50], batch_size=16)
     assert float_io.shape == int8_io.shape == (50, 10)
     assert np.mean(float_io.argmax(1) == int8_io.argmax(1)) >= 0.98
 
@@ -320,7 +320,7 @@ def test_pruned_zeros_stay_zero_in_onnx(exports):
 
 
 def test_pruning_wrappers_left_on_are_stripped(models, tmp_path):
-    from compress.export import export_model
+    from compress.export.exporter import export_model
 
     result = export_model(models["pruned_wrapped"], tmp_path, parity_samples=32)
     assert result["stripped_wrappers"] == ["pruning"] and result["parity_ok"]
@@ -332,7 +332,7 @@ def test_perturbed_onnx_weights_fail_the_parity_check(exports, models, data, tmp
     import onnx
     from onnx import numpy_helper
 
-    from compress.export import check_parity
+    from compress.export.parity import check_parity
 
     images, labels = data.normalized("test")
     reference = models["float"](images[:128], training=False).numpy()
@@ -365,11 +365,11 @@ def _perturbing(convert):
 
 
 def test_cli_export_fails_when_parity_fails(models, tmp_path, monkeypatch, capsys):
-    from compress import export
-    from compress.io import save_model
+    from compress.export import convert
+    from compress.kerasmodel import save_model
 
     model_path = save_model(models["float"], tmp_path / "model.keras")
-    monkeypatch.setattr(export, "_to_onnx", _perturbing(export._to_onnx))
+    monkeypatch.setattr(convert, "_to_onnx", _perturbing(convert._to_onnx))
     assert main(["export", str(model_path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "parity check failed" in err[0] and "model.onnx" in err[0]
@@ -379,11 +379,12 @@ def test_cli_export_fails_when_parity_fails(models, tmp_path, monkeypatch, capsy
 
 
 def test_strict_export_raises_when_parity_fails(models, tmp_path, monkeypatch):
-    from compress import export
+    from compress.export import convert
+    from compress.export.exporter import export_model
 
-    monkeypatch.setattr(export, "_to_onnx", _perturbing(export._to_onnx))
+    monkeypatch.setattr(convert, "_to_onnx", _perturbing(convert._to_onnx))
     with pytest.raises(ExportError, match="parity check failed .*model.onnx: top-1 agreement"):
-        export.export_model(models["float"], tmp_path, parity_samples=64, strict=True)
+        export_model(models["float"], tmp_path, parity_samples=64, strict=True)
     assert json.loads((tmp_path / "parity.json").read_text())["parity_ok"] is False
 
 
@@ -404,8 +405,8 @@ def _write_folder_data(data, root):
 def test_cli_export_and_evaluate_every_format(models, data, tmp_path, monkeypatch, capsys):
     import onnx
 
-    from compress.export import sha256_file
-    from compress.io import save_model
+    from compress.files import sha256_file
+    from compress.kerasmodel import save_model
 
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
     source = _write_folder_data(data, tmp_path / "data")
@@ -454,7 +455,7 @@ def test_evaluate_refuses_data_of_the_wrong_shape(exports, tmp_path, capsys):
     ],
 )
 def test_damaged_files_are_one_line_exit_2(exports, models, tmp_path, capsys, command, name, damage):
-    from compress.io import save_model
+    from compress.kerasmodel import save_model
 
     target = tmp_path / name
     if name.endswith(".keras"):
@@ -474,7 +475,7 @@ def test_damaged_files_are_one_line_exit_2(exports, models, tmp_path, capsys, co
 
 
 def test_lambda_model_needs_unsafe(data, tmp_path, capsys):
-    from compress.io import save_model
+    from compress.kerasmodel import save_model
     from compress.keras import keras
 
     keras.utils.set_random_seed(1)
@@ -492,7 +493,7 @@ def test_lambda_model_needs_unsafe(data, tmp_path, capsys):
 def test_a_failed_write_leaves_no_partial_file(models, tmp_path, monkeypatch):
     import onnx
 
-    from compress.export import export_model
+    from compress.export.exporter import export_model
 
     def failing_save(proto, path):
         with open(path, "wb") as handle:
@@ -506,7 +507,7 @@ def test_a_failed_write_leaves_no_partial_file(models, tmp_path, monkeypatch):
 
 
 def test_export_settings_are_validated(models, tmp_path):
-    from compress.export import ExportConfig, export_model
+    from compress.export.exporter import ExportConfig, export_model
 
     with pytest.raises(ConfigError, match="unknown export format 'pdf'"):
         ExportConfig(formats=("pdf",))

@@ -7,7 +7,7 @@ import pytest
 
 from compress import registry
 from compress.cli import main
-from compress.errors import ConfigError
+from compress.errors import ConfigError, ModelError
 from compress.pipeline import RunOptions, load_recipe, parse_recipe, run, stage_keys
 from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, require
 
@@ -25,7 +25,7 @@ class ScaleConfig(TechniqueConfig):
 
 
 def scale(model, config, data, *, out_dir, verbose=1):
-    from compress.techniques._finetune import copy_model
+    from compress.techniques.finetune import copy_model
 
     result = copy_model(model)
     weights = result.layers[-1].get_weights()
@@ -101,7 +101,7 @@ def test_quick_caps_epochs():
 def test_quick_refuses_a_stage_epochs_cap_that_is_no_positive_integer():
     parse_recipe(RECIPE + "\n[quick]\nstage_epochs = 2\n", quick=True)
     for bad in ("'one'", "0", "0.5"):
-        with pytest.raises(ConfigError, match="quick stage_epochs must be a positive integer"):
+        with pytest.raises(ConfigError, match="quick stage_epochs must be an integer from 1 to 1000"):
             parse_recipe(RECIPE + f"\n[quick]\nstage_epochs = {bad}\n", quick=True)
 
 
@@ -150,9 +150,9 @@ def test_change_detection_reruns_a_changed_stage_and_its_downstream_only(tmp_pat
 @pytest.fixture
 def tiny_setup(tmp_path):
     """A folder data set of 8x8 images and a tiny trained-looking model for it."""
-    from test_data import make_folder_set
+    from helpers import make_folder_set
 
-    from compress.io import save_model
+    from compress.kerasmodel import save_model
     from compress.keras import keras
 
     root = make_folder_set(tmp_path / "images", per_class=8, size=(8, 8))
@@ -209,7 +209,7 @@ def test_interrupted_stage_is_never_trusted(tiny_setup):
     results = run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, log))
     assert {line.split()[1] for line in log if "skipped" in line} == {"baseline", "a", "b"}
     assert {v["name"] for v in results["variants"]} == {"baseline", "a", "b", "c"}
-    from compress.io import load_model
+    from compress.kerasmodel import load_model
 
     assert load_model(out / "c" / "model.keras").count_params() > 0  # rewritten whole
     assert not leftover.exists()
@@ -250,3 +250,149 @@ export = ["onnx"]
     assert results["baseline"] == "baseline:onnx"
     assert all(v["parity_ok"] for v in results["variants"])
     assert (tiny_setup["out"] / "report.md").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ hardening
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "a\\\\b", "x" * 65, "é"])
+def test_stage_names_must_be_plain_folder_names(name, tmp_path):
+    recipe = RECIPE.replace('name = "c"', f'name = "{name}"')
+    with pytest.raises(ConfigError, match="stage name") as caught:
+        parse_recipe(recipe)
+    assert len(str(caught.value)) < 300
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_stage_folder_never_leaves_the_run_folder(tmp_path):
+    from compress.pipeline.folders import stage_dir
+
+    assert stage_dir(tmp_path / "run", "a") == tmp_path / "run" / "a"
+    for name in ("..", "../x", "/etc"):
+        with pytest.raises(ConfigError, match="outside the run folder"):
+            stage_dir(tmp_path / "run", name)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[[stage]]\nname = "a"\ntechnique = "scale"\nsettings = "high"\n', "settings must be a table"),
+        ('[[stage]]\nname = "a"\ntechnique = "scale"\nsettings = 5\n', "settings must be a table"),
+        ("stage = 5\n", "'stage' must be a list"),
+        ('[[stage]]\nname = "a"\ntechnique = "scale"\ninput = 3\n', "input must be a stage name"),
+        ("[measure]\nmin_seconds = 1e9\n", "min_seconds must be a number from 0 to 60"),
+        ("[measure]\nbatch_sizes = [1000000]\n", "batch_sizes must be a list of 1 to 8 integers from 1 to 1024"),
+        ("[measure]\nthreads = 100000\n", "threads must be an integer from 1 to 256"),
+        ("[baseline]\nepochs = 1000000000\n", "baseline epochs must be an integer from 1 to 1000"),
+        ("[measure]\nmin_seconds = 60\nbatch_sizes = [1, 2, 4, 8, 16, 32, 64, 128]\n"
+         + "".join(f'[[stage]]\nname = "s{i}"\ntechnique = "scale"\n' for i in range(10)), "timing every file would take"),
+    ],
+    ids=["settings-text", "settings-number", "stage-number", "input-number", "min-seconds", "batch", "threads",
+         "epochs", "total-timing"],
+)
+def test_recipe_shapes_and_bounds_are_one_line_refusals(text, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_recipe(text)
+    assert message in str(caught.value) and "\n" not in str(caught.value) and len(str(caught.value)) < 300
+
+
+def test_a_long_chain_declared_in_reverse_order_resolves():
+    stages = [f'[[stage]]\nname = "s{i}"\ntechnique = "scale"\ninput = "{f"s{i - 1}" if i else "baseline"}"\n'
+              for i in range(200)]
+    recipe = parse_recipe(FAST_MEASURE.replace("min_seconds = 0.0", "min_seconds = 0.001") + "".join(reversed(stages)))
+    assert [stage.name for stage in recipe.stages] == [f"s{i}" for i in range(200)]
+    with pytest.raises(ConfigError, match="at most 200"):
+        parse_recipe("".join(stages) + stages[0].replace('"s0"', '"extra"', 1))
+
+
+def test_a_huge_stage_name_is_refused_in_a_short_line():
+    with pytest.raises(ConfigError) as caught:
+        parse_recipe(f'[[stage]]\nname = "{"n" * 10_000_000}"\ntechnique = "scale"\n')
+    assert len(str(caught.value)) < 300
+
+
+def _lambda_model(marker: Path):
+    """A model whose Lambda layer writes `marker` when its code runs."""
+    from compress.keras import keras
+
+    path = str(marker)
+
+    def touch(x):
+        open(path, "w").write("the Lambda's code ran")
+        return x
+
+    return keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Lambda(touch), keras.layers.Conv2D(4, 3),
+                             keras.layers.Flatten(), keras.layers.Dense(3)])
+
+
+def test_a_replaced_run_folder_model_is_never_trusted(tiny_setup):
+    """A file changed since its stage finished makes the stage run again; a model holding code is loaded in safe
+    mode even from the run folder, so its code never runs without --unsafe."""
+    import json
+
+    from compress.files import sha256_file
+    from compress.kerasmodel import save_model
+
+    run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, []))
+    out, marker = tiny_setup["out"], tiny_setup["out"].parent / "lambda-ran"
+    model_path = out / "baseline" / "model.keras"
+    save_model(_lambda_model(marker), model_path)
+    marker.unlink()  # building the model ran the Lambda once; only a run of it from now on counts
+    log = []
+    run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, log))
+    assert not any(line.startswith("[1/4] baseline") and "skipped" in line for line in log)
+    assert not marker.exists()
+
+    # Tampering with the manifest too: the hash matches, but safe mode refuses the Lambda before it runs.
+    save_model(_lambda_model(marker), model_path)
+    marker.unlink()
+    manifest = json.loads((out / "baseline" / "manifest.json").read_text())
+    manifest["sha256"]["model.keras"] = sha256_file(model_path)
+    (out / "baseline" / "manifest.json").write_text(json.dumps(manifest))
+    (out / "a" / "manifest.json").unlink()
+    with pytest.raises(ModelError, match="Lambda"):
+        run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, []))
+    assert not marker.exists()
+
+
+def test_a_rerun_reuses_measurements_unless_asked(tiny_setup):
+    run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, []))
+    log = []
+    again = run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, log))
+    assert sum("measured earlier" in line for line in log) == 4
+    assert any("timings reused" in line for line in log) and again["latency"].startswith("reused")
+    options = _options(tiny_setup, log := [])
+    options.remeasure = True
+    remeasured = run(load_recipe(tiny_setup["recipe"]), options)
+    assert not any("measured earlier" in line for line in log) and remeasured["latency"] == "measured in this run"
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda keras: keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(5)]),
+     "outputs 5 per image but"),
+    (lambda keras: keras.Sequential([keras.Input((16,)), keras.layers.Dense(3)]), "compress handles image models"),
+    (lambda keras: keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Flatten(), keras.layers.Dense(3)]),
+     "pass --image-size"),
+], ids=["classes", "vector-input", "image-size"])
+def test_run_refuses_a_model_that_does_not_fit_the_data_before_any_work(tiny_setup, build, message):
+    from compress.errors import CompressError
+    from compress.keras import keras
+    from compress.kerasmodel import save_model
+
+    save_model(build(keras), tiny_setup["model"])
+    with pytest.raises(CompressError, match=message):
+        run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, []))
+    assert not tiny_setup["out"].exists()
+
+
+def test_two_input_model_is_refused_before_any_work(tiny_setup):
+    from compress.errors import CompressError
+    from compress.keras import keras
+    from compress.kerasmodel import save_model
+
+    a, b = keras.Input((8, 8, 3)), keras.Input((8, 8, 3))
+    joined = keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Add()([a, b])))
+    save_model(keras.Model([a, b], joined), tiny_setup["model"])
+    with pytest.raises(CompressError, match="2 inputs"):
+        run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, []))
+    assert not tiny_setup["out"].exists()

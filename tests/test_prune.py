@@ -39,7 +39,7 @@ def test_polynomial_schedule_reaches_target_and_leaves_classifier_and_input_alon
 
 def test_fractional_epochs_train_on_that_share_of_the_batches(tiny_cnn, synthetic_data):
     from compress.keras import keras
-    from compress.techniques._finetune import fine_tune, training_plan
+    from compress.techniques.finetune import fine_tune, training_plan
 
     # 240 training images in batches of 16: 15 batches an epoch.
     assert training_plan(synthetic_data, 2, 16) == (2, 15)
@@ -189,7 +189,7 @@ def test_cli_refuses_out_of_range_sparsity(tmp_path, capsys):
 
 def test_cli_prunes_baseline_on_shipped_data(baseline_1epoch, tmp_path, capsys):
     from compress.cli import main
-    from compress.io import load_model
+    from compress.kerasmodel import load_model
 
     out = tmp_path / "pruned"
     code = main(["prune", str(baseline_1epoch), "--out", str(out), "--data", "cifar10-mini", "--epochs", "1",
@@ -214,3 +214,24 @@ def test_a_qat_model_is_refused_with_the_order_to_use(technique, tiny_cnn, synth
     quantized = tfmot.quantization.keras.quantize_model(tiny_cnn)
     with pytest.raises(ModelError, match="quantization-aware \\(QAT\\) already.*apply them before qat"):
         entry.apply(quantized, entry.config_class(), synthetic_data, out_dir=tmp_path)
+
+
+def test_channel_pruning_makes_a_smaller_model_that_exports_and_keeps_parity(tiny_cnn, synthetic_data, tmp_path):
+    from compress.export.exporter import export_model
+    from compress.kerasmodel import count_macs
+
+    config = PruneConfig(structure="channels", sparsity=0.5, epochs=0.5, batch_size=16)
+    outcome = prune(tiny_cnn, config, synthetic_data, verbose=0)
+    smaller, channels = outcome.model, outcome.stats["channels"]
+    assert smaller.output_shape == tiny_cnn.output_shape
+    assert smaller.count_params() < 0.6 * tiny_cnn.count_params()
+    assert count_macs(smaller) == channels["macs_after"] < channels["macs_before"] == count_macs(tiny_cnn)
+    assert channels["layers"]["conv1"]["channels_after"] == 4 and channels["layers"]["logits"]["channels_after"] == 3
+    assert 0.0 <= outcome.stats["test_accuracy"] <= 1.0
+    result = export_model(smaller, tmp_path, data=synthetic_data, chain=["prune"])
+    assert result["parity_ok"]
+
+
+def test_channel_pruning_refuses_a_layer_list():
+    with pytest.raises(ConfigError, match="structure channels"):
+        PruneConfig(structure="channels", layers=("conv1",))

@@ -8,8 +8,8 @@ import pytest
 
 from compress.cli import main
 from compress.errors import ConfigError
-from compress.export import predict_file
-from compress.techniques.ptq import FORMATS, PTQConfig, ptq
+from compress.runtimes import open_session
+from compress.techniques.ptq import PTQ_FORMATS, PTQConfig, ptq
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_ptq_writes_each_format_and_measures_it_in_its_runtime(model, synthetic_
     outcome = ptq(model, PTQConfig(calibration=32), synthetic_data, out_dir=tmp_path, verbose=0)
 
     assert outcome.model is None
-    assert set(outcome.files) == set(FORMATS)
+    assert set(outcome.files) == set(PTQ_FORMATS)
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "model.dynamic.tflite", "model.int8.onnx", "model.int8.tflite"]
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
@@ -53,7 +53,7 @@ def test_ptq_writes_each_format_and_measures_it_in_its_runtime(model, synthetic_
     stats = json.loads(json.dumps(outcome.stats))
     assert stats["calibration_images"] == 32 and stats["per_channel"] is True
     keras_accuracy = stats["keras_test_accuracy"]
-    for name in FORMATS:
+    for name in PTQ_FORMATS:
         entry = stats["formats"][name]
         assert entry["bytes"] == outcome.files[name].stat().st_size
         assert 0.0 <= entry["test_accuracy"] <= 1.0
@@ -78,9 +78,9 @@ def test_reduce_range_stores_weights_in_seven_bits(model, synthetic_data, tmp_pa
 
 
 def test_reduce_range_auto_follows_the_cpu(model, synthetic_data, tmp_path, monkeypatch):
-    from compress import bench
+    from compress.measure import hardware
 
-    monkeypatch.setattr(bench, "int8_sums_saturate", lambda: True)
+    monkeypatch.setattr(hardware, "int8_sums_saturate", lambda: True)
     outcome = ptq(model, PTQConfig(calibration=16, formats=("onnx-qdq",)), synthetic_data, out_dir=tmp_path,
                   verbose=0)
     assert PTQConfig().reduce_range == "auto" and "7 bits" in outcome.stats["formats"]["onnx-qdq"]["weights"]
@@ -90,7 +90,7 @@ def test_runner_dequantizes_an_int8_tflite_file(model, synthetic_data, tmp_path)
     outcome = ptq(model, PTQConfig(calibration=16, formats=("tflite-int8",)), synthetic_data, out_dir=tmp_path,
                   verbose=0)
     images = synthetic_data.normalized("test")[0][:20]
-    logits = predict_file(outcome.files["tflite-int8"], images, batch_size=8)  # odd last batch: resized
+    logits = open_session(outcome.files["tflite-int8"]).predict(images, batch_size=8)  # odd last batch: resized
     expected = model.predict(images, verbose=0)
     assert logits.dtype == np.float32 and logits.shape == expected.shape
     assert np.abs(logits - expected).max() < 0.1 * np.abs(expected).max() + 0.1
@@ -110,7 +110,7 @@ def test_config_round_trips_through_dict_and_toml():
     toml = "\n".join(f"{key} = {json.dumps(value)}" for key, value in config.to_dict().items())
     assert PTQConfig.from_dict(tomllib.loads(toml)) == config
     assert PTQConfig.from_dict({"formats": "onnx-qdq, tflite-dynamic"}).formats == ("onnx-qdq", "tflite-dynamic")
-    assert PTQConfig().formats == FORMATS and PTQConfig().calibration == 512 and PTQConfig().per_channel is True
+    assert PTQConfig().formats == PTQ_FORMATS and PTQConfig().calibration == 512 and PTQConfig().per_channel is True
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -143,9 +143,9 @@ def test_cli_quantizes_the_one_epoch_baseline(baseline_1epoch, tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["technique"] == "ptq" and stats["config"]["calibration"] == 64
     assert not (out / "model.keras").exists()
-    assert set(stats["files"]) == set(FORMATS)
+    assert set(stats["files"]) == set(PTQ_FORMATS)
     keras_accuracy = stats["stats"]["keras_test_accuracy"]
-    for name in FORMATS:
+    for name in PTQ_FORMATS:
         entry = stats["stats"]["formats"][name]
         assert (out / entry["file"]).stat().st_size == entry["bytes"]
         assert abs(entry["test_accuracy"] - keras_accuracy) <= 0.05, (name, entry, keras_accuracy)

@@ -24,7 +24,7 @@ def trained_kernel(wrapper):
 
 
 def round_trip(model, path, data):
-    from compress.io import load_model, save_model
+    from compress.kerasmodel import load_model, save_model
 
     images = data.normalized("test")[0][:16]
     loaded = load_model(save_model(model, path))
@@ -177,7 +177,7 @@ def test_cli_refuses_unknown_preserve(tmp_path, capsys):
 def test_cli_qat_on_baseline_with_shipped_data(baseline_1epoch, tmp_path, capsys):
     from compress.cli import main
     from compress.data import load_data
-    from compress.io import load_model
+    from compress.kerasmodel import load_model
     from compress.keras import keras
 
     out = tmp_path / "qat"

@@ -7,9 +7,9 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
-    from test_data import make_folder_set
+    from helpers import make_folder_set
 
-    from compress.io import save_model
+    from compress.kerasmodel import save_model
     from compress.keras import keras
 
     code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)

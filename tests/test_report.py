@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from compress import report
+from compress import report, results as schema
+from compress.report import summary as summaries, tables
 from compress.errors import CompressError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results.json"
@@ -57,7 +58,7 @@ def test_table_holds_every_variant_with_ratios_from_the_figures(results, written
     out, _ = written
     table = _table((out / "report.md").read_text())
     assert list(table) == [v["name"] for v in results["variants"]]
-    assert list(next(iter(table.values()))) == list(report.TABLE_COLUMNS)
+    assert list(next(iter(table.values()))) == list(tables.table_columns(results))
     base = next(v for v in results["variants"] if v["name"] == results["baseline"])
     for v in results["variants"]:
         row = table[v["name"]]
@@ -93,7 +94,7 @@ def test_csv_has_one_row_per_variant_with_the_same_figures(results, written):
     with open(out / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["variant"] for row in rows] == [v["name"] for v in results["variants"]]
-    assert list(rows[0]) == list(report.CSV_COLUMNS)
+    assert list(rows[0]) == list(tables.csv_columns(results))
     base = next(v for v in results["variants"] if v["name"] == results["baseline"])
     for row, v in zip(rows, results["variants"]):
         for key in ("accuracy", "gzip_bytes", "file_bytes", "latency_ms_b1", "latency_ms_b32", "params"):
@@ -124,11 +125,11 @@ def test_cuda_latency_listed_when_measured(results, tmp_path):
     report.write_report(results, tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert f"CUDA latency measured for: {results['variants'][0]['name']}" in text
-    assert f"- {results['variants'][0]['name']}: 0.052 ms" in text
+    assert f"- {results['variants'][0]['name']}: b1 0.052" in text
 
 
 def test_summary_names_the_best_parity_ok_variants_within_one_point(results):
-    summary = report.summarize(results)
+    summary = summaries.summarize(results)
     base = next(v for v in results["variants"] if v["name"] == results["baseline"])
     eligible = [
         v for v in results["variants"]
@@ -144,7 +145,7 @@ def test_summary_names_the_best_parity_ok_variants_within_one_point(results):
     assert failed and failed[0]["gzip_bytes"] < summary["best_size"]["gzip_bytes"]
     assert failed[0]["latency_ms_b1"] < summary["best_latency"]["latency_ms_b1"]
     assert summary["parity_failed"] == [v["name"] for v in failed]
-    lines = report.format_summary(summary)
+    lines = summaries.format_summary(summary)
     assert any(summary["best_size"]["name"] in line and line.startswith("smallest") for line in lines)
 
 
@@ -152,7 +153,7 @@ def test_failed_parity_is_never_best_nor_on_the_front(results):
     # Make the failed variant better than everything on every axis: it must still be left out.
     failed = next(v for v in results["variants"] if v["parity_ok"] is False)
     failed.update(accuracy=0.99, gzip_bytes=1, latency_ms_b1=0.0001)
-    summary = report.summarize(results)
+    summary = summaries.summarize(results)
     assert summary["best_size"]["name"] != failed["name"]
     assert summary["best_latency"]["name"] != failed["name"]
     assert failed["name"] not in summary["pareto_size"] + summary["pareto_latency"]
@@ -162,7 +163,7 @@ def test_unchecked_parity_is_not_best(results):
     for v in results["variants"]:
         if v["name"] != results["baseline"]:
             v["parity_ok"] = None
-    summary = report.summarize(results)
+    summary = summaries.summarize(results)
     assert summary["best_size"]["name"] == results["baseline"]
     assert summary["best_latency"]["name"] == results["baseline"]
 
@@ -170,7 +171,7 @@ def test_unchecked_parity_is_not_best(results):
 def test_baseline_accuracy_not_measured_names_no_best(results, tmp_path):
     base = next(v for v in results["variants"] if v["name"] == results["baseline"])
     base["accuracy"] = None
-    summary = report.summarize(results)
+    summary = summaries.summarize(results)
     assert summary["best_size"] is None and summary["best_latency"] is None
     assert "not measured" in summary["reason"]
     report.write_report(results, tmp_path)  # still writes, with "n/a" deltas
@@ -189,9 +190,9 @@ def test_pareto_front_on_a_hand_made_set():
         ("unmeasured", None, 0.99),
         ("no-accuracy", 1.0, None),
     ]
-    assert report.pareto_front(points) == ["tiny-bad", "small", "mid", "big-best"]
-    assert report.pareto_front([]) == []
-    assert report.pareto_front([("a", 1.0, 0.5), ("b", 1.0, 0.5)]) == ["a"]
+    assert summaries.pareto_front(points) == ["tiny-bad", "small", "mid", "big-best"]
+    assert summaries.pareto_front([]) == []
+    assert summaries.pareto_front([("a", 1.0, 0.5), ("b", 1.0, 0.5)]) == ["a"]
 
 
 @pytest.mark.parametrize(
@@ -209,22 +210,22 @@ def test_missing_key_is_a_compress_error_naming_it(results, tmp_path, mutate, mi
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
     with pytest.raises(CompressError, match=missing):
-        report.load_results(path)
+        schema.load_results(path)
 
 
 def test_bad_values_are_rejected(results, tmp_path):
     bad = copy.deepcopy(results)
     bad["variants"][1]["accuracy"] = 69.9  # a percentage where a fraction belongs
     with pytest.raises(CompressError, match="fraction"):
-        report.validate_results(bad)
+        schema.validate_results(bad)
     bad = copy.deepcopy(results)
     bad["baseline"] = "nope"
     with pytest.raises(CompressError, match="baseline 'nope'"):
-        report.validate_results(bad)
+        schema.validate_results(bad)
     path = tmp_path / "results.json"
     path.write_text("{not json")
     with pytest.raises(CompressError, match="not valid JSON"):
-        report.load_results(path)
+        schema.load_results(path)
 
 
 def test_cli_report_regenerates_from_results_json(tmp_path, capsys):
@@ -263,7 +264,7 @@ def test_importing_report_stays_light():
     import sys
 
     code = (
-        "import sys, compress.report, compress.bench; "
+        "import sys, compress.report, compress.results, compress.measure.latency, compress.measure.sizes; "
         "print('tensorflow' in sys.modules, 'matplotlib' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

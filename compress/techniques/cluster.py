@@ -10,7 +10,7 @@ import functools
 from dataclasses import dataclass
 
 from compress.errors import ModelError
-from compress.techniques._finetune import (
+from compress.techniques.finetune import (
     as_names,
     require_names,
     check_training_settings,
@@ -24,6 +24,8 @@ from compress.techniques._finetune import (
 from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, require
 
 # Config value -> tfmot's CentroidInitialization member name.
+# 8-bit weights hold 256 values; more centroids compress nothing and make every step's lookup slower.
+MAX_CLUSTERS = 256
 INITS = {
     "linear": "LINEAR",
     "kmeans_plus_plus": "KMEANS_PLUS_PLUS",
@@ -41,8 +43,7 @@ class ClusterConfig(TechniqueConfig):
                                      "classifier", parse=parse_names, metavar="NAMES")
     epochs: float = option(2, "fine-tuning epochs while clustered (0.5: half an epoch)")
     # Every step reassigns each clustered weight to its nearest centroid, a cost per step whatever the batch, so
-    # large batches pay: on the full CIFAR-10 on a 2-core CPU, a clustered step of the article CNN took 0.89 s at
-    # batch 256, where its baseline training took 0.17-0.19 s per step at batch 64.
+    # large batches pay (step times in the README).
     batch_size: int = option(256, "fine-tuning batch size")
     learning_rate: float = option(1e-4, "Adam learning rate for fine-tuning")
 
@@ -51,8 +52,9 @@ class ClusterConfig(TechniqueConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        require(isinstance(self.clusters, int) and not isinstance(self.clusters, bool) and self.clusters >= 2,
-                f"clusters must be an integer >= 2, got {self.clusters!r}")
+        require(isinstance(self.clusters, int) and not isinstance(self.clusters, bool)
+                and 2 <= self.clusters <= MAX_CLUSTERS,
+                f"clusters must be an integer from 2 to {MAX_CLUSTERS}, got {self.clusters!r}")
         require(self.init in INITS, f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         require_names(self.layers, "layers")
         check_training_settings(self)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from compress.errors import ModelError
-from compress.models import STUDENTS
+from compress.students import STUDENTS
+from compress.techniques.finetune import MAX_BATCH_SIZE, MAX_FINE_TUNE_EPOCHS as MAX_EPOCHS
 from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, require
 
 
@@ -44,15 +45,16 @@ class DistillConfig(TechniqueConfig):
                 f"student must be an architecture name or a .keras path, got {self.student!r}")
         require(self.student in STUDENTS or self.student.endswith(".keras"),
                 f"unknown student {self.student!r}; known students: {', '.join(STUDENTS)}, or a path to a .keras file")
-        require(_is_int(self.width) and self.width >= 1, f"width must be an integer >= 1, got {self.width!r}")
+        require(_is_int(self.width) and 1 <= self.width <= 1024, f"width must be an integer from 1 to 1024, got {self.width!r}")
         require(_is_number(self.alpha) and 0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha!r}")
         require(_is_number(self.temperature) and 0.0 < self.temperature < math.inf,
                 f"temperature must be a finite number > 0, got {self.temperature!r}")
-        require(_is_int(self.epochs) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
+        require(_is_int(self.epochs) and 1 <= self.epochs <= MAX_EPOCHS,
+                f"epochs must be an integer from 1 to {MAX_EPOCHS}, got {self.epochs!r}")
         require(_is_number(self.learning_rate) and 0.0 < self.learning_rate < math.inf,
                 f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
-        require(_is_int(self.batch_size) and self.batch_size >= 1,
-                f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        require(_is_int(self.batch_size) and 1 <= self.batch_size <= MAX_BATCH_SIZE,
+                f"batch_size must be an integer from 1 to {MAX_BATCH_SIZE}, got {self.batch_size!r}")
         require(isinstance(self.augment, bool), f"augment must be true or false, got {self.augment!r}")
         require(isinstance(self.compare_scratch, bool),
                 f"compare_scratch must be true or false, got {self.compare_scratch!r}")
@@ -144,9 +146,10 @@ def distill(model, config: DistillConfig, data, *, out_dir=None, verbose: int = 
     """Train `config.student` to mimic `model` (the teacher, left unchanged) on `data`; return the student alone."""
     from compress.keras import keras
 
+    from compress.checks import check_model_fits_data
+
     teacher = model
-    _check_model(teacher, "teacher", data)
-    teacher_gives_probabilities = _ends_in_softmax(teacher)
+    teacher_gives_probabilities = check_model_fits_data(teacher, data, role="teacher")["outputs"] != "logits"
 
     keras.utils.set_random_seed(data.seed)
     student = _make_student(config, data)
@@ -187,14 +190,15 @@ def distill(model, config: DistillConfig, data, *, out_dir=None, verbose: int = 
 
 def _make_student(config: DistillConfig, data):
     if config.student in STUDENTS:
-        from compress.models import build_student
+        from compress.students import build_student
 
         return build_student(config.student, data.input_shape, data.num_classes, config.width)
-    from compress.io import load_model
+    from compress.kerasmodel import load_model
+
+    from compress.checks import check_model_fits_data
 
     student = load_model(config.student)
-    _check_model(student, "student", data)
-    if _ends_in_softmax(student):
+    if check_model_fits_data(student, data, role="student")["outputs"] != "logits":
         raise ModelError(
             f"student {config.student} ends in a softmax; distillation trains on logits, so remove the final softmax"
         )
@@ -228,30 +232,6 @@ def _optimizer(config: DistillConfig, steps_per_epoch: int):
 
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, max(1, config.epochs * steps_per_epoch))
     return keras.optimizers.Adam(learning_rate=schedule)
-
-
-def _check_model(model, role: str, data) -> None:
-    """Refuse a model whose input or output does not fit the data, in one line."""
-    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
-    if not inputs or not outputs or len(inputs) != 1 or len(outputs) != 1:
-        raise ModelError(f"the {role} must have one image input and one logits output")
-    input_shape = tuple(inputs[0].shape[1:])
-    if input_shape != tuple(data.input_shape):
-        raise ModelError(
-            f"the {role} takes images of shape {input_shape} but the data's are {tuple(data.input_shape)}"
-        )
-    classes = outputs[0].shape[-1]
-    if len(outputs[0].shape) != 2 or classes != data.num_classes:
-        raise ModelError(
-            f"the {role} outputs {tuple(outputs[0].shape[1:])} but the data has {data.num_classes} classes"
-        )
-
-
-def _ends_in_softmax(model) -> bool:
-    from compress.keras import keras
-
-    last = model.layers[-1]
-    return isinstance(last, keras.layers.Softmax) or getattr(last, "activation", None) is keras.activations.softmax
 
 
 def _test_accuracy(model, data) -> float:

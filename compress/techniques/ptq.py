@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.errors import ConfigError, ExportError, ModelError
+from compress.errors import ConfigError, ExportError, ModelError, first_line
 from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, parse_flag, require
 
-FORMATS = ("onnx-qdq", "tflite-dynamic", "tflite-int8")
+PTQ_FORMATS = ("onnx-qdq", "tflite-dynamic", "tflite-int8")
 FILE_NAMES = {
     "onnx-qdq": "model.int8.onnx",
     "tflite-dynamic": "model.dynamic.tflite",
@@ -60,7 +60,7 @@ def _parse_reduce_range(text: str) -> bool | str:
 class PTQConfig(TechniqueConfig):
     calibration: int = option(512, "training images used to calibrate activation ranges (>= 1)", parse=int)
     formats: tuple[str, ...] = option(
-        FORMATS, f"comma list of the files to make: {', '.join(FORMATS)}", parse=_parse_formats, metavar="LIST"
+        PTQ_FORMATS, f"comma list of the files to make: {', '.join(PTQ_FORMATS)}", parse=_parse_formats, metavar="LIST"
     )
     per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)")
     reduce_range: bool | str = option(
@@ -77,9 +77,9 @@ class PTQConfig(TechniqueConfig):
             f"calibration must be an integer >= 1 (training images), got {self.calibration!r}",
         )
         require(isinstance(self.formats, tuple) and len(self.formats) > 0,
-                f"formats must name at least one of {', '.join(FORMATS)}, got {self.formats!r}")
-        unknown = [name for name in self.formats if name not in FORMATS]
-        require(not unknown, f"unknown format(s) {', '.join(map(repr, unknown))}; known formats: {', '.join(FORMATS)}")
+                f"formats must name at least one of {', '.join(PTQ_FORMATS)}, got {self.formats!r}")
+        unknown = [name for name in self.formats if name not in PTQ_FORMATS]
+        require(not unknown, f"unknown format(s) {', '.join(map(repr, unknown))}; known formats: {', '.join(PTQ_FORMATS)}")
         repeated = sorted({name for name in self.formats if self.formats.count(name) > 1})
         require(not repeated, f"format(s) {', '.join(repeated)} listed more than once")
         require(isinstance(self.per_channel, bool), f"per_channel must be true or false, got {self.per_channel!r}")
@@ -91,10 +91,12 @@ def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome
     """Quantize `model` to int8 files in `out_dir`, one per format; return their sizes and measured accuracies."""
     if out_dir is None:
         raise ConfigError("ptq writes files: an output folder is needed")
-    from compress.export import is_qat_model, predict_file, strip_training_wrappers
+    from compress.checks import check_model_fits_data
+    from compress.kerasmodel import is_qat_model, strip_training_wrappers
+    from compress.runtimes import open_session
 
     out_dir = Path(out_dir)
-    _check_model(model, data)
+    check_model_fits_data(model, data)
     if is_qat_model(model):
         raise ModelError("the model is quantization-aware (QAT) already; `compress export` turns it into int8 files")
     model, stripped = strip_training_wrappers(model)  # a copy without pruning/clustering wrappers; input untouched
@@ -121,7 +123,7 @@ def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome
         else:
             details = _write_tflite(model, calibration, config.per_channel, target, full_integer=name == "tflite-int8")
         seconds = time.perf_counter() - started
-        top1 = np.argmax(predict_file(target, test_images, PREDICT_BATCH), axis=-1)
+        top1 = np.argmax(open_session(target).predict(test_images, PREDICT_BATCH), axis=-1)
         stats["formats"][name] = {
             "file": target.name,
             "bytes": target.stat().st_size,
@@ -154,18 +156,18 @@ class _CalibrationReader:
 
 
 def _reduce_range(config: PTQConfig) -> bool:
-    from compress.bench import int8_sums_saturate
+    from compress.measure.hardware import int8_sums_saturate
 
     return int8_sums_saturate() if config.reduce_range == "auto" else config.reduce_range
 
 
 def _write_onnx_qdq(model, calibration: np.ndarray, per_channel: bool, reduce_range: bool, target: Path) -> dict:
     import onnx
-    import onnxruntime
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from compress.io import atomic_path
+    from compress.files import atomic_path
+    from compress.runtimes.onnxrt import inference_session
 
     reader_class = type("CalibrationReader", (_CalibrationReader, CalibrationDataReader), {})
     with tempfile.TemporaryDirectory(prefix="compress-ptq-") as work:
@@ -174,9 +176,8 @@ def _write_onnx_qdq(model, calibration: np.ndarray, per_channel: bool, reduce_ra
         try:
             quant_pre_process(str(float_path), str(prepared_path))
         except Exception as exc:  # shape inference / optimisation failures surface as many types
-            raise ExportError(f"onnxruntime quant_pre_process failed on the float ONNX: {_first_line(exc)}") from None
-        session = onnxruntime.InferenceSession(str(prepared_path), providers=["CPUExecutionProvider"])
-        input_name = session.get_inputs()[0].name
+            raise ExportError(f"onnxruntime quant_pre_process failed on the float ONNX: {first_line(exc)}") from None
+        input_name = inference_session(prepared_path).get_inputs()[0].name
         with atomic_path(target) as partial:
             try:
                 quantize_static(
@@ -190,7 +191,7 @@ def _write_onnx_qdq(model, calibration: np.ndarray, per_channel: bool, reduce_ra
                     weight_type=QuantType.QInt8,
                 )
             except Exception as exc:  # calibration and graph-rewrite failures surface as many types
-                raise ExportError(f"onnxruntime quantize_static failed: {_first_line(exc)}") from None
+                raise ExportError(f"onnxruntime quantize_static failed: {first_line(exc)}") from None
         float_bytes = float_path.stat().st_size
     weights = "int8 in 7 bits (reduce_range)" if reduce_range else "int8"
     return {"float_onnx_bytes": float_bytes, "weights": weights, "activations": "uint8", "opset": ONNX_OPSET}
@@ -198,7 +199,7 @@ def _write_onnx_qdq(model, calibration: np.ndarray, per_channel: bool, reduce_ra
 
 def _float_onnx(model):
     """The float model as an ONNX ModelProto, converted and named the way `compress export` does it."""
-    from compress.export import onnx_proto
+    from compress.export.convert import onnx_proto
 
     return onnx_proto(model, opset=ONNX_OPSET, metadata={"technique_chain": '["ptq"]', "precision": "int8"})
 
@@ -207,7 +208,7 @@ def _float_onnx(model):
 
 
 def _write_tflite(model, calibration: np.ndarray, per_channel: bool, target: Path, *, full_integer: bool) -> dict:
-    from compress.io import atomic_path
+    from compress.files import atomic_path
     from compress.keras import tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
@@ -229,31 +230,12 @@ def _write_tflite(model, calibration: np.ndarray, per_channel: bool, target: Pat
             warnings.simplefilter("ignore")  # TensorFlow's deprecation notes about the converter's internals
             content = converter.convert()
     except Exception as exc:  # the converter raises ConverterError and others for unsupported ops
-        raise ExportError(f"TFLite conversion failed: {_first_line(exc)}") from None
+        raise ExportError(f"TFLite conversion failed: {first_line(exc)}") from None
     with atomic_path(target) as partial:
         partial.write_bytes(content)
     if full_integer:
         return {"weights": "int8", "activations": "int8", "io": "int8"}
     return {"weights": "int8", "activations": "float32 (quantized on the fly)", "io": "float32"}
-
-
-# --------------------------------------------------------------------------------------------------- checks
-
-
-def _check_model(model, data) -> None:
-    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
-    if not inputs or not outputs or len(inputs) != 1 or len(outputs) != 1:
-        raise ModelError("ptq needs a model with one image input and one output")
-    input_shape = tuple(inputs[0].shape[1:])
-    if input_shape != tuple(data.input_shape):
-        raise ModelError(f"the model takes images of shape {input_shape} but the data's are {tuple(data.input_shape)}")
-    if len(outputs[0].shape) != 2 or outputs[0].shape[-1] != data.num_classes:
-        raise ModelError(f"the model outputs {tuple(outputs[0].shape[1:])} but the data has {data.num_classes} classes")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 TECHNIQUE = Technique(

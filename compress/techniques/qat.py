@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compress.errors import ModelError
-from compress.techniques._finetune import (
+from compress.techniques.finetune import (
     check_training_settings,
     copy_model,
     evaluate,
@@ -173,39 +173,6 @@ def _with_default_quantizers(trained, float_model, annotate):
 def _short_name(variable) -> str:
     """'quant_conv/kernel_min:0' -> 'kernel_min'."""
     return variable.name.rsplit("/", 1)[-1].split(":", 1)[0]
-
-
-def loading_objects() -> dict:
-    """Replacements for two tfmot classes that do not load back from .keras files (tfmot PR 1123, unmerged).
-
-    QuantizeLayer does not mark itself built, so loading builds it twice (5 variables for 3 saved);
-    QuantizeWrapperV2 lists its inner layer's weights before building that layer, so the bias goes missing.
-    Same names and configs as tfmot's, so files saved either way load either way. Use inside quantize_scope().
-    """
-    global _LOADING_OBJECTS
-    if _LOADING_OBJECTS is None:
-        from compress.keras import tfmot
-
-        with tfmot.quantization.keras.quantize_scope() as scope:
-            known = {name: cls for table in scope.custom_objects for name, cls in table.items()}
-
-        class QuantizeLayer(known["QuantizeLayer"]):
-            def build(self, input_shape):
-                super().build(input_shape)
-                self.built = True
-
-        class QuantizeWrapperV2(known["QuantizeWrapperV2"]):
-            def build(self, input_shape):
-                if not self.layer.built:
-                    self.layer.build(input_shape)
-                    self.layer.built = True
-                super().build(input_shape)
-
-        _LOADING_OBJECTS = {"QuantizeLayer": QuantizeLayer, "QuantizeWrapperV2": QuantizeWrapperV2}
-    return dict(_LOADING_OBJECTS)
-
-
-_LOADING_OBJECTS = None
 
 
 def _float_kernels(model) -> dict:

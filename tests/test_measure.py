@@ -1,4 +1,4 @@
-"""Measurements on tiny exported files: a MatMul+Relu ONNX model built by hand and a 2-layer Keras model as TFLite."""
+"""compress.measure on tiny exported files: a MatMul+Relu ONNX model built by hand and a 2-layer Keras model as TFLite."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from compress import bench
+from compress.measure import hardware, latency, sizes
+from compress.runtimes import TimedCall
 from compress.errors import CompressError
 
 QUICK = {"warmup": 2, "min_repeats": 5, "min_seconds": 0.02}
@@ -87,7 +88,7 @@ def test_machine_info_without_tensorflow():
     import subprocess
     import sys
 
-    code = "import sys, json; from compress.bench import machine_info; " \
+    code = "import sys, json; from compress.measure.hardware import machine_info; " \
            "info = machine_info(threads=1); print(json.dumps(info)); print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     import json
@@ -96,7 +97,7 @@ def test_machine_info_without_tensorflow():
     info = json.loads(payload)
     assert imported == "False"
     assert info["cpu"] and info["logical_cores"] >= 1 and info["latency_threads"] == 1
-    assert set(info["instruction_sets"]) <= set(bench.INT8_FLAGS)
+    assert set(info["instruction_sets"]) <= set(hardware.INT8_FLAGS)
     for name in ("tensorflow", "tf_keras", "tfmot", "tf2onnx", "onnx", "onnxruntime", "ai_edge_litert"):
         assert info["libraries"][name], name
     assert "CPUExecutionProvider" in info["onnxruntime_providers"]
@@ -110,25 +111,25 @@ def test_machine_info_without_tensorflow():
     ("aarch64", {"asimd", "asimddp"}, False),
 ])
 def test_int8_sums_saturate_on_x86_without_vnni(monkeypatch, machine, flags, saturate):
-    monkeypatch.setattr(bench.platform, "machine", lambda: machine)
-    monkeypatch.setattr(bench, "_cpu_model_and_flags", lambda: ("cpu", flags))
-    assert bench.int8_sums_saturate() is saturate
+    monkeypatch.setattr(hardware.platform, "machine", lambda: machine)
+    monkeypatch.setattr(hardware, "_cpu_model_and_flags", lambda: ("cpu", flags))
+    assert hardware.int8_sums_saturate() is saturate
 
 
 def test_file_size_reports_bytes_and_gzip(tmp_path):
     path = tmp_path / "zeros.bin"
     data = bytes(10_000) + np.random.default_rng(0).bytes(1000)
     path.write_bytes(data)
-    size = bench.file_size(path)
+    size = sizes.file_size(path)
     assert size["file_bytes"] == len(data)
     assert size["gzip_bytes"] == len(gzip.compress(data, compresslevel=9, mtime=0))
     assert size["gzip_bytes"] < size["file_bytes"]
     with pytest.raises(CompressError, match="does not exist"):
-        bench.file_size(tmp_path / "missing.onnx")
+        sizes.file_size(tmp_path / "missing.onnx")
 
 
 def test_onnx_weight_stats_counts_weights_not_shapes(tiny_onnx):
-    stats = bench.onnx_weight_stats(tiny_onnx)
+    stats = sizes.onnx_weight_stats(tiny_onnx)
     assert stats["params"] == 16 * 8  # the int64 shape constant is not a weight
     assert stats["nonzero_params"] == 16 * 8 - 16 * 3
     assert stats["bytes_by_dtype"] == {"float32": 16 * 8 * 4, "int64": 2 * 8}
@@ -157,7 +158,7 @@ def test_onnx_weight_stats_separates_quantization_parameters(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "qdq.onnx"))
-    stats = bench.onnx_weight_stats(tmp_path / "qdq.onnx")
+    stats = sizes.onnx_weight_stats(tmp_path / "qdq.onnx")
     assert stats["params"] == 12 and stats["nonzero_params"] == 11 and stats["quant_params"] == 6
     assert stats["bytes_by_dtype"] == {"float32": 12, "int8": 12 + 3}
 
@@ -166,23 +167,23 @@ def test_onnx_weight_stats_rejects_a_non_onnx_file(tmp_path):
     path = tmp_path / "junk.onnx"
     path.write_bytes(b"\xff\x00 not a protobuf" * 10)
     with pytest.raises(CompressError, match="junk.onnx"):
-        bench.onnx_weight_stats(path)
+        sizes.onnx_weight_stats(path)
 
 
 def test_measure_latency_honours_repeats_and_time():
     calls = []
-    result = bench.measure_latency(calls.append, np.zeros((4, 2)), warmup=3, min_repeats=7, min_seconds=0.0)
+    result = latency.measure_latency(calls.append, np.zeros((4, 2)), warmup=3, min_repeats=7, min_seconds=0.0)
     assert len(calls) == 3 + 7 and result["repeats"] == 7
     _check_timing(result, 4)
 
     import time
 
-    result = bench.measure_latency(lambda _: time.sleep(0.002), np.zeros((1, 2)), warmup=0, min_repeats=1,
+    result = latency.measure_latency(lambda _: time.sleep(0.002), np.zeros((1, 2)), warmup=0, min_repeats=1,
                                    min_seconds=0.03)
     assert result["repeats"] >= 5  # time, not count, ended the loop
     assert result["median_ms"] >= 2.0 and result["p95_ms"] >= result["median_ms"]
     with pytest.raises(CompressError):
-        bench.measure_latency(calls.append, np.zeros((1, 2)), min_repeats=0)
+        latency.measure_latency(calls.append, np.zeros((1, 2)), min_repeats=0)
 
 
 def test_interleaved_latency_spreads_a_slowing_machine_over_every_file(monkeypatch):
@@ -194,24 +195,24 @@ def test_interleaved_latency_spreads_a_slowing_machine_over_every_file(monkeypat
         clock["calls"] += 1
         clock["ns"] += 1_000_000 + 10_000 * clock["calls"]
 
-    monkeypatch.setattr(bench, "time", type("FakeTime", (), {"perf_counter_ns": staticmethod(lambda: clock["ns"])}))
-    files = {name: bench.LoadedFile(call_on_a_slowing_machine, 1, {"runtime": "fake"}) for name in ("a", "b")}
+    monkeypatch.setattr(latency, "time", type("FakeTime", (), {"perf_counter_ns": staticmethod(lambda: clock["ns"])}))
+    files = {name: TimedCall(call_on_a_slowing_machine, 1, {"runtime": "fake"}) for name in ("a", "b")}
     settings = dict(warmup=0, min_repeats=100, min_seconds=0.0)
 
-    one_after_the_other = bench.interleaved_latency(files, rounds=1, **settings)
+    one_after_the_other = latency.interleaved_latency(files, rounds=1, **settings)
     assert one_after_the_other["b"]["median_ms"] > 1.5 * one_after_the_other["a"]["median_ms"]
 
-    interleaved = bench.interleaved_latency(files, rounds=10, **settings)
+    interleaved = latency.interleaved_latency(files, rounds=10, **settings)
     assert interleaved["b"]["median_ms"] == pytest.approx(interleaved["a"]["median_ms"], rel=0.02)
     for result in interleaved.values():
         assert result["repeats"] == 100 and result["rounds"] == 10 and result["runtime"] == "fake"
     with pytest.raises(CompressError, match="rounds"):
-        bench.interleaved_latency(files, rounds=0, **settings)
+        latency.interleaved_latency(files, rounds=0, **settings)
 
 
 def test_interleaved_latency_of_real_files(tiny_onnx, tiny_tflite):
-    files = {"onnx": bench.load_onnx(tiny_onnx, 1), "tflite": bench.load_tflite(tiny_tflite["int8"], 1)}
-    results = bench.interleaved_latency(files, rounds=3, **QUICK)
+    files = {"onnx": latency.timed_file(tiny_onnx, 1), "tflite": latency.timed_file(tiny_tflite["int8"], 1)}
+    results = latency.interleaved_latency(files, rounds=3, **QUICK)
     for result in results.values():
         _check_timing(result, 1)
     assert results["onnx"]["provider"] == "CPUExecutionProvider" and results["tflite"]["runtime"].startswith("ai-edge")
@@ -219,7 +220,7 @@ def test_interleaved_latency_of_real_files(tiny_onnx, tiny_tflite):
 
 @pytest.mark.parametrize("batch", [1, 32])
 def test_onnx_latency(tiny_onnx, batch):
-    result = bench.onnx_latency(tiny_onnx, batch, threads=1, **QUICK)
+    result = latency.file_latency(tiny_onnx, batch, threads=1, **QUICK)
     _check_timing(result, batch)
     assert result["threads"] == 1 and result["provider"] == "CPUExecutionProvider"
     assert result["runtime"].startswith("onnxruntime ")
@@ -227,11 +228,11 @@ def test_onnx_latency(tiny_onnx, batch):
 
 def test_onnx_latency_refuses_a_fixed_other_batch_and_a_missing_provider(tmp_path):
     path = _onnx_model(tmp_path / "fixed.onnx", weights=np.ones((4, 2), np.float32), fixed_batch=1)
-    _check_timing(bench.onnx_latency(path, 1, **QUICK), 1)
+    _check_timing(latency.file_latency(path, 1, **QUICK), 1)
     with pytest.raises(CompressError, match="fixed batch size of 1"):
-        bench.onnx_latency(path, 32, **QUICK)
+        latency.file_latency(path, 32, **QUICK)
     with pytest.raises(CompressError, match="NoSuchExecutionProvider"):
-        bench.onnx_latency(path, 1, provider="NoSuchExecutionProvider", **QUICK)
+        latency.file_latency(path, 1, provider="NoSuchExecutionProvider", **QUICK)
 
 
 @pytest.mark.parametrize("kind", ["float", "int8"])
@@ -241,13 +242,13 @@ def test_tflite_latency(tiny_tflite, kind, batch):
 
     detail = Interpreter(model_path=str(tiny_tflite[kind])).get_input_details()[0]
     assert detail["dtype"] == (np.int8 if kind == "int8" else np.float32)
-    result = bench.tflite_latency(tiny_tflite[kind], batch, threads=1, **QUICK)
+    result = latency.file_latency(tiny_tflite[kind], batch, threads=1, **QUICK)
     _check_timing(result, batch)
     assert result["threads"] == 1 and result["runtime"].startswith("ai-edge-litert")
 
 
 def test_keras_latency_labels_predict_and_tf_function(tiny_keras):
-    result = bench.keras_latency(tiny_keras, 2, **QUICK)
+    result = latency.keras_latency(tiny_keras, 2, **QUICK)
     assert result["predict"]["label"] == "Keras model.predict(x, verbose=0)"
     assert result["tf_function"]["label"] == "tf.function(model) call"
     for key in ("predict", "tf_function"):
@@ -255,7 +256,7 @@ def test_keras_latency_labels_predict_and_tf_function(tiny_keras):
 
 
 def test_cuda_available_gives_a_reason():
-    available, reason = bench.cuda_available()
+    available, reason = hardware.cuda_available()
     assert isinstance(available, bool) and reason
     import onnxruntime
 

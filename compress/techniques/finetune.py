@@ -13,6 +13,7 @@ from compress.errors import ConfigError, ModelError
 
 WEIGHT_LAYER_TYPES = ("Conv2D", "Dense")
 MAX_FINE_TUNE_EPOCHS = 1000  # a bound that also refuses inf and nan
+MAX_BATCH_SIZE = 4096
 
 
 class FrozenDict(dict):
@@ -73,7 +74,7 @@ def copy_model(model):
 
     if not isinstance(model, keras.Model):
         raise ModelError(f"expected a Keras (tf_keras) model, got {type(model).__name__}")
-    from compress.export import is_qat_model
+    from compress.kerasmodel import is_qat_model
 
     if is_qat_model(model):
         raise ModelError(
@@ -131,7 +132,7 @@ def fine_tune(model, data, *, epochs: float, batch_size: int, learning_rate: flo
 
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=classification_loss(model),
         metrics=["accuracy"],
     )
     keras_epochs, steps = training_plan(data, epochs, batch_size)
@@ -148,6 +149,14 @@ def fine_tune(model, data, *, epochs: float, batch_size: int, learning_rate: flo
         verbose=verbose,
     )
     return {key: [float(v) for v in values] for key, values in history.history.items()}
+
+
+def classification_loss(model):
+    """Sparse cross-entropy on the model's outputs: logits, or probabilities where the model ends in a softmax."""
+    from compress.checks import outputs_probabilities
+    from compress.keras import keras
+
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=not outputs_probabilities(model))
 
 
 def wrap_layers(model, wrap, verb: str):
@@ -179,10 +188,7 @@ def evaluate(model, data) -> dict:
     """Test loss and accuracy of a Keras model (compiled here, so stripped models can be measured too)."""
     from compress.keras import keras
 
-    model.compile(
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    model.compile(loss=classification_loss(model), metrics=["accuracy"])
     loss, accuracy = model.evaluate(data.pipeline("test", 256), verbose=0)
     return {"test_accuracy": float(accuracy), "test_loss": float(loss)}
 
@@ -219,6 +225,8 @@ def check_training_settings(config) -> None:
         raise ConfigError(f"epochs must be a number in (0, {MAX_FINE_TUNE_EPOCHS}] (0.5 trains on half an epoch), "
                           f"got {config.epochs!r}")
     require_positive_int(config.batch_size, "batch_size")
+    if config.batch_size > MAX_BATCH_SIZE:
+        raise ConfigError(f"batch_size must be at most {MAX_BATCH_SIZE}, got {config.batch_size}")
     if not (is_number(config.learning_rate) and 0 < config.learning_rate < 1):
         raise ConfigError(f"learning_rate must be in (0, 1), got {config.learning_rate!r}")
 

@@ -1,0 +1,93 @@
+"""Checks that run before any work: does the model fit the data, and can the output folder be written?
+
+Every command that takes a model and data calls `check_model_fits_data` once, before training, converting or
+writing anything, so that a model with two inputs, a vector input, the wrong image size or the wrong class count
+is refused in one line instead of failing minutes later inside a library.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from compress.errors import ConfigError, DataError, ModelError
+from compress.kerasmodel import shape_text
+
+MAX_BATCH_BYTES = 2 << 30  # one timed or evaluated batch of float32 images
+
+
+def check_model_fits_data(model, data, *, role: str = "model", batch_sizes: Sequence[int] = (),
+                          log: Callable[[str], None] | None = None) -> dict:
+    """Refuse (one ModelError/DataError line) a model whose input or output does not fit `data`.
+
+    Returns what was decided about the model: whether it outputs probabilities (softmax) or logits, told by its
+    last layer or else by its outputs on a few test images.
+    """
+    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
+    if not inputs or not outputs:
+        raise ModelError(f"the {role} has no defined inputs; build it as a Sequential or functional model on an Input")
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError(f"the {role} has {len(inputs)} inputs and {len(outputs)} outputs; compress handles image "
+                         "classifiers with one image input and one output")
+    input_shape = tuple(inputs[0].shape[1:])
+    if len(input_shape) != 3:
+        raise ModelError(f"the {role} takes inputs of shape {shape_text(input_shape)}; compress handles image models "
+                         "taking height x width x channels")
+    if input_shape != tuple(data.input_shape):
+        hint = ("pass --image-size HxW to resize the images" if input_shape[2] == data.input_shape[2]
+                else "its channel count differs from the images'; convert the images or the model")
+        raise DataError(f"the {role} takes {shape_text(input_shape)} images but {data.source} has "
+                        f"{shape_text(data.input_shape)}; {hint}")
+    output_shape = tuple(outputs[0].shape[1:])
+    if len(output_shape) != 1 or output_shape[0] != data.num_classes:
+        raise ModelError(f"the {role} outputs {shape_text(output_shape) or 'a scalar'} per image but {data.source} has "
+                         f"{data.num_classes} classes; compress needs one score per class")
+    image_bytes = int(np.prod(input_shape)) * 4
+    for batch in batch_sizes:
+        if batch * image_bytes > MAX_BATCH_BYTES:
+            raise ConfigError(f"a batch of {batch} {shape_text(input_shape)} images needs "
+                              f"{batch * image_bytes / 2**30:.1f} GiB; use batch sizes up to "
+                              f"{MAX_BATCH_BYTES // image_bytes}")
+    probabilities = outputs_probabilities(model, data)
+    decided = {"outputs": "probabilities (softmax)" if probabilities else "logits"}
+    if log is not None:
+        log(f"{role}: {shape_text(input_shape)} input, {data.num_classes} outputs as {decided['outputs']}")
+    return decided
+
+
+def outputs_probabilities(model, data=None) -> bool:
+    """True when the model's outputs are probabilities: a softmax last layer, or else rows that are non-negative
+    and sum to 1 on a few of the data's test images (a model can hide its softmax in a nested block)."""
+    from compress.keras import keras
+
+    last = model.layers[-1]
+    last = getattr(last, "layer", last)  # tfmot wrappers hold the layer they wrap
+    if isinstance(last, keras.layers.Softmax) or getattr(last, "activation", None) is keras.activations.softmax:
+        return True
+    if data is None:
+        return False
+    images, _ = data.normalized("test")
+    outputs = np.asarray(model(images[:16], training=False), dtype=np.float64)
+    return bool(outputs.size and (outputs >= 0).all() and np.allclose(outputs.sum(axis=-1), 1.0, atol=1e-3))
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, an output folder that is a file or cannot be created or written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output path {path} is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot create {path}: {existing} is a file")
+    try:  # os.access says yes to root on a read-only folder; writing a file is the real test
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {path}: {exc.strerror or exc}") from None
+    return path

@@ -1,0 +1,158 @@
+"""Keras -> TFLite flatbuffer and Keras / int8 TFLite -> ONNX, each file named, tagged and checked the same way."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from compress.errors import ExportError, first_line
+from compress.export.int8_rewrite import use_integer_kernels
+from compress.files import atomic_path
+from compress.kerasmodel import model_io
+from compress.measure.sizes import count_zeros, onnx_constants, quantized_zero_points
+
+MIN_OPSET = 17
+DEFAULT_OPSET = 17
+
+
+def to_tflite(model, *, int8: bool) -> bytes:
+    """A TFLite flatbuffer: float32, or (for a QAT model, `int8=True`) int8 with the learned quantization ranges."""
+    from compress.keras import tf
+
+    try:
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        if int8:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return converter.convert()
+    except Exception as exc:  # the converter raises ConverterError, ValueError and others, all "cannot convert"
+        raise ExportError(f"TFLite conversion failed: {first_line(exc)}") from None
+
+
+def onnx_proto(model, *, opset: int = DEFAULT_OPSET, metadata: dict[str, str], int8_tflite: bytes | None = None,
+               unsigned_weights: bool = False):
+    """The model as an ONNX ModelProto, named and tagged the way every export is (from `int8_tflite` for QAT)."""
+    input_name, input_shape, output_name = model_io(model)
+    proto = _to_onnx(model, opset=opset, int8_tflite=int8_tflite, input_name=input_name, input_shape=input_shape)
+    if int8_tflite is not None:
+        use_integer_kernels(proto.graph, unsigned_weights=unsigned_weights)
+    _tidy_onnx(proto, input_name=input_name, output_name=output_name, metadata=metadata)
+    return proto
+
+
+def _to_onnx(model, *, opset: int, int8_tflite: bytes | None, input_name: str, input_shape):
+    """The ONNX ModelProto: from the Keras model (float), or from the int8 TFLite flatbuffer (QAT)."""
+    import tf2onnx
+
+    from compress.keras import tf
+
+    try:
+        with _quiet_tf2onnx():
+            if int8_tflite is None:
+                spec = (tf.TensorSpec((None, *input_shape), tf.float32, name=input_name),)
+                proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+            else:
+                with tempfile.TemporaryDirectory(prefix="compress-export-") as tmp:
+                    path = Path(tmp) / "model.tflite"
+                    path.write_bytes(int8_tflite)
+                    proto, _ = tf2onnx.convert.from_tflite(str(path), opset=opset)
+    except ExportError:
+        raise
+    except Exception as exc:  # tf2onnx raises many types for unsupported ops; each means "cannot convert"
+        raise ExportError(f"ONNX conversion failed: {first_line(exc)}") from None
+    return proto
+
+
+@contextlib.contextmanager
+def _quiet_tf2onnx():
+    """Keep tf2onnx's INFO lines and TensorFlow's deprecation warnings off the console during a conversion."""
+    logger = logging.getLogger("tf2onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _tidy_onnx(proto, *, input_name: str, output_name: str, metadata: dict[str, str]) -> None:
+    """Name the graph's input and output after the Keras model's, call the batch dimension 'batch', add metadata."""
+    import onnx
+
+    graph = proto.graph
+    if len(graph.input) != 1 or len(graph.output) != 1:
+        raise ExportError(
+            f"the ONNX graph has {len(graph.input)} inputs and {len(graph.output)} outputs; expected one of each"
+        )
+    _rename_tensor(graph, graph.input[0].name, input_name)
+    _rename_tensor(graph, graph.output[0].name, output_name)
+    for value in (graph.input[0], graph.output[0]):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = "batch"
+    onnx.helper.set_model_props(proto, metadata)
+    proto.doc_string = "exported by compress; see metadata_props"
+
+
+def _rename_tensor(graph, old: str, new: str) -> None:
+    if old == new:
+        return
+    names = {name for node in graph.node for name in (*node.input, *node.output)}
+    names |= {item.name for item in graph.initializer} | {item.name for item in graph.input}
+    if new in names:
+        return  # keep tf2onnx's name rather than collide with another tensor
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.name == old:
+            value.name = new
+
+
+def save_onnx(proto, target: str | os.PathLike) -> Path:
+    """Check the model (with shape inference) and write it atomically; a model that fails the checker is not written."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:  # onnx raises ValidationError and InferenceError
+        raise ExportError(f"the converted ONNX model fails onnx.checker: {first_line(exc)}") from None
+    with atomic_path(target) as partial:
+        onnx.save(proto, str(partial))
+    return Path(target)
+
+
+def describe_onnx(proto) -> dict:
+    """Opset, input, metadata and weight statistics of an ONNX model (weights: float/int tensors of rank >= 2)."""
+    import onnx
+    from onnx import numpy_helper
+
+    opset = max((item.version for item in proto.opset_import if item.domain in ("", "ai.onnx")), default=0)
+    value = proto.graph.input[0]
+    dims = [dim.dim_param or dim.dim_value for dim in value.type.tensor_type.shape.dim]
+    zero_points = quantized_zero_points(proto.graph)
+    weights = [(tensor.name, numpy_helper.to_array(tensor)) for tensor in onnx_constants(proto.graph)]
+    weights = [(name, array) for name, array in weights
+               if array.ndim >= 2 and array.dtype.kind in "fiu" and array.dtype != np.int64]
+    total = sum(array.size for _, array in weights)
+    int8 = sum(array.size for _, array in weights if array.dtype in (np.int8, np.uint8))
+    zeros = sum(count_zeros(array, zero_points.get(name)) for name, array in weights)
+    return {
+        "opset": int(opset),
+        "input": {"name": value.name, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(
+            value.type.tensor_type.elem_type).name},
+        "output": proto.graph.output[0].name,
+        "metadata": {prop.key: prop.value for prop in proto.metadata_props},
+        "weight_elements": int(total),
+        "int8_weight_fraction": int8 / total if total else 0.0,
+        "weight_zero_fraction": zeros / total if total else 0.0,
+    }

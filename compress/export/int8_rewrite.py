@@ -1,0 +1,179 @@
+"""Rewrites of an int8 QDQ ONNX graph that compute exactly what it computed, so that onnxruntime runs it on integer
+kernels (QLinearConv / QGemm). Pure functions of an onnx GraphProto: no TensorFlow, no converter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Ops that only move or pick activation values, so they work the same on uint8 as on int8.
+_VALUE_MOVING_OPS = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Identity"}
+
+
+def use_integer_kernels(graph, *, unsigned_weights: bool = False) -> None:
+    """Rewrite tf2onnx's QDQ graph of an int8 TFLite file so that onnxruntime runs it on integer kernels.
+
+    onnxruntime fuses DequantizeLinear -> Conv / MatMul+Add -> QuantizeLinear into QLinearConv / QGemm only when the
+    activations are uint8 (on x86; it converts int8 Q -> DQ pairs itself only where they sit side by side) and no float
+    Relu sits before the QuantizeLinear. Unfused, every call dequantizes all weights to float: slower than the float
+    file. Both rewrites compute exactly what the graph did; weights and learned scales stay as they are:
+    - int8 activations become uint8 (zero point + 128), where they only pass through value-moving ops to DQs;
+    - a Relu or ReLU6-style Clip feeding a QuantizeLinear moves behind it as an integer Clip (quantizing is
+      monotonic), or goes where quantizing clips to the same bounds anyway;
+    - with `unsigned_weights`, int8 weights become uint8 (value + 128, zero point + 128), for CPUs whose uint8 x int8
+      kernels saturate.
+    """
+    _unsigned_activations(graph)
+    _activation_behind_quantize(graph)
+    if unsigned_weights:
+        _unsigned_weight_initializers(graph)
+
+
+def _unsigned_weight_initializers(graph) -> None:
+    from onnx import TensorProto, numpy_helper
+
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        weights, zero_point = initializers.get(node.input[0]), initializers.get(node.input[2])
+        if weights is None or zero_point is None or weights.data_type != TensorProto.INT8:
+            continue
+        for position, tensor in ((0, weights), (2, zero_point)):  # new names: a scalar zero point may be shared
+            shifted = numpy_helper.to_array(tensor).astype(np.int16) + 128
+            name = _unused_name(graph, f"{tensor.name}_uint8")
+            graph.initializer.append(numpy_helper.from_array(shifted.astype(np.uint8), name))
+            node.input[position] = name
+    used = {name for node in graph.node for name in node.input}
+    for tensor in list(graph.initializer):
+        if tensor.name in initializers and tensor.name not in used:
+            graph.initializer.remove(tensor)
+
+
+def _unsigned_activations(graph) -> None:
+    from onnx import TensorProto, numpy_helper
+
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    consumers = _consumers(graph)
+    graph_outputs = {value.name for value in graph.output}
+    unsigned_names: dict[str, str] = {}
+
+    def dequantizers(tensor: str):
+        """The DequantizeLinear nodes `tensor` reaches through value-moving ops; None if it reaches anything else."""
+        found = []
+        for node in consumers.get(tensor, []):
+            if node.op_type == "DequantizeLinear":
+                found.append(node)
+            elif node.op_type in _VALUE_MOVING_OPS and (further := dequantizers(node.output[0])) is not None:
+                found.extend(further)
+            else:
+                return None
+        return None if tensor in graph_outputs else found
+
+    def unsigned(name: str) -> str:
+        if name not in unsigned_names:
+            zero_point = numpy_helper.to_array(initializers[name]).astype(np.int16) + 128
+            unsigned_names[name] = _unused_name(graph, f"{name}_uint8")
+            graph.initializer.append(numpy_helper.from_array(zero_point.astype(np.uint8), unsigned_names[name]))
+        return unsigned_names[name]
+
+    for quantize in [node for node in graph.node if node.op_type == "QuantizeLinear"]:
+        zero_point = initializers.get(quantize.input[2]) if len(quantize.input) == 3 else None
+        if zero_point is None or zero_point.data_type != TensorProto.INT8:
+            continue
+        users = dequantizers(quantize.output[0])
+        if users is None or any(node.input[2] not in initializers for node in users):
+            continue
+        for node in (quantize, *users):
+            node.input[2] = unsigned(node.input[2])
+    used = {name for node in graph.node for name in node.input}
+    for name in unsigned_names:
+        if name not in used:  # an int8 zero point no node reads any more
+            graph.initializer.remove(initializers[name])
+
+
+def _activation_behind_quantize(graph) -> None:
+    """Move a Relu or a constant-bound Clip (ReLU6) that feeds a QuantizeLinear behind it, as an integer Clip.
+
+    Quantizing is monotonic, so Q(clip(x, lo, hi)) == clip(Q(x), Q(lo), Q(hi)); bounds that cover the integer
+    type's whole range clip nothing and the activation simply goes.
+    """
+    from onnx import helper, numpy_helper
+
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    consumers = _consumers(graph)
+    graph_outputs = {value.name for value in graph.output}
+    for activation in [node for node in graph.node if node.op_type in ("Relu", "Clip")]:
+        users = consumers.get(activation.output[0], [])
+        if len(users) != 1 or users[0].op_type != "QuantizeLinear" or activation.output[0] in graph_outputs:
+            continue
+        quantize = users[0]
+        if (len(quantize.input) < 3 or not set(quantize.input[1:3]) <= set(initializers)
+                or quantize.output[0] in graph_outputs):
+            continue
+        scale = numpy_helper.to_array(initializers[quantize.input[1]])
+        zero_point = numpy_helper.to_array(initializers[quantize.input[2]])
+        if zero_point.ndim != 0 or scale.ndim != 0:  # Clip takes scalar bounds; per-axis outputs keep their activation
+            continue
+        bounds = _float_bounds(activation, initializers)
+        if bounds is None:
+            continue
+        limits = np.iinfo(zero_point.dtype)
+
+        def quantized_bound(bound, unbounded):
+            if bound is None:
+                return unbounded
+            return int(np.clip(np.rint(bound / scale) + int(zero_point), limits.min, limits.max))
+
+        low, high = quantized_bound(bounds[0], limits.min), quantized_bound(bounds[1], limits.max)
+        quantize.input[0] = activation.input[0]
+        graph.node.remove(activation)
+        if low <= limits.min and high >= limits.max:
+            continue  # quantizing already clips to these bounds
+        quantized = quantize.output[0]
+        clipped = _unused_name(graph, f"{quantized}_{activation.op_type.lower()}")
+        for node in consumers.get(quantized, []):
+            node.input[:] = [clipped if name == quantized else name for name in node.input]
+        bound_names = []
+        for value, label in ((low, "min"), (high, "max")):
+            bound_names.append(_unused_name(graph, f"{clipped}_{label}"))
+            graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=zero_point.dtype), bound_names[-1]))
+        position = list(graph.node).index(quantize) + 1
+        graph.node.insert(position, helper.make_node("Clip", [quantized, *bound_names], [clipped],
+                                                     name=_unused_name(graph, f"{activation.name or 'act'}_clip")))
+
+
+def _float_bounds(activation, initializers) -> tuple[float | None, float | None] | None:
+    """(low, high) of a Relu (0, none) or a Clip with constant bounds; None for a Clip whose bounds are not known."""
+    from onnx import numpy_helper
+
+    if activation.op_type == "Relu":
+        return 0.0, None
+    bounds = []
+    for position in (1, 2):
+        name = activation.input[position] if len(activation.input) > position else ""
+        if not name:
+            bounds.append(None)
+        elif name in initializers and numpy_helper.to_array(initializers[name]).ndim == 0:
+            bounds.append(float(numpy_helper.to_array(initializers[name])))
+        else:
+            return None
+    return bounds[0], bounds[1]
+
+
+def _consumers(graph) -> dict[str, list]:
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _unused_name(graph, name: str) -> str:
+    used = {tensor.name for tensor in graph.initializer} | {node.name for node in graph.node}
+    used |= {output for node in graph.node for output in node.output}
+    candidate, count = name, 0
+    while candidate in used:
+        count += 1
+        candidate = f"{name}_{count}"
+    return candidate

@@ -1,0 +1,78 @@
+"""The parity check every exported file passes: run it in its own runtime beside the Keras model it came from."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from compress.errors import ConfigError, DataError, ExportError
+from compress.kerasmodel import shape_text
+from compress.runtimes import open_session
+
+PARITY_SAMPLES = 1000  # enough that the agreement of a correct int8 file is known to about half a point
+PARITY_SEED = 0
+# Top-1 agreement an exported file needs with its source on the parity inputs. An int8 file is compared with the
+# float model it was quantized from, so near-tied predictions flip; files broken by saturating int8 kernels agree
+# far less (benchmarks/cifar10 and the README give the figures).
+PARITY_THRESHOLDS = {"float32": 0.99, "float16": 0.99, "int8": 0.96}
+
+
+def parity_inputs(input_shape, data=None, count: int = PARITY_SAMPLES):
+    """(images, labels or None, description): the first `count` test images of `data`, else seeded uniform noise."""
+    input_shape = tuple(int(dim) for dim in input_shape)
+    if data is not None:
+        images, labels = data.normalized("test")
+        if tuple(images.shape[1:]) != input_shape:
+            raise DataError(
+                f"the model takes {shape_text(input_shape)} images but {data.source} has "
+                f"{shape_text(images.shape[1:])}; pass --image-size to resize them"
+            )
+        images, labels = images[:count], labels[:count]
+        return images, labels, {"source": f"{data.source} test split, first {len(images)} images", "count": len(images)}
+    images = np.random.default_rng(PARITY_SEED).random((count, *input_shape), dtype=np.float32)
+    return images, None, {"source": f"uniform random images in [0, 1], seed {PARITY_SEED}", "count": count}
+
+
+def check_parity(
+    path: str | os.PathLike,
+    inputs: np.ndarray,
+    reference: np.ndarray,
+    *,
+    precision: str = "float32",
+    labels: np.ndarray | None = None,
+    batch_size: int = 64,
+) -> dict:
+    """Run the file at `path` on `inputs` in its runtime and compare with `reference` outputs (top-1 and max |diff|)."""
+    if precision not in PARITY_THRESHOLDS:
+        raise ConfigError(f"unknown precision {precision!r}; known: {', '.join(PARITY_THRESHOLDS)}")
+    session = open_session(path)
+    outputs = session.predict(inputs, batch_size)
+    reference = np.asarray(reference, dtype=np.float32)
+    if outputs.shape != reference.shape:
+        raise ExportError(f"{path} outputs shape {outputs.shape[1:]}, the source model {reference.shape[1:]}")
+    finite = bool(np.isfinite(outputs).all())
+    agreement = float(np.mean(outputs.argmax(-1) == reference.argmax(-1))) if len(outputs) else 0.0
+    threshold = PARITY_THRESHOLDS[precision]
+    result = {
+        "runtime": session.runtime,
+        "precision": precision,
+        "samples": int(len(inputs)),
+        "top1_agreement": agreement,
+        "max_abs_diff": float(np.max(np.abs(outputs - reference))) if finite and len(outputs) else float("nan"),
+        "threshold": threshold,
+        "ok": finite and agreement >= threshold,
+    }
+    if not finite:
+        result["max_abs_diff"] = None
+        result["note"] = "the exported file produced NaN or infinite outputs"
+    if labels is not None:
+        result["accuracy"] = float(np.mean(outputs.argmax(-1) == labels))
+        result["reference_accuracy"] = float(np.mean(reference.argmax(-1) == labels))
+    return result
+
+
+def parity_failure_message(result: dict, parity_path) -> str:
+    bad = [(name, item) for name, item in result["parity"]["files"].items() if not item["ok"]]
+    parts = [f"{name}: top-1 agreement {item['top1_agreement']:.2%} < {item['threshold']:.0%}" for name, item in bad]
+    return f"parity check failed ({'; '.join(parts)}); files kept for inspection, see {parity_path}"

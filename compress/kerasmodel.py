@@ -1,0 +1,234 @@
+"""Keras model files and what the toolkit needs to know about a Keras model, in one place no technique owns.
+
+Loading (safe mode unless asked otherwise; tfmot's wrapper classes known), saving, recognising and stripping tfmot's
+training wrappers, the one-image-input / one-output shape every technique assumes, and the model's outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from compress.errors import ExportError, ModelError, first_line
+from compress.files import atomic_path
+
+MODEL_SUFFIXES = (".keras", ".h5")
+_QAT_CLASSES = {"QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer"}
+_PRUNE_CLASSES = {"PruneLowMagnitude"}
+_CLUSTER_CLASSES = {"ClusterWeights", "ClusterWeightsMHA"}
+
+
+def load_model(path: str | os.PathLike, *, unsafe: bool = False):
+    """Load a .keras file in Keras' safe mode (no arbitrary code) unless `unsafe`; any failure is one ModelError."""
+    from compress.keras import keras, tfmot
+
+    path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder (a SavedModel?); compress reads .keras files: load it in Keras and "
+                         "save it with model.save('model.keras')")
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    if path.suffix != ".keras":
+        raise ModelError(f"{path} is not a .keras model file")
+    # Models saved mid-compression carry tfmot wrappers; their classes must be known to deserialize, and two of
+    # tfmot's quantization classes need the fixed builds in loading_objects() to load from .keras files.
+    with (
+        tfmot.quantization.keras.quantize_scope(),
+        tfmot.clustering.keras.cluster_scope(),
+        keras.utils.custom_object_scope(loading_objects()),
+    ):
+        try:
+            return keras.models.load_model(path, compile=False, safe_mode=not unsafe)
+        except ValueError as exc:
+            if "Lambda" in str(exc) or "safe_mode" in str(exc):
+                raise ModelError(
+                    f"{path} holds a Lambda layer (arbitrary Python code); pass --unsafe if you trust the file"
+                ) from None
+            raise ModelError(f"cannot load {path}: {first_line(exc)}") from None
+        except Exception as exc:  # zip, h5 and deserialisation errors all mean "not a usable model file"
+            raise ModelError(f"cannot load {path}: {first_line(exc)}") from None
+
+
+def save_model(model, target: str | os.PathLike) -> Path:
+    with atomic_path(target) as partial:
+        model.save(partial)
+    return Path(target)
+
+
+def loading_objects() -> dict:
+    """Replacements for two tfmot classes that do not load back from .keras files (tfmot PR 1123, unmerged).
+
+    QuantizeLayer does not mark itself built, so loading builds it twice (5 variables for 3 saved);
+    QuantizeWrapperV2 lists its inner layer's weights before building that layer, so the bias goes missing.
+    Same names and configs as tfmot's, so files saved either way load either way. Use inside quantize_scope().
+    """
+    global _LOADING_OBJECTS
+    if _LOADING_OBJECTS is None:
+        from compress.keras import tfmot
+
+        with tfmot.quantization.keras.quantize_scope() as scope:
+            known = {name: cls for table in scope.custom_objects for name, cls in table.items()}
+
+        class QuantizeLayer(known["QuantizeLayer"]):
+            def build(self, input_shape):
+                super().build(input_shape)
+                self.built = True
+
+        class QuantizeWrapperV2(known["QuantizeWrapperV2"]):
+            def build(self, input_shape):
+                if not self.layer.built:
+                    self.layer.build(input_shape)
+                    self.layer.built = True
+                super().build(input_shape)
+
+        _LOADING_OBJECTS = {"QuantizeLayer": QuantizeLayer, "QuantizeWrapperV2": QuantizeWrapperV2}
+    return dict(_LOADING_OBJECTS)
+
+
+_LOADING_OBJECTS = None
+
+
+def is_qat_model(model) -> bool:
+    """True for a model holding tfmot quantization wrappers (QAT, prune- or cluster-preserving QAT)."""
+    return any(_is_one_of(layer, _QAT_CLASSES) for layer in _layers(model))
+
+
+def strip_training_wrappers(model):
+    """Remove tfmot pruning / clustering wrappers left on a model; returns (model, names of what was stripped)."""
+    from compress.keras import tfmot
+
+    stripped = []
+    if any(_is_one_of(layer, _PRUNE_CLASSES) for layer in _layers(model)):
+        model = _strip(tfmot.sparsity.keras.strip_pruning, model, "pruning")
+        stripped.append("pruning")
+    if any(_is_one_of(layer, _CLUSTER_CLASSES) for layer in _layers(model)):
+        model = _strip(tfmot.clustering.keras.strip_clustering, model, "clustering")
+        stripped.append("clustering")
+    return model, stripped
+
+
+def _strip(function, model, what: str):
+    try:
+        return function(model)
+    except Exception as exc:  # tfmot raises ValueError or TypeError for models it cannot clone
+        raise ExportError(f"cannot strip the {what} wrappers from the model: {first_line(exc)}") from None
+
+
+def model_io(model) -> tuple[str, tuple[int, ...], str]:
+    """(input name, input shape without batch, output name) of a one-input, one-output image model."""
+    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
+    if not inputs or not outputs:
+        raise ModelError(
+            "the model has no defined inputs; compress needs a Sequential or functional model built on an Input"
+        )
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError(f"the model has {len(inputs)} inputs and {len(outputs)} outputs; compress handles one of each")
+    shape = tuple(inputs[0].shape[1:])
+    if any(dim is None for dim in shape):
+        raise ModelError(
+            f"the model's input shape {shape_text(shape)} is not fully known; build it on a fixed-size Input"
+        )
+    input_name = (getattr(model, "input_names", None) or ["input"])[0]
+    output_name = (getattr(model, "output_names", None) or ["output"])[0]
+    return input_name, tuple(int(dim) for dim in shape), output_name
+
+
+def keras_outputs(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The Keras model's float32 outputs for `images`, computed in batches (inference mode)."""
+    return np.concatenate([
+        np.asarray(model(images[i:i + batch_size], training=False), dtype=np.float32)
+        for i in range(0, len(images), batch_size)
+    ])
+
+
+def weights_sha256(model) -> str:
+    """sha256 over the model's weights in order (shape, dtype and bytes; names vary between sessions)."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        array = np.ascontiguousarray(weight.numpy())
+        digest.update(f"{array.shape}|{array.dtype}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def keras_weight_sparsity(model) -> float:
+    """Share of exact zeros among the model's weights of rank >= 2 (kernels), the ones pruning sets to zero.
+
+    For a QAT model these are the float kernels before quantization; a cluster-preserving QAT model computes its
+    weights from centroids, so its raw kernels say little about the zeros of the exported file.
+    """
+    arrays = [np.asarray(weight.numpy()) for weight in model.weights if len(weight.shape) >= 2]
+    total = sum(array.size for array in arrays)
+    return sum(int(np.count_nonzero(array == 0)) for array in arrays) / total if total else 0.0
+
+
+def _layers(model):
+    submodules = getattr(model, "submodules", None)
+    return list(submodules) if submodules is not None else list(getattr(model, "layers", []))
+
+
+def _is_one_of(layer, class_names: set[str]) -> bool:
+    return any(cls.__name__ in class_names for cls in type(layer).__mro__)
+
+
+def shape_text(shape) -> str:
+    return "x".join(str(dim) for dim in shape)
+
+
+def count_macs(model) -> int:
+    """Multiply-accumulates of one image's forward pass through the Conv2D, DepthwiseConv2D, SeparableConv2D,
+    Conv2DTranspose and Dense layers (other layers count 0; biases are not multiplies).
+
+    Output shapes carry strides and padding, so a strided or 'valid' convolution is counted as computed.
+    """
+    from compress.keras import keras
+
+    if not getattr(model, "_is_graph_network", False):
+        raise ModelError(f"cannot count multiply-adds of model {model.name!r}: build it (give it an input shape) first")
+    layers = keras.layers
+    total = 0
+    for node in graph_nodes(model):
+        layer = getattr(node.layer, "layer", node.layer)  # tfmot wrappers compute what the layer they wrap does
+        if isinstance(layer, keras.Model):
+            total += count_macs(layer)
+            continue
+        if not isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D, layers.Dense)):
+            continue
+        inputs, outputs = flat_tensors(node.keras_inputs), flat_tensors(node.outputs)
+        shape_in, shape_out = known_shape(layer, inputs[0]), known_shape(layer, outputs[0])
+        c_in, out_size = shape_in[-1], math.prod(shape_out[1:])
+        if isinstance(layer, layers.Dense):
+            total += out_size * c_in
+        elif isinstance(layer, layers.Conv2DTranspose):  # every input pixel is spread over a kernel window
+            total += math.prod(shape_in[1:]) * math.prod(layer.kernel_size) * layer.filters
+        elif isinstance(layer, layers.DepthwiseConv2D):
+            total += out_size * math.prod(layer.kernel_size)
+        elif isinstance(layer, layers.SeparableConv2D):
+            pixels, middle = math.prod(shape_out[1:-1]), c_in * layer.depth_multiplier
+            total += pixels * middle * (math.prod(layer.kernel_size) + shape_out[-1])
+        else:
+            total += out_size * math.prod(layer.kernel_size) * c_in // layer.groups
+    return int(total)
+
+
+def graph_nodes(model) -> list:
+    """The model's own nodes, inputs first."""
+    by_depth = model._nodes_by_depth
+    return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
+
+
+def flat_tensors(tensors) -> list:
+    from compress.keras import tf
+
+    return tf.nest.flatten(tensors)
+
+
+def known_shape(layer, tensor) -> tuple[int, ...]:
+    shape = tuple(tensor.shape)
+    if any(dim is None for dim in shape[1:]):
+        raise ModelError(f"cannot count multiply-adds of {layer.name}: its shape {shape} is not fully known")
+    return shape

@@ -1,0 +1,36 @@
+"""Accuracy of a model file on a data source's test split, run in the file's own runtime."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from compress.errors import DataError
+from compress.runtimes import open_session
+
+
+def evaluate_file(
+    path: str | os.PathLike, data, *, batch_size: int = 64, unsafe: bool = False, limit: int | None = None
+) -> dict:
+    """Top-1 accuracy of a .onnx / .tflite / .keras file on `data`'s test split, in the file's own runtime."""
+    session = open_session(path, unsafe=unsafe)
+    images, labels = data.normalized("test")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    session.check_input_shape(images.shape[1:])
+    outputs = session.predict(images, batch_size)
+    if outputs.ndim != 2 or outputs.shape[1] != data.num_classes:
+        raise DataError(f"{session.path.name} gives {outputs.shape[1:]} outputs per image; "
+                        f"{data.source} has {data.num_classes} classes")
+    return {
+        "file": str(session.path),
+        "format": session.path.suffix.lstrip(".").lower(),
+        "runtime": session.runtime,
+        "device": "CPU",
+        "bytes": session.path.stat().st_size,
+        "data": data.source,
+        "split": "test",
+        "images": int(len(labels)),
+        "accuracy": float(np.mean(outputs.argmax(-1) == labels)),
+    }

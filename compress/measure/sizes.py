@@ -1,0 +1,133 @@
+"""Sizes and weight statistics of exported files, read from the files themselves."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+
+from compress.errors import ModelError, first_line
+
+def file_size(path: str | os.PathLike) -> dict:
+    """File bytes and gzip bytes (level 9, in memory): pruned weights only shrink once compressed."""
+    data = _read_file(path)
+    return {"file_bytes": len(data), "gzip_bytes": len(gzip.compress(data, compresslevel=9, mtime=0))}
+
+
+def onnx_weight_stats(path: str | os.PathLike) -> dict:
+    """Weight elements, nonzero weight elements and stored bytes per data type of an ONNX file's constants.
+
+    Weights are the graph's initializers and Constant nodes (subgraphs included), except int64 tensors
+    (shapes, axes, indices) and the scales and zero points of Quantize/DequantizeLinear, which are
+    counted apart as ``quant_params``. ``bytes_by_dtype`` (stored bytes per data type) covers every constant,
+    whatever its role.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    path = Path(path)
+    _read_file(path, check_only=True)
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError and onnx's own errors both mean "not an ONNX file"
+        raise ModelError(f"cannot read ONNX file {path}: {first_line(exc)}") from None
+
+    tensors = list(onnx_constants(model.graph))
+    quant_names = {name for graph in _graphs(model.graph) for node in graph.node
+                   if node.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+                   for name in node.input[1:]}
+
+    zero_points = {}
+    for graph in _graphs(model.graph):
+        zero_points.update(quantized_zero_points(graph))
+    params = nonzero = quant_params = 0
+    bytes_by_dtype: dict[str, int] = {}
+    for tensor in tensors:
+        array = numpy_helper.to_array(tensor)
+        dtype = _dtype_name(tensor.data_type, array)
+        bytes_by_dtype[dtype] = bytes_by_dtype.get(dtype, 0) + int(array.nbytes)
+        if tensor.name in quant_names:
+            quant_params += int(array.size)
+        elif dtype != "int64":
+            params += int(array.size)
+            nonzero += int(array.size) - count_zeros(array, zero_points.get(tensor.name))
+    return {
+        "params": params,
+        "nonzero_params": nonzero,
+        "sparsity": round(1.0 - nonzero / params, 6) if params else 0.0,
+        "quant_params": quant_params,
+        "bytes_by_dtype": dict(sorted(bytes_by_dtype.items())),
+    }
+
+
+def onnx_constants(graph):
+    """Every constant tensor of a graph and its subgraphs: initializers and Constant nodes (named by their output)."""
+    import onnx
+
+    for sub in _graphs(graph):
+        yield from sub.initializer
+        for node in sub.node:
+            if node.op_type != "Constant":
+                continue
+            for attribute in node.attribute:
+                if attribute.name == "value" and attribute.type == onnx.AttributeProto.TENSOR:
+                    tensor = onnx.TensorProto()
+                    tensor.CopyFrom(attribute.t)
+                    tensor.name = node.output[0]
+                    yield tensor
+
+
+def quantized_zero_points(graph) -> dict:
+    """{constant name: its zero point, shaped to broadcast against it} for constants read by DequantizeLinear.
+
+    A stored integer stands for 0.0 when it equals its zero point: 0 for int8, but 128 for the uint8 weights an
+    export makes for CPUs without VNNI, so zeros are counted against the zero point, not against 0.
+    """
+    from onnx import numpy_helper
+
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    found = {}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or not set(node.input[::2]) <= set(constants):
+            continue
+        zero_point = numpy_helper.to_array(constants[node.input[2]])
+        rank = len(constants[node.input[0]].dims)
+        if zero_point.ndim == 1 and rank > 1:  # per-axis: along the node's axis (default 1)
+            axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1) % rank
+            zero_point = zero_point.reshape([-1 if dim == axis else 1 for dim in range(rank)])
+        found[node.input[0]] = zero_point
+    return found
+
+
+def count_zeros(array: np.ndarray, zero_point: np.ndarray | None = None) -> int:
+    """Elements of `array` that stand for 0.0: equal to `zero_point` (quantized) or to 0 (anything else)."""
+    return int(np.count_nonzero(array == (0 if zero_point is None else zero_point)))
+
+
+def _graphs(graph):
+    """The graph and every subgraph held in node attributes (If/Loop/Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.g.node or attribute.g.initializer:
+                yield from _graphs(attribute.g)
+            for sub in attribute.graphs:
+                yield from _graphs(sub)
+
+
+def _dtype_name(data_type: int, array: np.ndarray) -> str:
+    import onnx
+
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).name
+    except (KeyError, TypeError, ValueError):
+        return onnx.TensorProto.DataType.Name(data_type).lower() or array.dtype.name
+
+
+def _read_file(path, *, check_only: bool = False) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist or is not a file")
+    return b"" if check_only else path.read_bytes()

@@ -1,0 +1,209 @@
+"""A RunRecipe -> one run folder with every variant exported, measured and reported.
+
+Run folder:
+    OUT/recipe.toml                 the recipe as given
+    OUT/baseline/                   model.keras, metrics.json, export files, manifest.json
+    OUT/<stage>/                    model.keras (if the technique makes one), stats.json, export files, manifest.json,
+                                    measurements.json (the files' measured figures, reused by a rerun)
+    OUT/results.json, report.md, results.csv, accuracy_vs_size.png, accuracy_vs_latency.png
+
+A stage is finished when its manifest.json records the same key (a hash of its technique, settings, export formats,
+data and its input's key) and every file it lists still has the sha256 recorded there. The manifest is written last,
+after every file of the stage has been written atomically, so an interrupted stage never looks finished; a changed
+stage gets a new key, and so does everything downstream of it, since their keys include their input's key. A file
+changed since (by hand, or by anything else) makes its stage run again. Models are loaded in Keras' safe mode,
+those of the run folder too, unless the run was started with `unsafe`.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from compress.files import atomic_path, check_output_dir, sha256_file, write_json
+from compress.pipeline.folders import RunOptions, digest_of, is_finished, jsonable, read_manifest, stage_dir
+from compress.pipeline.recipe import BASELINE, RunRecipe, Stage
+
+
+def stage_keys(recipe: RunRecipe, options: RunOptions, baseline_key: str) -> dict[str, str]:
+    """Each stage's key: its settings, formats and data, chained to its input's key."""
+    keys = {BASELINE: baseline_key}
+    for stage in recipe.stages:
+        keys[stage.name] = digest_of(
+            {
+                "technique": stage.technique,
+                "settings": stage.config.to_dict(),
+                "export": list(stage.export_formats),
+                "input": keys[stage.input],
+            }
+        )
+    return keys
+
+
+def baseline_key(recipe: RunRecipe, options: RunOptions) -> str:
+    from compress import __version__
+
+    if options.model is not None:
+        source = {"model_sha256": sha256_file(options.model)}
+    else:
+        source = {"recipe": recipe.baseline_recipe, "epochs": recipe.baseline_epochs}
+    return digest_of({"baseline": source, "export": list(recipe.baseline_export), "data": jsonable(options.data_args),
+                  "compress": __version__})
+
+
+def describe_plan(recipe: RunRecipe, options: RunOptions) -> list[str]:
+    """The resolved plan, one line per stage, saying which would run and which are finished."""
+    keys = stage_keys(recipe, options, baseline_key(recipe, options))
+    lines = []
+    source = (f"model {options.model}" if options.model
+              else f"train ({recipe.baseline_recipe}, {recipe.baseline_epochs} epochs)")
+    state = "finished, would skip" if is_finished(stage_dir(options.out, BASELINE), keys[BASELINE]) else "would run"
+    lines.append(f"baseline: {source} [{state}]")
+    for stage in recipe.stages:
+        finished = is_finished(stage_dir(options.out, stage.name), keys[stage.name])
+        settings = ", ".join(f"{k}={v}" for k, v in stage.config.to_dict().items())
+        lines.append(
+            f"{stage.name}: {stage.technique} <- {stage.input}; export {','.join(stage.export_formats)}; "
+            f"{settings} [{'finished, would skip' if finished else 'would run'}]"
+        )
+    lines.append(f"measure: accuracy on the test split, size, latency at batch {list(recipe.batch_sizes)} "
+                 f"with {recipe.threads} thread(s)")
+    return lines
+
+
+def run(recipe: RunRecipe, options: RunOptions) -> dict:
+    """Run every stage not yet finished, then measure every variant and write results.json and the report."""
+    from compress.checks import check_model_fits_data, check_writable
+    from compress.data import load_data
+    from compress.kerasmodel import load_model
+    from compress.pipeline.measure import measure_run
+    from compress.report import write_report
+
+    started = time.perf_counter()
+    out = check_output_dir(options.out)
+    check_writable(out)
+    for name in (BASELINE, *(stage.name for stage in recipe.stages)):
+        stage_dir(out, name)
+    data = load_data(**options.data_args)
+    if options.model is not None:  # refuse a model that cannot work with this data before any work is done
+        check_model_fits_data(load_model(options.model, unsafe=options.unsafe), data,
+                              batch_sizes=recipe.batch_sizes, log=options.log)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "recipe.toml") as partial:
+        partial.write_text(recipe.source)
+    keys = stage_keys(recipe, options, baseline_key(recipe, options))
+    names = [BASELINE, *(stage.name for stage in recipe.stages)]
+    stage_seconds = []
+    chains: dict[str, list[str]] = {BASELINE: []}
+    for position, name in enumerate(names, start=1):
+        stage = None if name == BASELINE else recipe.stage(name)
+        chains[name] = [] if stage is None else [*chains[stage.input], stage.technique]
+        folder = stage_dir(out, name)
+        what = "baseline" if stage is None else f"{stage.technique} <- {stage.input}"
+        if is_finished(folder, keys[name]):
+            options.log(f"[{position}/{len(names)}] {name} ({what}): finished earlier with the same settings, skipped")
+            stage_seconds.append({"name": name, "seconds": 0.0, "skipped": True})
+            continue
+        options.log(f"[{position}/{len(names)}] {name} ({what}) ...")
+        stage_started = time.perf_counter()
+        for leftover in folder.glob(".*.partial*"):  # temporary files of a run killed mid-write
+            leftover.unlink()
+        (folder / "manifest.json").unlink(missing_ok=True)  # a stage being redone is not finished
+        if stage is None:
+            manifest = _run_baseline(recipe, options, data, folder)
+        else:
+            manifest = _run_stage(stage, options, data, out, chains[name])
+        seconds = time.perf_counter() - stage_started
+        manifest.update(key=keys[name], seconds=round(seconds, 2), finished=_now(), chain=chains[name],
+                        sha256={file: sha256_file(folder / file) for file in manifest["files"]})
+        write_json(folder / "manifest.json", manifest)  # last: only now does the stage count as finished
+        stage_seconds.append({"name": name, "seconds": round(seconds, 2), "skipped": False})
+        options.log(f"    done in {seconds:.1f} s (total {time.perf_counter() - started:.0f} s)")
+
+    results = measure_run(recipe, options, data, names, stage_seconds, started)
+    write_json(out / "results.json", results)
+    written = write_report(results, out)
+    options.log(f"wrote {', '.join(str(path) for path in [out / 'results.json', *written])}")
+    return results
+
+
+def _run_baseline(recipe: RunRecipe, options: RunOptions, data, folder: Path) -> dict:
+    from compress.kerasmodel import load_model, save_model
+
+    if options.model is not None:
+        model = load_model(options.model, unsafe=options.unsafe)
+        stats = {"source": str(options.model), "params": int(model.count_params())}
+    else:
+        from baseline.train import TrainConfig, train_baseline
+
+        config = TrainConfig(recipe=recipe.baseline_recipe, epochs=recipe.baseline_epochs, seed=data.seed)
+        model, stats = train_baseline(data, config, verbose=options.verbose)
+    save_model(model, folder / "model.keras")
+    write_json(folder / "metrics.json", stats)
+    exported = _export(model, folder, recipe.baseline_export, data, [])
+    return {"technique": None, "input": None, "files": _file_names(folder, exported), "export": exported,
+            "macs": _macs(model)}
+
+
+def _run_stage(stage: Stage, options: RunOptions, data, out: Path, chain: list[str]) -> dict:
+    from compress import registry
+    from compress.kerasmodel import load_model, save_model
+
+    technique = registry.get(stage.technique)
+    folder = stage_dir(out, stage.name)
+    model = load_model(stage_dir(out, stage.input) / "model.keras", unsafe=options.unsafe)
+    outcome = technique.apply(model, stage.config, data, out_dir=folder, verbose=options.verbose)
+    variants = {}
+    if outcome.model is not None:
+        save_model(outcome.model, folder / "model.keras")
+        variants = _export(outcome.model, folder, stage.export_formats, data, chain)
+    for label, path in outcome.files.items():
+        variants[label] = _check_file(Path(path), model, data)
+    write_json(folder / "stats.json", {"technique": stage.technique, "input": stage.input,
+                                       "config": stage.config.to_dict(), "stats": outcome.stats})
+    return {"technique": stage.technique, "input": stage.input, "settings": stage.config.to_dict(),
+            "files": _file_names(folder, variants), "export": variants,
+            "macs": _macs(outcome.model if outcome.model is not None else model)}
+
+
+def _macs(model) -> int | None:
+    """Multiply-adds of one image through the model: a latency proxy that does not depend on the machine."""
+    from compress.errors import ModelError
+    from compress.kerasmodel import count_macs
+
+    try:
+        return count_macs(model)
+    except ModelError:  # a layer of unknown shape: the figure is left out, not guessed
+        return None
+
+
+def _export(model, folder: Path, formats, data, chain) -> dict:
+    """Export a Keras model; one entry per file: its path, precision and parity result."""
+    from compress.export.exporter import export_model
+
+    result = export_model(model, folder, formats=formats, data=data, chain=chain)
+    parity = result["parity"]["files"]
+    return {
+        fmt: {"path": entry["path"], "precision": entry["precision"], "parity": parity[Path(entry["path"]).name]}
+        for fmt, entry in result["files"].items()
+    }
+
+
+def _check_file(path: Path, source_model, data) -> dict:
+    """Parity of an int8 file a technique wrote itself (PTQ) against the Keras model it came from."""
+    from compress.export.parity import check_parity, parity_inputs
+    from compress.kerasmodel import keras_outputs
+
+    inputs, labels, _ = parity_inputs(source_model.input_shape[1:], data)
+    parity = check_parity(path, inputs, keras_outputs(source_model, inputs), precision="int8", labels=labels)
+    return {"path": str(path), "precision": "int8", "parity": parity}
+
+
+def _file_names(folder: Path, variants: dict) -> list[str]:
+    names = [Path(entry["path"]).name for entry in variants.values()]
+    return sorted({*names, *(p.name for p in folder.glob("*.keras") if not p.name.startswith("."))})
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,113 @@
+"""What runs before any work: the model against the data, the output folder, bounds; and refusals that are one
+short line on stderr, TensorFlow's start-up lines included."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from compress.cli import main
+from compress.errors import CompressError
+
+
+@pytest.fixture
+def five_outputs(tmp_path):
+    from compress.keras import keras
+    from compress.kerasmodel import save_model
+
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
+                              keras.layers.Dense(5)])
+    return save_model(model, tmp_path / "five.keras")
+
+
+@pytest.mark.parametrize("command", ["prune", "qat", "cluster", "ptq", "distill"])
+def test_techniques_refuse_a_model_that_does_not_fit_the_data_before_work(command, five_outputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([command, str(five_outputs), "--out", str(out), "--data", "cifar10-mini"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "outputs 5 per image" in err[0] and "10 classes" in err[0] and len(err[0]) < 300
+    assert not out.exists()
+
+
+def test_a_refusal_is_one_short_line_on_stderr_even_after_tensorflow_loaded(five_outputs, tmp_path):
+    environment = {key: value for key, value in os.environ.items() if key not in ("TF_CPP_MIN_LOG_LEVEL",
+                                                                                  "COMPRESS_DEBUG")}
+    result = subprocess.run([sys.executable, "-m", "compress.cli", "prune", str(five_outputs), "--out",
+                             str(tmp_path / "out")], capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("compress: error: ") and len(result.stderr) < 300
+    debug = subprocess.run([sys.executable, "-m", "compress.cli", "--debug", "prune", str(five_outputs), "--out",
+                            str(tmp_path / "out")], capture_output=True, text=True, env=environment, timeout=300)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_an_unwritable_output_is_refused_before_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("in the way")
+    for out in (tmp_path / "file" / "sub", "/proc/compress-cannot-write-here"):
+        assert main(["train", "--out", str(out), "--epochs", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot" in err[0]
+
+
+def test_evaluate_json_into_a_folder_is_refused(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "m.onnx"), "--json", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["cluster", "m.keras", "--out", "o", "--clusters", "100000"], "clusters must be an integer from 2 to 256"),
+    (["train", "--out", "o", "--epochs", "1000000000"], "epochs must be an integer from 1 to 1000"),
+    (["distill", "m.keras", "--out", "o", "--epochs", "5000"], "epochs must be an integer from 1 to 1000"),
+    (["evaluate", "m.onnx", "--image-size", "99999x99999"], "image size must be from 1x1 to 4096x4096"),
+], ids=["clusters", "train-epochs", "distill-epochs", "image-size"])
+def test_settings_are_bounded(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_savedmodel_folder_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "saved").mkdir()
+    assert main(["prune", str(tmp_path / "saved"), "--out", str(tmp_path / "out")]) == 2
+    assert "is a folder (a SavedModel?)" in capsys.readouterr().err
+
+
+def test_one_class_data_is_refused(tmp_path):
+    from helpers import make_folder_set
+
+    from compress.data import load_data
+
+    root = make_folder_set(tmp_path / "images", classes=("cat",), per_class=4)
+    with pytest.raises(CompressError, match="two or more class folders"):
+        load_data(f"folder:{root}", cache_dir=tmp_path / "cache")
+
+
+def test_a_grayscale_training_split_beside_an_rgb_test_split_becomes_rgb(tmp_path):
+    from helpers import make_folder_set
+
+    from compress.data import load_data
+
+    make_folder_set(tmp_path / "gray", per_class=4, mode="L")
+    make_folder_set(tmp_path / "rgb", per_class=4)
+    root = tmp_path / "mixed"
+    (root).mkdir()
+    (tmp_path / "gray" / "train").rename(root / "train")
+    (tmp_path / "rgb" / "test").rename(root / "test")
+    data = load_data(f"folder:{root}", cache_dir=tmp_path / "cache")
+    assert data.input_shape[-1] == 3 and data.x_test.shape[-1] == 3
+
+
+def test_an_empty_image_file_is_named_without_object_addresses(tmp_path):
+    from helpers import make_folder_set
+
+    from compress.data import load_data
+
+    root = make_folder_set(tmp_path / "images", per_class=4)
+    (root / "train" / "cat" / "empty.png").write_bytes(b"")
+    with pytest.raises(CompressError, match="empty.png: the file is empty") as caught:
+        load_data(f"folder:{root}", cache_dir=tmp_path / "cache")
+    assert "0x" not in str(caught.value)

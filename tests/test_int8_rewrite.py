@@ -1,0 +1,149 @@
+"""compress.export.int8_rewrite on small hand-built QDQ graphs of the shape tf2onnx makes from int8 TFLite files:
+the rewritten graph must run on onnxruntime's integer kernels and give the same outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compress.export.int8_rewrite import use_integer_kernels
+from compress.measure.hardware import int8_sums_saturate
+
+RNG = np.random.default_rng(0)
+
+
+def _tensor(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def _qdq_input(x_name, scale, zero_point, initializers, nodes):
+    """x -> QuantizeLinear -> DequantizeLinear with int8 activations, as tf2onnx writes them."""
+    initializers += [_tensor("in_scale", np.float32(scale)), _tensor("in_zp", np.int8(zero_point))]
+    nodes += [helper.make_node("QuantizeLinear", [x_name, "in_scale", "in_zp"], ["xq"]),
+              helper.make_node("DequantizeLinear", ["xq", "in_scale", "in_zp"], ["xd"])]
+
+
+def _int8_weights(shape, axis, in_scale, initializers, nodes, *, bias_size):
+    weights = RNG.integers(-127, 128, size=shape).astype(np.int8)
+    scales = RNG.uniform(0.002, 0.01, size=shape[axis]).astype(np.float32)
+    initializers += [_tensor("w", weights), _tensor("w_scale", scales),
+                     _tensor("w_zp", np.zeros(shape[axis], np.int8)),
+                     _tensor("b", RNG.integers(-500, 500, size=bias_size).astype(np.int32)),
+                     _tensor("b_scale", (scales * in_scale).astype(np.float32)),
+                     _tensor("b_zp", np.zeros(bias_size, np.int32))]
+    nodes += [helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zp"], ["wd"], axis=axis),
+              helper.make_node("DequantizeLinear", ["b", "b_scale", "b_zp"], ["bd"], axis=0)]
+
+
+def _output_qdq(source, scale, zero_point, initializers, nodes):
+    initializers += [_tensor("out_scale", np.float32(scale)), _tensor("out_zp", np.int8(zero_point))]
+    nodes += [helper.make_node("QuantizeLinear", [source, "out_scale", "out_zp"], ["yq"]),
+              helper.make_node("DequantizeLinear", ["yq", "out_scale", "out_zp"], ["y"])]
+
+
+def _model(nodes, initializers, input_shape, output_shape):
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def conv_model(activation: str, out_scale: float, out_zp: int):
+    nodes, initializers = [], []
+    _qdq_input("x", 0.02, -10, initializers, nodes)
+    _int8_weights((8, 4, 3, 3), 0, 0.02, initializers, nodes, bias_size=8)
+    nodes.append(helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], pads=[1, 1, 1, 1]))
+    if activation == "relu":
+        nodes.append(helper.make_node("Relu", ["c"], ["a"]))
+    else:  # ReLU6, as Keras' ReLU(max_value=6) and MobileNet blocks export
+        initializers += [_tensor("six_low", np.float32(0.0)), _tensor("six_high", np.float32(6.0))]
+        nodes.append(helper.make_node("Clip", ["c", "six_low", "six_high"], ["a"]))
+    _output_qdq("a", out_scale, out_zp, initializers, nodes)
+    return _model(nodes, initializers, ["batch", 4, 6, 6], ["batch", 8, 6, 6])
+
+
+def gemm_model():
+    nodes, initializers = [], []
+    _qdq_input("x", 0.02, 3, initializers, nodes)
+    _int8_weights((10, 16), 0, 0.02, initializers, nodes, bias_size=10)
+    nodes.append(helper.make_node("Gemm", ["xd", "wd", "bd"], ["g"], transB=1))
+    _output_qdq("g", 0.03, 5, initializers, nodes)
+    return _model(nodes, initializers, ["batch", 16], ["batch", 10])
+
+
+def _run(model: onnx.ModelProto, inputs: np.ndarray, tmp_path, name: str):
+    """Outputs, and the op types onnxruntime ran after its graph optimisations."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / f"{name}.optimized.onnx")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"x": inputs})[0]
+    ran = {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+    return outputs, ran
+
+
+def _reference(model: onnx.ModelProto, inputs: np.ndarray) -> np.ndarray:
+    """The graph's outputs exactly as written: no fusion, every node as the ONNX spec defines it."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": inputs})[0]
+
+
+def _rewritten(model, *, unsigned_weights: bool = False):
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    use_integer_kernels(rewritten.graph, unsigned_weights=unsigned_weights)
+    onnx.checker.check_model(rewritten, full_check=True)
+    return rewritten
+
+
+CASES = {
+    "conv-relu": (lambda: conv_model("relu", 0.05, -20), (3, 4, 6, 6), "QLinearConv", 0.05),
+    "conv-relu6-kept": (lambda: conv_model("relu6", 0.04, -128), (3, 4, 6, 6), "QLinearConv", 0.04),
+    "conv-relu6-dropped": (lambda: conv_model("relu6", 6 / 255, -128), (3, 4, 6, 6), "QLinearConv", 6 / 255),
+    "gemm": (gemm_model, (5, 16), "QGemm", 0.03),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rewrite_runs_on_integer_kernels_with_the_same_outputs(case, tmp_path):
+    build, shape, fused, step = CASES[case]
+    model = build()
+    inputs = RNG.uniform(-2, 2, size=shape).astype(np.float32)
+    before = _reference(model, inputs)
+    # As the exporter does: uint8 weights where this CPU's uint8 x int8 kernels saturate 16-bit sums (no VNNI).
+    rewritten = _rewritten(model, unsigned_weights=int8_sums_saturate())
+    assert _reference(rewritten, inputs).tolist() == before.tolist(), "the rewrite changed what the graph computes"
+    after, ran_after = _run(rewritten, inputs, tmp_path, "after")
+    assert fused in ran_after, f"{case}: onnxruntime ran {sorted(ran_after)}"
+    assert not ran_after & {"Conv", "Gemm", "MatMul", "Relu"}, f"float work left: {sorted(ran_after)}"
+    # Integer kernels requantize with their own rounding: the last step may differ, never more.
+    assert np.max(np.abs(after - before)) <= step * 1.001
+    assert np.mean(after == before) > 0.95
+
+
+def test_relu6_clip_is_kept_where_quantizing_does_not_clip_as_much():
+    rewritten = _rewritten(conv_model("relu6", 0.04, -128))
+    clips = [node for node in rewritten.graph.node if node.op_type == "Clip"]
+    assert len(clips) == 1
+    initializers = {t.name: numpy_helper.to_array(t) for t in rewritten.graph.initializer}
+    low, high = (int(initializers[name]) for name in clips[0].input[1:])
+    # uint8 after the rewrite: zero point -128 + 128 = 0; 6.0 / 0.04 = 150 steps above it.
+    assert (low, high) == (0, 150)
+    dropped = _rewritten(conv_model("relu6", 6 / 255, -128))
+    assert not [node for node in dropped.graph.node if node.op_type in ("Clip", "Relu")]
+
+
+def test_clip_with_computed_bounds_is_left_alone():
+    model = conv_model("relu6", 0.04, -128)
+    clip = next(node for node in model.graph.node if node.op_type == "Clip")
+    model.graph.node.insert(0, helper.make_node("Identity", ["six_high"], ["six_high_computed"]))
+    clip.input[2] = "six_high_computed"
+    rewritten = _rewritten(model)
+    assert any(node.op_type == "Clip" and node.input[0] == "c" for node in rewritten.graph.node)

@@ -1,0 +1,225 @@
+"""compress.keras3: Keras 3 model files rebuilt as tf_keras models, checked on data, and refusals in one line.
+
+The Keras 3 models are built and saved by one child process (Keras 3 cannot run in this tf_keras process).
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from compress.errors import ModelError
+from compress.keras3 import is_keras3_file, load_h5, translate_keras3
+
+# Runs under Keras 3. Random weights; BatchNormalization statistics made non-trivial so the output check means
+# something.
+_BUILD_KERAS3_MODELS = r"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import keras
+from keras import layers as L
+
+out = Path(sys.argv[1])
+keras.utils.set_random_seed(0)
+rng = np.random.default_rng(0)
+
+
+def randomize_batchnorm(model):
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            randomize_batchnorm(layer)
+        elif isinstance(layer, L.BatchNormalization):
+            n = layer.gamma.shape[0]
+            gamma, variance = rng.uniform(0.5, 1.5, n), rng.uniform(0.5, 2, n)
+            beta, mean = rng.normal(0, 0.3, n), rng.normal(0, 0.3, n)
+            layer.set_weights([gamma, beta, mean, variance])
+
+
+small = keras.Sequential(
+    [
+        keras.Input((16, 16, 3), name="pixels"),
+        L.Rescaling(1 / 255, name="scale"),
+        L.Conv2D(8, 3, name="conv"),
+        L.BatchNormalization(name="bn"),
+        L.ReLU(name="relu"),
+        L.MaxPooling2D(name="pool"),
+        L.Flatten(name="flatten"),
+        L.Dense(10, activation="softmax", name="classifier"),
+    ],
+    name="small",
+)
+randomize_batchnorm(small)
+small.save(out / "small.keras")
+small.save(out / "small.h5")
+
+normalization = L.Normalization(name="normalize")
+normalization.adapt(rng.uniform(0, 1, (32, 16, 16, 3)).astype("float32"))
+inputs = keras.Input((16, 16, 3), name="image")
+x = normalization(inputs)
+x = L.ZeroPadding2D(1)(x)
+x = L.Conv2D(8, 3, activation="swish", name="stem")(x)
+x = L.BatchNormalization(name="stem_bn")(x)
+y = L.DepthwiseConv2D(3, padding="same", activation="hard_silu", name="dw")(x)
+y = L.SeparableConv2D(8, 3, padding="same", name="sep")(y)
+x = L.Add(name="residual")([x, y])
+x = L.ReLU(max_value=6, name="relu6")(x)
+block = keras.Sequential(
+    [
+        keras.Input((16, 16, 8)),
+        L.Conv2D(4, 1, activation="gelu", name="conv"),
+        L.BatchNormalization(name="bn"),
+        L.Activation("hard_sigmoid", name="gate"),
+    ],
+    name="block",
+)
+z = block(x)
+x = L.Concatenate(name="concat")([x, z])
+x = L.LeakyReLU(0.1, name="leaky")(x)
+x = L.GlobalAveragePooling2D(name="gap")(x)
+x = L.Dropout(0.2, name="drop")(x)
+outputs = L.Dense(5, name="logits")(x)  # logits: a softmax would shrink a wrong translation's error
+branchy = keras.Model(inputs, outputs, name="branchy")
+randomize_batchnorm(branchy)
+branchy.save(out / "branchy.keras")
+
+inputs = keras.Input((8, 8, 3))
+x = L.Reshape((8, 24), name="rows")(inputs)
+x = L.LSTM(4, name="memory")(x)
+keras.Model(inputs, L.Dense(2)(x)).save(out / "lstm.keras")
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Scale(L.Layer):
+    def call(self, x):
+        return 2 * x
+
+
+keras.Sequential([keras.Input((4,)), Scale(name="twice"), L.Dense(2)]).save(out / "custom.keras")
+keras.Sequential([keras.Input((4,)), L.Lambda(lambda t: t * 2, name="double"), L.Dense(2)]).save(out / "lambda.keras")
+"""
+
+
+@pytest.fixture(scope="module")
+def keras3_files(tmp_path_factory):
+    """Folder of models saved by Keras 3 in a child process: small (.keras, .h5), branchy, lstm, custom, lambda."""
+    folder = tmp_path_factory.mktemp("keras3_models")
+    env = {key: value for key, value in os.environ.items() if key != "TF_USE_LEGACY_KERAS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    done = subprocess.run(
+        [sys.executable, "-c", _BUILD_KERAS3_MODELS, str(folder)],
+        env=env, cwd=folder, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return folder
+
+
+def _assert_one_line(message: str, *parts: str) -> None:
+    assert "\n" not in message and len(message) < 300, message
+    for part in parts:
+        assert part in message, message
+
+
+def test_sequential_translates_with_matching_outputs(keras3_files):
+    images = np.random.default_rng(1).uniform(0, 255, (12, 16, 16, 3)).astype(np.float32)
+    model, info = translate_keras3(keras3_files / "small.keras", sample_images=images)
+    assert info["keras_version"].startswith("3.")
+    assert info["images"] == 12 and info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-5
+    assert [layer.name for layer in model.layers] == [
+        "pixels", "scale", "conv", "bn", "relu", "pool", "flatten", "classifier"
+    ]  # fmt: skip
+    assert not np.allclose(model.get_layer("bn").moving_variance.numpy(), 1.0)
+
+
+def test_functional_model_with_nested_sequential_translates(keras3_files):
+    model, info = translate_keras3(keras3_files / "branchy.keras")
+    assert info["images"] > 0 and info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-4
+    block = model.get_layer("block")
+    assert [layer.name for layer in block.layers][1:3] == ["conv", "bn"]  # the nested model keeps its own layers
+    assert model.get_layer("stem").activation.__name__ == "swish"
+    assert model.get_layer("relu6").max_value == 6
+    assert model.get_layer("leaky").alpha == pytest.approx(0.1)
+
+
+def test_a_translation_that_differs_is_refused(keras3_files, monkeypatch):
+    import compress.keras3 as keras3
+
+    # tf_keras' own hard_sigmoid is clip(0.2x + 0.5), not Keras 3's clip(x/6 + 0.5): the output check must notice.
+    monkeypatch.setattr(keras3, "_EXPANDED_ACTIVATIONS", frozenset({"hard_silu", "hard_swish"}))
+    monkeypatch.setitem(keras3._ACTIVATIONS, "hard_sigmoid", "hard_sigmoid")
+    with pytest.raises(ModelError) as caught:
+        translate_keras3(keras3_files / "branchy.keras")
+    _assert_one_line(str(caught.value), "does not reproduce")
+
+
+@pytest.mark.parametrize(("file", "name", "class_name"), [("lstm", "memory", "LSTM"), ("custom", "twice", "Scale")])
+def test_untranslatable_layer_is_refused_in_one_line(keras3_files, file, name, class_name):
+    with pytest.raises(ModelError) as caught:
+        translate_keras3(keras3_files / f"{file}.keras")
+    _assert_one_line(str(caught.value), f"'{name}'", class_name, "tf_keras")
+
+
+def test_lambda_is_refused_in_safe_mode_and_untranslatable_outside_it(keras3_files):
+    with pytest.raises(ModelError) as caught:
+        translate_keras3(keras3_files / "lambda.keras")
+    _assert_one_line(str(caught.value), "'double'", "Lambda", "safe mode")
+    with pytest.raises(ModelError) as caught:
+        translate_keras3(keras3_files / "lambda.keras", safe_mode=False)
+    _assert_one_line(str(caught.value), "'double'", "no tf_keras translation")
+
+
+def test_is_keras3_file(keras3_files, tiny_cnn, tmp_path):
+    assert is_keras3_file(keras3_files / "small.keras") and is_keras3_file(keras3_files / "branchy.keras")
+    tiny_cnn.save(tmp_path / "tf_keras.keras")
+    assert not is_keras3_file(tmp_path / "tf_keras.keras")
+    assert not is_keras3_file(keras3_files / "small.h5")
+    assert not is_keras3_file(tmp_path / "missing.keras")
+
+
+def test_load_h5_reads_keras2_directly_and_translates_keras3(keras3_files, tiny_cnn, tmp_path):
+    tiny_cnn.save(tmp_path / "tf_keras.h5")
+    model, info = load_h5(tmp_path / "tf_keras.h5", safe_mode=True)
+    assert info is None and [layer.name for layer in model.layers][-1] == "logits"
+    model, info = load_h5(keras3_files / "small.h5", safe_mode=True)
+    assert info["keras_version"].startswith("3.") and info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-5
+    assert model.get_layer("conv").kernel.shape == (3, 3, 3, 8)
+
+
+def test_worker_failure_is_one_line(tmp_path):
+    broken = tmp_path / "broken.keras"
+    broken.write_text("not a zip archive\n")
+    with pytest.raises(ModelError) as caught:
+        translate_keras3(broken)
+    _assert_one_line(str(caught.value), "Keras 3 cannot load", "broken.keras")
+
+
+def test_layer_options_are_translated_or_refused():
+    from pathlib import Path
+
+    from compress.keras3 import _Builder
+
+    builder = _Builder(Path("model.keras"), safe_mode=True)
+    glorot = {"class_name": "GlorotUniform", "config": {"seed": 3, "input_axes": 0}, "module": "keras.initializers"}
+    regularizer = {"module": "keras.regularizers", "class_name": "L2", "config": {"l2": 0.01}}
+    policy = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "float32"}, "registered_name": None}
+    dense = {"name": "d", "units": 2, "dtype": policy, "activation": "silu", "kernel_initializer": glorot,
+             "bias_initializer": {"class_name": "Novel", "config": {}}, "kernel_regularizer": regularizer,
+             "quantization_config": None}  # fmt: skip
+    config = builder._translate_config({"class_name": "Dense", "config": dense})
+    assert config["dtype"] == "float32" and config["activation"] == "swish" and "quantization_config" not in config
+    assert config["kernel_initializer"] == {"class_name": "GlorotUniform", "config": {"seed": 3}}
+    assert config["kernel_regularizer"] == {"class_name": "L2", "config": {"l2": 0.01}}
+    assert "bias_initializer" not in config  # an initializer tf_keras lacks: its default, since weights are copied
+    leaky = builder._translate_config({"class_name": "LeakyReLU", "config": {"name": "l", "negative_slope": 0.2}})
+    assert leaky["alpha"] == 0.2
+    for layer, expected in [
+        ({"class_name": "Dense", "config": {"name": "d", "units": 2, "activation": "celu"}}, "activation celu"),
+        ({"class_name": "Dense", "config": {"name": "d", "units": 2, "lora_rank": 4}}, "lora_rank=4"),
+        ({"class_name": "LayerNormalization", "config": {"name": "n", "rms_scaling": True}}, "rms_scaling=True"),
+    ]:
+        with pytest.raises(ModelError) as caught:
+            builder._translate_config(layer)
+        _assert_one_line(str(caught.value), "'" + layer["config"]["name"] + "'", expected)
