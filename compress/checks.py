@@ -59,6 +59,54 @@ def check_model_fits_data(model, data, *, role: str = "model", batch_sizes: Sequ
     return decided
 
 
+PREPROCESSING_LAYERS = ("Rescaling", "Normalization")
+
+
+def decide_input_range(model, choice: str = "auto", log: Callable[[str], None] | None = None) -> str:
+    """The range a model takes its pixels in: `choice` when given; with "auto", raw 0-255 pixels for a model whose
+    first layer after its input rescales or normalises them (the Keras guides' pattern, EfficientNet, ConvNeXt),
+    else [0, 1]. The decision is said, since every later figure depends on it."""
+    from compress.data import INPUT_RANGES
+
+    if choice != "auto":
+        if choice not in INPUT_RANGES:
+            raise ConfigError(f"input range must be auto or one of {', '.join(INPUT_RANGES)}, got {choice!r}")
+        decided, why = choice, "as given"
+    else:
+        first = next((layer for layer in model.layers if type(layer).__name__ != "InputLayer"), None)
+        inner = getattr(first, "layer", first)
+        if type(inner).__name__ in PREPROCESSING_LAYERS:
+            decided, why = "raw", f"its first layer {first.name} ({type(inner).__name__}) takes 0-255 pixels"
+        else:
+            decided, why = "unit", "no rescaling layer first, so pixels scaled to [0, 1]"
+    if log is not None:
+        log(f"input range: {decided} ({why}); --input-range raw|unit|symmetric overrides")
+    return decided
+
+
+def file_input_range(path, choice: str = "auto", *, unsafe: bool = False,
+                     log: Callable[[str], None] | None = None) -> str:
+    """The input range of a model file: as given; or, with "auto", what an exported ONNX file records in its
+    metadata, what a Keras model's first layer says, else [0, 1]."""
+    path = Path(path)
+    if choice == "auto" and path.suffix in (".keras", ".h5"):
+        from compress.kerasmodel import load_model
+
+        return decide_input_range(load_model(path, unsafe=unsafe), choice, log)
+    if choice == "auto" and path.suffix == ".onnx" and path.is_file():
+        import onnx
+
+        try:
+            recorded = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception:  # a damaged file is named by the runtime that loads it next
+            recorded = {}
+        if recorded.get("input_range"):
+            if log is not None:
+                log(f"input range: {recorded['input_range']} (recorded in {path.name})")
+            return decide_input_range(None, recorded["input_range"])
+    return decide_input_range(None, "unit" if choice == "auto" else choice, log)
+
+
 def outputs_probabilities(model, data=None) -> bool:
     """True when the model's outputs are probabilities: a softmax last layer, or else rows that are non-negative
     and sum to 1 on a few of the data's test images (a model can hide its softmax in a nested block)."""

@@ -37,6 +37,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, default: str | None =
     group.add_argument(
         "--image-size", type=_image_size, metavar="HxW", help="resize every image to HxW (e.g. 32x32)"
     )
+    group.add_argument(
+        "--input-range", choices=("auto", "raw", "unit", "symmetric"), default="auto",
+        help="pixels as the model takes them: raw 0-255, unit [0, 1] or symmetric [-1, 1]; auto: raw for a model "
+             "whose first layer is Rescaling or Normalization, else unit (default: auto)",
+    )
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -105,6 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         model=Path(args.model) if args.model else None,
         unsafe=args.unsafe,
         remeasure=args.remeasure,
+        input_range=args.input_range,
         verbose=keras_verbosity(args),
         log=(lambda message: None) if args.quiet else (lambda message: print(message, flush=True)),
     )
@@ -129,17 +135,20 @@ def default_run_dir(args: argparse.Namespace) -> str:
 def cmd_technique(args: argparse.Namespace) -> int:
     """Apply one registered technique to a model file; writes OUT/model.keras (if any), its files and OUT/stats.json."""
     from compress import registry
-    from compress.checks import check_model_fits_data, check_writable
+    from compress.checks import check_model_fits_data, check_writable, decide_input_range
     from compress.files import write_json
-    from compress.kerasmodel import load_model, save_model
+    from compress.kerasmodel import load_model_with_source, save_model
 
     technique = registry.get(args.command)
     settings = {name: value for name, value in vars(args).items() if name.startswith(CONFIG_PREFIX) and value is not None}
     config = technique.config_class.from_dict({name[len(CONFIG_PREFIX):]: value for name, value in settings.items()})
     out = check_writable(args.out)
-    model = load_model(args.model, unsafe=args.unsafe)
     data = load_data_from_args(args)
-    check_model_fits_data(model, data, log=lambda message: info(args, message))
+    model, source = load_model_with_source(args.model, unsafe=args.unsafe, sample_images=_samples(data))
+    log = lambda message: info(args, message)  # noqa: E731
+    _say_source(source, log)
+    data = data.with_input_range(decide_input_range(model, args.input_range, log))
+    check_model_fits_data(model, data, log=log)
     info(args, f"{technique.name}: {technique.summary}")
     outcome = technique.apply(model, config, data, out_dir=out, verbose=keras_verbosity(args))
     written = dict(outcome.files)
@@ -148,6 +157,8 @@ def cmd_technique(args: argparse.Namespace) -> int:
     stats = {
         "technique": technique.name,
         "input": str(args.model),
+        "input_model": source,
+        "input_range": data.input_range,
         "config": config.to_dict(),
         "stats": outcome.stats,
         "files": {name: str(path) for name, path in written.items()},
@@ -155,6 +166,17 @@ def cmd_technique(args: argparse.Namespace) -> int:
     write_json(out / "stats.json", stats)
     info(args, f"wrote {', '.join(str(path) for path in written.values())} and {out / 'stats.json'}")
     return 0
+
+
+def _samples(data):
+    """The first test images, on which a translated Keras 3 model must reproduce the original."""
+    return data.normalized("test")[0][:256]
+
+
+def _say_source(source: dict, log) -> None:
+    if source.get("translated_to_tf_keras"):
+        log(f"{source['file']}: written by {source['keras']}, translated to tf_keras; on {source['images']} test images "
+            f"top-1 agreement {source['top1_agreement']:.2%}, max |diff| {source['max_abs_diff']:.2g}")
 
 
 CONFIG_PREFIX = "config_"
@@ -212,16 +234,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a .keras model to ONNX / TFLite, check parity; exit 2 when a file fails its parity check."""
-    from compress.checks import check_writable
+    from compress.checks import check_writable, decide_input_range
     from compress.errors import ExportError
     from compress.export.exporter import export_model
+    from compress.files import sha256_file
+    from compress.kerasmodel import load_model_with_source
     from compress.export.parity import parity_failure_message
 
     check_writable(args.out)
     data = load_data_from_args(args) if args.data else None
+    model, source = load_model_with_source(args.model, unsafe=args.unsafe,
+                                           sample_images=_samples(data) if data else None)
+    log = lambda message: info(args, message)  # noqa: E731
+    _say_source(source, log)
+    if data is not None:
+        data = data.with_input_range(decide_input_range(model, args.input_range, log))
     result = export_model(
-        args.model, args.out, formats=args.format or ["onnx"], data=data, chain=args.chain, unsafe=args.unsafe,
-        opset=args.opset, int8_weights=args.int8_weights,
+        model, args.out, formats=args.format or ["onnx"], data=data, chain=args.chain,
+        source_hash=sha256_file(args.model), opset=args.opset, int8_weights=args.int8_weights,
     )
     for file in result["files"].values():
         check = result["parity"]["files"][Path(file["path"]).name]
@@ -237,7 +267,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Accuracy of a .onnx / .tflite / .keras file on the test split, measured in the file's own runtime."""
-    from compress.checks import check_writable
+    from compress.checks import check_writable, file_input_range
     from compress.files import write_json
     from compress.measure.accuracy import evaluate_file
 
@@ -246,6 +276,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--json {args.json} is a folder; give a file path such as {Path(args.json) / 'result.json'}")
         check_writable(Path(args.json).parent)
     data = load_data_from_args(args)
+    data = data.with_input_range(file_input_range(args.file, args.input_range, unsafe=args.unsafe,
+                                                  log=lambda message: info(args, message)))
     result = evaluate_file(args.file, data, batch_size=args.batch_size, unsafe=args.unsafe, limit=args.limit)
     print(f"{result['file']}: accuracy {result['accuracy']:.4f} on {result['images']} {data.source} test images "
           f"({result['runtime']}, {result['device']})", flush=True)
@@ -259,7 +291,7 @@ def _comma_list(text: str) -> list[str]:
 
 
 def info(args: argparse.Namespace, message: str) -> None:
-    if not args.quiet:
+    if not getattr(args, "quiet", False):
         print(message, flush=True)
 
 

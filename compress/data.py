@@ -11,6 +11,7 @@ names, sizes and modification times, so a second load reads one file instead of 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -36,6 +37,8 @@ PREFETCH_BATCHES = 2  # batches made ahead of training: one takes ~7 ms to augme
 # A single-folder set is split into train/test with this fixed seed, so that --seed changes the
 # validation split and training order but never which images are held out for testing.
 TEST_SPLIT_SEED = 1234
+# How 0-255 pixels become a model's input: (scale, offset). "raw" is for models that rescale inside themselves.
+INPUT_RANGES = {"unit": (1 / 255, 0.0), "raw": (1.0, 0.0), "symmetric": (2 / 255, -1.0)}
 MAX_IMAGE_SIDE = 4096  # --image-size beyond this asks for more memory than any image classifier here needs
 
 
@@ -52,6 +55,15 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     seed: int = 0
+    input_range: str = "unit"  # what the model takes: see INPUT_RANGES
+
+    def __post_init__(self):
+        if self.input_range not in INPUT_RANGES:
+            raise DataError(f"input range must be one of {', '.join(INPUT_RANGES)}, got {self.input_range!r}")
+
+    def with_input_range(self, input_range: str) -> "Dataset":
+        """The same images, handed to models in `input_range` (raw 0-255 pixels, [0, 1] or [-1, 1])."""
+        return dataclasses.replace(self, input_range=input_range)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -68,9 +80,9 @@ class Dataset:
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
 
     def normalized(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """A split as float32 images in [0, 1], the form every model of the toolkit takes."""
+        """A split as float32 images in the model's input range ([0, 1] unless told otherwise)."""
         x, y = self.split(name)
-        return normalize(x), y
+        return normalize(x, self.input_range), y
 
     def describe(self) -> dict:
         """JSON-ready summary: source, classes, input shape and images per split."""
@@ -80,6 +92,7 @@ class Dataset:
             "input_shape": list(self.input_shape),
             "counts": {name: int(len(self.split(name)[1])) for name in ("train", "val", "test")},
             "seed": self.seed,
+            "input_range": self.input_range,
         }
 
     def pipeline(self, name: str, batch_size: int = 64, *, shuffle: bool = False, augment: bool = False):
@@ -93,7 +106,8 @@ class Dataset:
         ds = ds.batch(batch_size)
         if augment:
             ds = ds.map(_augment_fn(self.input_shape, self.seed))
-        ds = ds.map(lambda images, labels: (tf.cast(images, tf.float32) / 255.0, labels))
+        scale, offset = INPUT_RANGES[self.input_range]
+        ds = ds.map(lambda images, labels: (tf.cast(images, tf.float32) * scale + offset, labels))
         # A fixed prefetch instead of tf.data's autotuning: with autotuning on, `fit` on the full CIFAR-10 returned
         # ~50 s after its last epoch had ended (its iterators' teardown waits on the tuner), 0.1 s without it.
         options = tf.data.Options()
@@ -101,8 +115,9 @@ class Dataset:
         return ds.prefetch(PREFETCH_BATCHES).with_options(options)
 
 
-def normalize(images: np.ndarray) -> np.ndarray:
-    return images.astype(np.float32) / 255.0
+def normalize(images: np.ndarray, input_range: str = "unit") -> np.ndarray:
+    scale, offset = INPUT_RANGES[input_range]
+    return images.astype(np.float32) * np.float32(scale) + np.float32(offset)
 
 
 def _augment_fn(input_shape: tuple[int, int, int], seed: int) -> Callable:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.errors import ModelError
+from compress.errors import ModelError, first_line
 
 WORKER_TIMEOUT_S = 600  # loading, serialising and running a large model in Keras 3; a hung child is killed after it
 SAMPLE_COUNT = 16  # seeded random images used for the output check when the caller gives none
@@ -60,7 +60,7 @@ def is_keras3_file(path: str | os.PathLike) -> bool:
             if "metadata.json" in names:
                 version = str(json.loads(archive.read("metadata.json")).get("keras_version", ""))
                 if version:
-                    return _major(version) >= 3
+                    return major_version(version) >= 3
             if "config.json" in names:  # no version recorded: Keras 3's serialisation has its own markers
                 text = archive.read("config.json").decode("utf-8", "replace")
                 return any(marker in text for marker in ('"__keras_tensor__"', '"batch_shape"', '"DTypePolicy"'))
@@ -84,9 +84,9 @@ def translate_keras3(path: str | os.PathLike, *, safe_mode: bool = True, sample_
         sample_images = np.asarray(sample_images, dtype=np.float32)
         if sample_images.ndim < 2 or len(sample_images) == 0:
             raise ModelError("sample_images must be a non-empty array of images (NHWC)")
-    file_config = _file_config(path)
-    if file_config is not None:  # refuse early, before a child process spends seconds loading the file
-        for name, class_name in _layers_in(file_config):
+    stored = file_config(path)
+    if stored is not None:  # refuse early, before a child process spends seconds loading the file
+        for name, class_name in layers_in(stored):
             _check_layer(path, name, class_name, safe_mode)
     with tempfile.TemporaryDirectory(prefix="compress-keras3-") as workdir:
         workdir = Path(workdir)
@@ -99,58 +99,17 @@ def translate_keras3(path: str | os.PathLike, *, safe_mode: bool = True, sample_
         with np.load(workdir / "outputs.npz") as saved:
             expected = [saved[key] for key in saved.files]
     model = _Builder(path, safe_mode).build(config, weights)
-    info = {"keras_version": _file_keras_version(path)}
+    info = {"keras_version": file_keras_version(path)}
     info.update(_compare(path, model, inputs, expected))
     return model, info
 
 
-def load_h5(path: str | os.PathLike, *, safe_mode: bool):
-    """Load a legacy .h5 model: with tf_keras when Keras 2 wrote it, else (Keras 3) through translate_keras3.
-
-    Returns (model, info): info is translate_keras3's, or None for a file tf_keras read itself.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model file {path} does not exist")
-    version = _file_keras_version(path)
-    if version and _major(version) >= 3:
-        return translate_keras3(path, safe_mode=safe_mode)
-    config = _file_config(path)
-    if safe_mode and config is not None:  # tf_keras ignores safe_mode for .h5 files, so check here
-        for name, class_name in _layers_in(config):
-            if class_name == "Lambda":
-                _check_layer(path, name, class_name, safe_mode)
-    from compress.keras import keras, tfmot
-    from compress.techniques.qat import loading_objects
-
-    with (
-        tfmot.quantization.keras.quantize_scope(),
-        tfmot.clustering.keras.cluster_scope(),
-        keras.utils.custom_object_scope(loading_objects()),
-    ):
-        try:
-            return keras.models.load_model(path, compile=False), None
-        except Exception as exc:  # h5 and deserialisation errors: a file without its version may still be Keras 3's
-            if not version:
-                try:
-                    return translate_keras3(path, safe_mode=safe_mode)
-                except ModelError:
-                    pass
-            raise ModelError(f"cannot load {path}: {_one_line(exc)}") from None
-
-
-def _major(version: str) -> int:
+def major_version(version: str) -> int:
     head = version.split(".")[0]
     return int(head) if head.isdigit() else 0
 
 
-def _one_line(value, limit: int = 160) -> str:
-    lines = str(value).strip().splitlines()
-    text = lines[0].strip() if lines else (type(value).__name__ if isinstance(value, BaseException) else "")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _file_config(path: Path) -> dict | None:
+def file_config(path: Path) -> dict | None:
     """The model config stored in a .keras archive or an .h5 file, or None when it cannot be read."""
     try:
         if zipfile.is_zipfile(path):
@@ -165,7 +124,7 @@ def _file_config(path: Path) -> dict | None:
         return None
 
 
-def _file_keras_version(path: Path) -> str:
+def file_keras_version(path: Path) -> str:
     """The Keras version a .keras or .h5 file records, or "" when it records none."""
     try:
         if zipfile.is_zipfile(path):
@@ -180,7 +139,7 @@ def _file_keras_version(path: Path) -> str:
         return ""
 
 
-def _layers_in(config: dict):
+def layers_in(config: dict):
     """(name, class_name) of every layer in a serialised model, nested models included (Keras 2 or 3 form)."""
     for layer in config.get("config", {}).get("layers", []) if isinstance(config.get("config"), dict) else []:
         if not isinstance(layer, dict):
@@ -188,7 +147,7 @@ def _layers_in(config: dict):
         layer_config = layer.get("config") if isinstance(layer.get("config"), dict) else {}
         yield layer_config.get("name", layer.get("name", "?")), layer.get("class_name", "?")
         if layer.get("class_name") in _MODELS:
-            yield from _layers_in(layer)
+            yield from layers_in(layer)
 
 
 def _check_layer(path: Path, name: str, class_name: str, safe_mode: bool) -> None:
@@ -228,7 +187,7 @@ def _run_worker(path: Path, workdir: Path, safe_mode: bool, sample_images) -> No
     error_file = workdir / "error.json"
     if error_file.is_file():
         error = json.loads(error_file.read_text())
-        message = _one_line(error["message"])
+        message = first_line(error["message"])
         if error["kind"] == "unsafe":
             raise ModelError(
                 f"{path} holds a Lambda layer (arbitrary Python code), refused in safe mode; "
@@ -237,7 +196,7 @@ def _run_worker(path: Path, workdir: Path, safe_mode: bool, sample_images) -> No
         action = "load" if error["kind"] == "load" else "run the images through"
         raise ModelError(f"Keras 3 cannot {action} {path}: {message}")
     if done.returncode != 0:
-        last = _one_line(done.stderr.strip().splitlines()[-1]) if done.stderr.strip() else f"exit {done.returncode}"
+        last = first_line(done.stderr.strip().splitlines()[-1]) if done.stderr.strip() else f"exit {done.returncode}"
         raise ModelError(f"the Keras 3 loader failed on {path} ({last}); is Keras 3 (the keras package) installed?")
 
 
@@ -348,7 +307,7 @@ class _Builder:
         try:
             built = self.keras.layers.deserialize({"class_name": layer["class_name"], "config": config})
         except Exception as exc:  # a value tf_keras refuses: one line naming the layer
-            problem = f"({layer['class_name']}) cannot be rebuilt in tf_keras: {_one_line(exc)}"
+            problem = f"({layer['class_name']}) cannot be rebuilt in tf_keras: {first_line(exc)}"
             raise self._refuse(config["name"], problem) from None
         self.layers[f"{prefix}{config['name']}"] = built
         return built, activation
@@ -380,7 +339,7 @@ class _Builder:
             if key not in accepted:
                 if key in _DEFAULTS_TF_KERAS_LACKS and value == _DEFAULTS_TF_KERAS_LACKS[key]:
                     continue
-                raise self._refuse(name, f"({class_name}) sets {key}={_one_line(value, 40)}, which tf_keras lacks")
+                raise self._refuse(name, f"({class_name}) sets {key}={first_line(value, 40)}, which tf_keras lacks")
             if key == "dtype":
                 value = self._dtype(name, value)
             elif key.endswith("activation") and key != "activity_regularizer":

@@ -22,18 +22,60 @@ _PRUNE_CLASSES = {"PruneLowMagnitude"}
 _CLUSTER_CLASSES = {"ClusterWeights", "ClusterWeightsMHA"}
 
 
-def load_model(path: str | os.PathLike, *, unsafe: bool = False):
-    """Load a .keras file in Keras' safe mode (no arbitrary code) unless `unsafe`; any failure is one ModelError."""
-    from compress.keras import keras, tfmot
+def load_model(path: str | os.PathLike, *, unsafe: bool = False, sample_images: np.ndarray | None = None):
+    """A .keras or .h5 model as a tf_keras model (see `load_model_with_source`)."""
+    return load_model_with_source(path, unsafe=unsafe, sample_images=sample_images)[0]
+
+
+def load_model_with_source(path: str | os.PathLike, *, unsafe: bool = False,
+                           sample_images: np.ndarray | None = None) -> tuple:
+    """(tf_keras model, where it came from) for a .keras or .h5 file, in Keras' safe mode unless `unsafe`.
+
+    Files written by Keras 3 are translated into the equivalent tf_keras model and the translation is checked on
+    `sample_images` (seeded random images without them); the source says which Keras wrote the file and how closely
+    the translation reproduced it. Any failure is one ModelError line.
+    """
+    from compress.keras3 import (
+        file_config,
+        file_keras_version,
+        is_keras3_file,
+        layers_in,
+        major_version,
+        translate_keras3,
+    )
 
     path = Path(path)
     if path.is_dir():
-        raise ModelError(f"{path} is a folder (a SavedModel?); compress reads .keras files: load it in Keras and "
-                         "save it with model.save('model.keras')")
+        raise ModelError(f"{path} is a folder (a SavedModel?); compress reads .keras and .h5 files: load it in Keras "
+                         "and save it with model.save('model.keras')")
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
-    if path.suffix != ".keras":
-        raise ModelError(f"{path} is not a .keras model file")
+    if path.suffix not in MODEL_SUFFIXES:
+        raise ModelError(f"{path} is not a .keras or .h5 model file")
+    version = file_keras_version(path)
+    if is_keras3_file(path) or (path.suffix == ".h5" and major_version(version) >= 3):
+        model, info = translate_keras3(path, safe_mode=not unsafe, sample_images=sample_images)
+        return model, {"file": path.name, "keras": f"Keras {info['keras_version']}", "translated_to_tf_keras": True,
+                       **{key: info[key] for key in ("max_abs_diff", "top1_agreement", "images")}}
+    if path.suffix == ".h5" and not unsafe:  # tf_keras ignores safe_mode for .h5 files
+        lambdas = [name for name, kind in layers_in(file_config(path) or {}) if kind == "Lambda"]
+        if lambdas:
+            raise ModelError(f"{path} holds a Lambda layer ({lambdas[0]}: arbitrary Python code); pass --unsafe if "
+                             "you trust the file")
+    try:
+        model = _load_tf_keras(path, unsafe)
+    except ModelError:
+        if path.suffix != ".h5" or version:
+            raise
+        model, info = translate_keras3(path, safe_mode=not unsafe, sample_images=sample_images)  # no version: try 3
+        return model, {"file": path.name, "keras": "Keras 3", "translated_to_tf_keras": True,
+                       **{key: info[key] for key in ("max_abs_diff", "top1_agreement", "images")}}
+    return model, {"file": path.name, "keras": f"tf_keras {version}".strip(), "translated_to_tf_keras": False}
+
+
+def _load_tf_keras(path: Path, unsafe: bool):
+    from compress.keras import keras, tfmot
+
     # Models saved mid-compression carry tfmot wrappers; their classes must be known to deserialize, and two of
     # tfmot's quantization classes need the fixed builds in loading_objects() to load from .keras files.
     with (

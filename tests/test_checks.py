@@ -111,3 +111,57 @@ def test_an_empty_image_file_is_named_without_object_addresses(tmp_path):
     with pytest.raises(CompressError, match="empty.png: the file is empty") as caught:
         load_data(f"folder:{root}", cache_dir=tmp_path / "cache")
     assert "0x" not in str(caught.value)
+
+
+def _rescaling_model():
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255, name="rescale"),
+                             keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Flatten(),
+                             keras.layers.Dense(10)])
+
+
+def test_input_range_is_read_from_the_model_and_can_be_set():
+    from compress.checks import decide_input_range
+    from compress.keras import keras
+
+    said = []
+    assert decide_input_range(_rescaling_model(), "auto", said.append) == "raw" and "rescale" in said[0]
+    plain = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    assert decide_input_range(plain) == "unit"
+    assert decide_input_range(plain, "symmetric") == "symmetric"
+    with pytest.raises(CompressError, match="input range"):
+        decide_input_range(plain, "percent")
+
+
+def test_dataset_hands_images_over_in_the_chosen_range(synthetic_data):
+    raw, _ = synthetic_data.with_input_range("raw").normalized("test")
+    unit, _ = synthetic_data.normalized("test")
+    symmetric, _ = synthetic_data.with_input_range("symmetric").normalized("test")
+    assert raw.max() > 100 and unit.max() <= 1.0 and symmetric.min() >= -1.0 and symmetric.min() < 0
+    assert abs(float(raw[0, 0, 0, 0]) / 255 - float(unit[0, 0, 0, 0])) < 1e-6
+
+
+def test_a_model_with_its_own_rescaling_gets_raw_pixels_end_to_end(tmp_path, capsys):
+    """Export records the range in the ONNX file; evaluate reads it back: the file scores what the Keras model
+    scores on raw pixels, not what it would on [0, 1] images."""
+    import onnx
+
+    from compress.data import load_data
+    from compress.kerasmodel import save_model
+
+    model = _rescaling_model()
+    path = save_model(model, tmp_path / "rescaling.keras")
+    assert main(["export", str(path), "--out", str(tmp_path / "out"), "--data", "cifar10-mini", "--quiet"]) == 0
+    onnx_path = tmp_path / "out" / "model.onnx"
+    metadata = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert metadata["input_range"] == "raw"
+    assert main(["evaluate", str(onnx_path), "--data", "cifar10-mini", "--json", str(tmp_path / "e.json")]) == 0
+    import json
+
+    accuracy = json.loads((tmp_path / "e.json").read_text())["accuracy"]
+    images, labels = load_data("cifar10-mini").with_input_range("raw").normalized("test")
+    expected = float((model.predict(images, verbose=0).argmax(-1) == labels).mean())
+    assert accuracy == pytest.approx(expected, abs=0.002)
+    assert "input range: raw" in capsys.readouterr().out

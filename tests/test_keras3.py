@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from compress.errors import ModelError
-from compress.keras3 import is_keras3_file, load_h5, translate_keras3
+from compress.keras3 import is_keras3_file, translate_keras3
+from compress.kerasmodel import load_model_with_source
 
 # Runs under Keras 3. Random weights; BatchNormalization statistics made non-trivial so the output check means
 # something.
@@ -179,13 +180,22 @@ def test_is_keras3_file(keras3_files, tiny_cnn, tmp_path):
     assert not is_keras3_file(tmp_path / "missing.keras")
 
 
-def test_load_h5_reads_keras2_directly_and_translates_keras3(keras3_files, tiny_cnn, tmp_path):
+def test_h5_files_load_keras2_directly_and_keras3_translated(keras3_files, tiny_cnn, tmp_path):
     tiny_cnn.save(tmp_path / "tf_keras.h5")
-    model, info = load_h5(tmp_path / "tf_keras.h5", safe_mode=True)
-    assert info is None and [layer.name for layer in model.layers][-1] == "logits"
-    model, info = load_h5(keras3_files / "small.h5", safe_mode=True)
-    assert info["keras_version"].startswith("3.") and info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-5
+    model, source = load_model_with_source(tmp_path / "tf_keras.h5")
+    assert not source["translated_to_tf_keras"] and [layer.name for layer in model.layers][-1] == "logits"
+    model, source = load_model_with_source(keras3_files / "small.h5")
+    assert source["keras"].startswith("Keras 3.") and source["top1_agreement"] == 1.0 and source["max_abs_diff"] < 1e-5
     assert model.get_layer("conv").kernel.shape == (3, 3, 3, 8)
+
+
+def test_a_keras3_file_works_wherever_a_model_is_read(keras3_files, tmp_path, capsys):
+    from compress.cli import main
+
+    model, source = load_model_with_source(keras3_files / "small.keras")
+    assert source["translated_to_tf_keras"] and source["keras"].startswith("Keras 3.")
+    assert main(["export", str(keras3_files / "small.keras"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert (tmp_path / "out" / "model.onnx").is_file()
 
 
 def test_worker_failure_is_one_line(tmp_path):

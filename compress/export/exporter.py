@@ -131,6 +131,7 @@ def export_model(
         "source_sha256": source["sha256"],
         "source_sha256_of": source["sha256_of"],
         "precision": precision,
+        "input_range": data.input_range if data is not None else "unit",
         "library_versions": json.dumps(versions()),
     }
     tflite_bytes = to_tflite(model, int8=quantized) if (quantized or "tflite" in config.formats) else None

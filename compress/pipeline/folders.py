@@ -20,6 +20,7 @@ class RunOptions:
     model: Path | None = None  # a user's trained model replaces the baseline training
     unsafe: bool = False  # allow Lambda layers (arbitrary code) in --model and in the run folder's models
     remeasure: bool = False  # measure every file again instead of reusing the figures kept with its stage
+    input_range: str = "auto"  # the pixels a --model takes (compress.checks.decide_input_range); ours take [0, 1]
     verbose: int = 1  # Keras progress: 0 silent, 1 bar, 2 a line per epoch
     log: Callable[[str], None] = print
 

@@ -75,6 +75,7 @@ def measure_run(recipe: RunRecipe, options: RunOptions, data, names: list[str], 
         cached[variant.name]["latency"] = timing
     _write_measurements(options.out, names, variants, cached, settings)
     batches = list(recipe.batch_sizes)
+    notes = _chance_warning(variants, data, options)
     return {
         "machine": {**machine_info(threads=recipe.threads), "latency_rounds": DEFAULT_ROUNDS},
         "baseline": _baseline_variant(variants),
@@ -86,7 +87,30 @@ def measure_run(recipe: RunRecipe, options: RunOptions, data, names: list[str], 
         "variants": [variant.to_dict(batches) for variant in variants],
         "keras_reference": _keras_reference(stage_dir(options.out, BASELINE), recipe, options, settings),
         "cuda": {"measured": cuda_ok, "reason": cuda_reason},
+        "input_model": _input_model(options),
+        "notes": notes,
     }
+
+
+def _input_model(options: RunOptions) -> dict | None:
+    """Which Keras wrote the user's model and how its translation to tf_keras held up (None: compress trained it)."""
+    try:
+        return json.loads((stage_dir(options.out, BASELINE) / "metrics.json").read_text()).get("input_model")
+    except (OSError, ValueError):
+        return None
+
+
+def _chance_warning(variants: list[VariantResult], data, options: RunOptions) -> list[str]:
+    """A baseline near chance accuracy most often means the model was fed pixels in the wrong range: say so."""
+    baseline = next(v for v in variants if v.name == _baseline_variant(variants))
+    chance = 1.0 / data.num_classes
+    if baseline.accuracy is None or baseline.accuracy > 1.5 * chance:
+        return []
+    note = (f"the baseline scores {baseline.accuracy:.1%}, near chance ({chance:.1%}) for {data.num_classes} classes; "
+            f"its images were given in the {data.input_range!r} range: if the model expects another, pass "
+            "--input-range raw|unit|symmetric")
+    options.log(f"warning: {note}")
+    return [note]
 
 
 def _time_files(paths: dict[str, Path], recipe: RunRecipe, options: RunOptions, cuda_ok: bool) -> dict[str, dict]:

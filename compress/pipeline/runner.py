@@ -21,6 +21,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from compress.errors import ConfigError
 from compress.files import atomic_path, check_output_dir, sha256_file, write_json
 from compress.pipeline.folders import RunOptions, digest_of, is_finished, jsonable, read_manifest, stage_dir
 from compress.pipeline.recipe import BASELINE, RunRecipe, Stage
@@ -49,7 +50,7 @@ def baseline_key(recipe: RunRecipe, options: RunOptions) -> str:
     else:
         source = {"recipe": recipe.baseline_recipe, "epochs": recipe.baseline_epochs}
     return digest_of({"baseline": source, "export": list(recipe.baseline_export), "data": jsonable(options.data_args),
-                  "compress": __version__})
+                      "input_range": options.input_range, "compress": __version__})
 
 
 def describe_plan(recipe: RunRecipe, options: RunOptions) -> list[str]:
@@ -74,9 +75,9 @@ def describe_plan(recipe: RunRecipe, options: RunOptions) -> list[str]:
 
 def run(recipe: RunRecipe, options: RunOptions) -> dict:
     """Run every stage not yet finished, then measure every variant and write results.json and the report."""
-    from compress.checks import check_model_fits_data, check_writable
+    from compress.checks import check_model_fits_data, check_writable, decide_input_range
     from compress.data import load_data
-    from compress.kerasmodel import load_model
+    from compress.kerasmodel import load_model_with_source
     from compress.pipeline.measure import measure_run
     from compress.report import write_report
 
@@ -86,9 +87,14 @@ def run(recipe: RunRecipe, options: RunOptions) -> dict:
     for name in (BASELINE, *(stage.name for stage in recipe.stages)):
         stage_dir(out, name)
     data = load_data(**options.data_args)
+    source = model = None
     if options.model is not None:  # refuse a model that cannot work with this data before any work is done
-        check_model_fits_data(load_model(options.model, unsafe=options.unsafe), data,
-                              batch_sizes=recipe.batch_sizes, log=options.log)
+        model, source = load_model_with_source(options.model, unsafe=options.unsafe,
+                                               sample_images=data.normalized("test")[0][:256])
+        data = data.with_input_range(decide_input_range(model, options.input_range, options.log))
+        check_model_fits_data(model, data, batch_sizes=recipe.batch_sizes, log=options.log)
+    elif options.input_range not in ("auto", "unit"):
+        raise ConfigError("--input-range applies to a --model; the baseline compress trains takes [0, 1] pixels")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "recipe.toml") as partial:
         partial.write_text(recipe.source)
@@ -111,7 +117,7 @@ def run(recipe: RunRecipe, options: RunOptions) -> dict:
             leftover.unlink()
         (folder / "manifest.json").unlink(missing_ok=True)  # a stage being redone is not finished
         if stage is None:
-            manifest = _run_baseline(recipe, options, data, folder)
+            manifest = _run_baseline(recipe, options, data, folder, model, source)
         else:
             manifest = _run_stage(stage, options, data, out, chains[name])
         seconds = time.perf_counter() - stage_started
@@ -128,12 +134,12 @@ def run(recipe: RunRecipe, options: RunOptions) -> dict:
     return results
 
 
-def _run_baseline(recipe: RunRecipe, options: RunOptions, data, folder: Path) -> dict:
-    from compress.kerasmodel import load_model, save_model
+def _run_baseline(recipe: RunRecipe, options: RunOptions, data, folder: Path, model, source: dict | None) -> dict:
+    """The user's model (already loaded and checked) or the article's CNN trained here, saved and exported."""
+    from compress.kerasmodel import save_model
 
-    if options.model is not None:
-        model = load_model(options.model, unsafe=options.unsafe)
-        stats = {"source": str(options.model), "params": int(model.count_params())}
+    if model is not None:
+        stats = {"source": str(options.model), "input_model": source, "params": int(model.count_params())}
     else:
         from baseline.train import TrainConfig, train_baseline
 
