@@ -89,8 +89,8 @@ class VariantResult:
                 entry[latency_key(batch, kind="images_per_s")] = timing["images_per_s"]
             else:
                 not_measured.setdefault(latency_key(batch), "not timed")
-            if batch in self.cuda_latency:
-                entry[latency_key(batch, kind="latency_cuda_ms")] = self.cuda_latency[batch]["median_ms"]
+        for batch in sorted(self.cuda_latency):  # the GPU batch sizes may go beyond the recipe's
+            entry[latency_key(batch, kind="latency_cuda_ms")] = self.cuda_latency[batch]["median_ms"]
         entry["not_measured"] = not_measured
         return {**entry, **self.extra}
 
