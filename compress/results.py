@@ -34,6 +34,7 @@ REQUIRED_VARIANT = ("name", "chain", "file", "format", "accuracy", "file_bytes",
 # Figures that may be null (not measured); the latency keys of every batch size join them.
 MEASURED = ("accuracy", "file_bytes", "gzip_bytes", "params", "nonzero_params")
 _LATENCY_KEY = re.compile(r"^latency_ms_b(\d+)$")
+_CUDA_LATENCY_KEY = re.compile(r"^latency_cuda_ms_b(\d+)$")
 
 
 def latency_key(batch: int, *, kind: str = "latency_ms") -> str:
@@ -48,6 +49,13 @@ def batch_sizes(results: dict) -> list[int]:
     found = {int(match.group(1)) for v in results.get("variants", []) if isinstance(v, dict)
              for key in v if (match := _LATENCY_KEY.match(key))}
     return sorted(found)
+
+
+def cuda_batch_sizes(results: dict) -> list[int]:
+    """The CPU batch sizes and any other a variant was timed at on CUDA (measure/gpu.py's GPU_BATCH_SIZES)."""
+    return sorted({*batch_sizes(results), *(int(match.group(1)) for v in results.get("variants", [])
+                                            if isinstance(v, dict) for key in v
+                                            if (match := _CUDA_LATENCY_KEY.match(key)))})
 
 
 def measured_keys(results: dict) -> tuple[str, ...]:
@@ -89,8 +97,8 @@ class VariantResult:
                 entry[latency_key(batch, kind="images_per_s")] = timing["images_per_s"]
             else:
                 not_measured.setdefault(latency_key(batch), "not timed")
-            if batch in self.cuda_latency:
-                entry[latency_key(batch, kind="latency_cuda_ms")] = self.cuda_latency[batch]["median_ms"]
+        for batch in sorted(self.cuda_latency):  # the GPU batch sizes may go beyond the recipe's
+            entry[latency_key(batch, kind="latency_cuda_ms")] = self.cuda_latency[batch]["median_ms"]
         entry["not_measured"] = not_measured
         return {**entry, **self.extra}
 

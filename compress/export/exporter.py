@@ -10,6 +10,8 @@ How each variant is exported:
   that graph, without changing what it computes, so that onnxruntime fuses it into QLinearConv / QGemm. With
   `int8_weights="uint8"` (auto: where this CPU is x86 without VNNI, whose uint8 x int8 kernels saturate 16-bit sums)
   the weights are stored as uint8 with zero point 128, the same numbers.
+- `onnx-fp16`: float models only; model.onnx converted to model.fp16.onnx by `fp16.to_fp16` (float16 weights and
+  arithmetic, float32 inputs and outputs), checked against the Keras model with the float16 threshold.
 
 Every file is written atomically, checked (ONNX: `onnx.checker` with shape inference, opset >= 17, a named input with a
 dynamic batch dimension, metadata naming the toolkit version, technique chain and source hash), and then run in its
@@ -27,6 +29,7 @@ from typing import Sequence
 
 from compress.errors import ConfigError, ExportError, ModelError
 from compress.export.convert import DEFAULT_OPSET, MIN_OPSET, describe_onnx, onnx_proto, save_onnx, to_tflite
+from compress.export.fp16 import to_fp16
 from compress.export.parity import (
     PARITY_SAMPLES,
     PARITY_THRESHOLDS,
@@ -46,7 +49,8 @@ from compress.kerasmodel import (
 )
 from compress.measure.hardware import int8_sums_saturate
 
-EXPORT_FORMATS = ("onnx", "tflite")
+EXPORT_FORMATS = ("onnx", "tflite", "onnx-fp16")
+FP16_FORMAT = "onnx-fp16"  # model.onnx's float16 copy (export/fp16.py), written after it: implies "onnx"
 INT8_WEIGHT_TYPES = ("auto", "int8", "uint8")
 
 
@@ -67,6 +71,8 @@ class ExportConfig:
         unknown = [name for name in formats if name not in EXPORT_FORMATS]
         if unknown:
             raise ConfigError(f"unknown export format {unknown[0]!r}; known formats: {', '.join(EXPORT_FORMATS)}")
+        if FP16_FORMAT in formats:
+            formats = ("onnx", *formats)
         object.__setattr__(self, "formats", tuple(dict.fromkeys(formats)))
         if not isinstance(self.opset, int) or self.opset < MIN_OPSET:
             raise ConfigError(f"ONNX opset must be an integer >= {MIN_OPSET}, got {self.opset!r}")
@@ -92,14 +98,15 @@ def export_model(
     int8_weights: str = "auto",
     strict: bool = False,
 ) -> dict:
-    """Export a Keras model (object or .keras path) to OUT/model.onnx and/or OUT/model.tflite and check parity.
+    """Export a Keras model (object or .keras path) to OUT/model.onnx, OUT/model.tflite and/or OUT/model.fp16.onnx
+    and check parity.
 
     `data` (a compress Dataset) supplies the parity inputs (its first `parity_samples` test images) and adds accuracy
     on them; without it, deterministic uniform-random images are used. `chain` names the techniques that made the
     model (default: ["qat"] for a QAT model, else []); `source_hash` overrides the sha256 recorded for the source
     (default: of the .keras file, or of the weights for an in-memory model). `int8_weights` is how a QAT model's ONNX
     file stores its weights: int8, uint8 (zero point 128; the same values), or auto: uint8 where this CPU is x86
-    without VNNI, whose onnxruntime kernels saturate on int8 weights (`compress.bench.int8_sums_saturate`).
+    without VNNI, whose onnxruntime kernels saturate on int8 weights (`compress.measure.hardware.int8_sums_saturate`).
 
     Returns a JSON-ready dict (also written to OUT/export.json) with one entry per file under "files" and the overall
     "parity_ok"; the parity details also go to OUT/parity.json. A failed parity check is reported, not raised, unless
@@ -115,6 +122,8 @@ def export_model(
     model, stripped = strip_training_wrappers(model)
     input_name, input_shape, _ = model_io(model)
     quantized = is_qat_model(model)
+    if quantized and FP16_FORMAT in config.formats:
+        raise ExportError(f"{FP16_FORMAT} is for float models; {source['name']} is a QAT (int8) model")
     precision = "int8" if quantized else "float32"
     chain = list(chain) if chain is not None else (["qat"] if quantized else [])
     if not all(isinstance(step, str) and step for step in chain):
@@ -139,8 +148,13 @@ def export_model(
     files: dict[str, dict] = {}
     parity_files: dict[str, dict] = {}
     for fmt in config.formats:
-        target = out / f"model.{fmt}"
-        if fmt == "onnx":
+        target = out / ("model.fp16.onnx" if fmt == FP16_FORMAT else f"model.{fmt}")
+        file_precision = "float16" if fmt == FP16_FORMAT else precision
+        if fmt == FP16_FORMAT:
+            conversion = to_fp16(out / "model.onnx", target)
+            entry = {"converter": "onnxruntime float16 converter from model.onnx",
+                     **{key: conversion[key] for key in ("cast_nodes", "weight_bytes_by_dtype")}}
+        elif fmt == "onnx":
             unsigned = quantized and _unsigned_weights_wanted(config.int8_weights)
             proto = onnx_proto(model, opset=config.opset, metadata=metadata,
                                int8_tflite=tflite_bytes if quantized else None, unsigned_weights=unsigned)
@@ -155,7 +169,7 @@ def export_model(
         entry = {
             "format": fmt,
             "path": str(target),
-            "precision": precision,
+            "precision": file_precision,
             "bytes": target.stat().st_size,
             "sha256": sha256_file(target),
             **entry,
@@ -164,7 +178,7 @@ def export_model(
             entry["weight_zero_fraction"] = {"keras": keras_sparsity, "onnx": entry.pop("weight_zero_fraction")}
         files[fmt] = entry
         parity_files[target.name] = check_parity(
-            target, inputs, reference, precision=precision, labels=labels, batch_size=config.batch_size
+            target, inputs, reference, precision=file_precision, labels=labels, batch_size=config.batch_size
         )
 
     parity_ok = all(item["ok"] for item in parity_files.values())

@@ -1,5 +1,5 @@
-"""The machine a measurement was taken on: CPU model and its int8-relevant instruction sets, library versions, and
-whether onnxruntime can run on CUDA here. Nothing here imports TensorFlow.
+"""The machine a measurement was taken on: CPU model and its int8-relevant instruction sets, and library versions
+(whether onnxruntime runs on CUDA here is measure/gpu.py's `cuda_provider_status`). Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import os
 import platform
 from pathlib import Path
 
-from compress.errors import first_line
 
 # CPU flags that decide whether int8 kernels are fast (x86: VNNI/AMX; ARM: dot-product / i8mm).
 INT8_FLAGS = (
@@ -114,39 +113,3 @@ def _onnxruntime_providers() -> list[str] | None:
     except ImportError:
         return None
     return list(onnxruntime.get_available_providers())
-
-
-def cuda_available() -> tuple[bool, str]:
-    """Whether onnxruntime can run on CUDA here: the provider is built in and a session really starts on it."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False, "onnxruntime not installed"
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False, "onnxruntime-gpu not installed (no CUDAExecutionProvider in this onnxruntime build)"
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    try:
-        session = ort.InferenceSession(
-            _tiny_onnx_bytes(), sess_options=options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
-        )
-    except Exception as exc:  # a missing CUDA/cuDNN library or driver surfaces as a plain RuntimeError
-        return False, f"no CUDA device: {first_line(exc)}"
-    if "CUDAExecutionProvider" not in session.get_providers():
-        return False, "no CUDA device (onnxruntime fell back to the CPU)"
-    return True, "CUDAExecutionProvider session created"
-
-
-def _tiny_onnx_bytes() -> bytes:
-    """A one-node ONNX model (Relu on a float vector), built in memory."""
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])],
-        "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model.SerializeToString()

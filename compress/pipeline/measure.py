@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from compress.errors import CompressError
 from compress.files import sha256_file, write_json
 from compress.pipeline.recipe import BASELINE, RunRecipe
 from compress.pipeline.folders import RunOptions, digest_of, jsonable, read_manifest, stage_dir
@@ -23,7 +24,8 @@ MEASUREMENTS = "measurements.json"
 def measure_run(recipe: RunRecipe, options: RunOptions, data, names: list[str], stage_seconds, started) -> dict:
     """Accuracy, size and latency of every exported file (reused where unchanged), as a results.json dict."""
     from compress.measure.accuracy import evaluate_file
-    from compress.measure.hardware import cuda_available, machine_info
+    from compress.measure.gpu import cuda_provider_status, gpu_info
+    from compress.measure.hardware import machine_info
     from compress.measure.latency import DEFAULT_ROUNDS
     from compress.measure.sizes import file_size, onnx_weight_stats
 
@@ -59,7 +61,7 @@ def measure_run(recipe: RunRecipe, options: RunOptions, data, names: list[str], 
                                                  for key in ("params", "nonzero_params")},
                 extra={"macs": manifest.get("macs")},
             ))
-    cuda_ok, cuda_reason = cuda_available()
+    cuda_ok, cuda_reason = cuda_provider_status()
     latencies = {name: kept.get("latency") for name, kept in cached.items()}
     if all(latencies.values()) and not cuda_ok:
         options.log("latency: every file is unchanged since it was timed; timings reused (--remeasure times again)")
@@ -76,8 +78,11 @@ def measure_run(recipe: RunRecipe, options: RunOptions, data, names: list[str], 
     _write_measurements(options.out, names, variants, cached, settings)
     batches = list(recipe.batch_sizes)
     notes = _chance_warning(variants, data, options)
+    machine = {**machine_info(threads=recipe.threads), "latency_rounds": DEFAULT_ROUNDS}
+    if cuda_ok:
+        machine["gpu"] = gpu_info()
     return {
-        "machine": {**machine_info(threads=recipe.threads), "latency_rounds": DEFAULT_ROUNDS},
+        "machine": machine,
         "baseline": _baseline_variant(variants),
         "data": data.describe(),
         "total_seconds": round(time.perf_counter() - started, 2),
@@ -114,27 +119,34 @@ def _chance_warning(variants: list[VariantResult], data, options: RunOptions) ->
 
 
 def _time_files(paths: dict[str, Path], recipe: RunRecipe, options: RunOptions, cuda_ok: bool) -> dict[str, dict]:
-    """CPU latency of every file at each batch size; CUDA latency of the ONNX files where a GPU can run them.
+    """CPU latency of every file at each batch size; CUDA latency of the ONNX files where a GPU can run them, at
+    the recipe's batch sizes and `GPU_BATCH_SIZES`, the model alone (I/O binding, `load_onnx_cuda`).
 
     The files of one batch size are timed in interleaved rounds, so that the ratios between them hold on a
     machine whose speed drifts.
     """
+    from compress.measure.gpu import GPU_BATCH_SIZES, load_onnx_cuda
     from compress.measure.latency import DEFAULT_ROUNDS, interleaved_latency, timed_file
 
     timings: dict[str, dict] = {name: {"cpu": {}, "cuda": {}} for name in paths}
-    onnx_names = [name for name, path in paths.items() if path.suffix == ".onnx"]
     for batch in recipe.batch_sizes:
         options.log(f"    batch {batch}: {len(paths)} files in {DEFAULT_ROUNDS} interleaved rounds ...")
         cpu = interleaved_latency({name: timed_file(path, batch, threads=recipe.threads)
                                    for name, path in paths.items()}, min_seconds=recipe.min_seconds)
-        gpu = {}
-        if cuda_ok and onnx_names:
-            gpu = interleaved_latency({name: timed_file(paths[name], batch, provider="CUDAExecutionProvider")
-                                       for name in onnx_names}, min_seconds=recipe.min_seconds)
         for name in paths:
             timings[name]["cpu"][str(batch)] = cpu[name]
-            if name in gpu:
-                timings[name]["cuda"][str(batch)] = gpu[name]
+    onnx_names = [name for name, path in paths.items() if path.suffix == ".onnx"]
+    if cuda_ok and onnx_names:
+        for batch in sorted({*recipe.batch_sizes, *GPU_BATCH_SIZES}):
+            options.log(f"    CUDA batch {batch}: {len(onnx_names)} ONNX files, interleaved ...")
+            loaded = {}
+            for name in onnx_names:
+                try:
+                    loaded[name] = load_onnx_cuda(paths[name], batch)
+                except CompressError as exc:  # out of GPU memory, a fixed batch size: the others are still timed
+                    options.log(f"    {name}: not timed on CUDA at batch {batch}: {exc}")
+            for name, timing in interleaved_latency(loaded, min_seconds=recipe.min_seconds).items():
+                timings[name]["cuda"][str(batch)] = timing
     return timings
 
 

@@ -15,7 +15,7 @@ from compress.report.summary import (
     ratio,
     times_text,
 )
-from compress.results import batch_sizes, latency_key, measured_keys
+from compress.results import batch_sizes, cuda_batch_sizes, latency_key, measured_keys
 
 NOT_MEASURED = "not measured"
 
@@ -30,7 +30,7 @@ def csv_columns(results: dict) -> tuple[str, ...]:
         *(key for batch in first for key in (latency_key(batch), latency_key(batch, kind="latency_p95_ms"))),
         *(latency_key(batch) for batch in batches[1:]),
         *(f"x_faster_b{batch}" for batch in first),
-        *(latency_key(batch, kind="latency_cuda_ms") for batch in batches),
+        *(latency_key(batch, kind="latency_cuda_ms") for batch in cuda_batch_sizes(results)),
         "parity_ok", "not_measured",
     )
 
@@ -73,7 +73,7 @@ def variant_rows(results: dict) -> list[dict]:
                 **{latency_key(b, kind="latency_p95_ms"): v.get(latency_key(b, kind="latency_p95_ms")) for b in batches},
                 **{f"x_faster_b{b}": ratio(base[latency_key(b)], v[latency_key(b)]) for b in batches[:1]},
                 **{latency_key(b, kind="latency_cuda_ms"): v.get(latency_key(b, kind="latency_cuda_ms"))
-                   for b in batches},
+                   for b in cuda_batch_sizes(results)},
                 "parity_ok": v["parity_ok"],
                 "not_measured": _reasons(v, measured),
                 "is_baseline": v["name"] == base["name"],
@@ -164,7 +164,7 @@ def render_markdown(results: dict, summary: dict, rows: list[dict]) -> str:
     if missing:
         lines += ["", "Not measured:", ""]
         lines += [f"- {_md(name)}, {_field_name(key)}: {_md(reason)}" for name, key, reason in missing]
-    lines += _cuda_lines(rows, batches)
+    lines += _cuda_lines(rows, cuda_batch_sizes(results))
     keras = results.get("keras_reference")
     if isinstance(keras, dict) and keras:
         lines += ["", "## Keras reference (not an exported file)", ""]
