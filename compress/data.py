@@ -108,8 +108,8 @@ class Dataset:
             ds = ds.map(_augment_fn(self.input_shape, self.seed))
         scale, offset = INPUT_RANGES[self.input_range]
         ds = ds.map(lambda images, labels: (tf.cast(images, tf.float32) * scale + offset, labels))
-        # A fixed prefetch instead of tf.data's autotuning: with autotuning on, `fit` on the full CIFAR-10 returned
-        # ~50 s after its last epoch had ended (its iterators' teardown waits on the tuner), 0.1 s without it.
+        # A fixed prefetch instead of tf.data's autotuning: with autotuning on, `fit` returned long after its last
+        # epoch had ended (its iterators' teardown waits on the tuner; figures in the README's history).
         options = tf.data.Options()
         options.autotune.enabled = False
         return ds.prefetch(PREFETCH_BATCHES).with_options(options)
@@ -123,8 +123,7 @@ def normalize(images: np.ndarray, input_range: str = "unit") -> np.ndarray:
 def _augment_fn(input_shape: tuple[int, int, int], seed: int) -> Callable:
     """Random horizontal flip and a shift of up to 1/8 of the image (reflect-padded), drawn per image.
 
-    Works on whole batches: one gather per axis instead of a per-image map (4.6 s instead of 10.7 s per CIFAR-10
-    epoch, measured while a training job shared the 2 cores).
+    Works on whole batches: one gather per axis instead of a per-image map, which took about twice as long.
     """
     from compress.keras import tf
 

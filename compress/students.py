@@ -42,9 +42,8 @@ def conv_pool_cnn(input_shape: tuple[int, int, int], num_classes: int, width: in
     """Three blocks of Conv(3x3 'same')-BatchNorm-ReLU-MaxPool with w, 2w, 4w filters, then GlobalAveragePool-Dense.
 
     Pooling after every convolution puts the parameters where the images are small: width 32 has ~95k parameters
-    and needs about half the multiply-adds of compact_cnn at width 32 (10 M vs 20 M on 32x32x3), so an epoch costs
-    about 60 % as long. Distilled from a 3-epoch article CNN on the full CIFAR-10 on a 2-core AVX2 CPU, 4 epochs of
-    it (370 s) reached 65.3 % validation accuracy, where 3 epochs of compact_cnn (450 s) reached 64.8 %.
+    and needs about half the multiply-adds of compact_cnn at width 32, so an epoch costs less (the README compares
+    the two as distillation students).
     """
     from compress.keras import keras
 

@@ -44,8 +44,8 @@ def test_chosen_layers_unknown_names_and_too_few_weights(tiny_cnn, synthetic_dat
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"clusters": 0}, "clusters must be an integer >= 2, got 0"),
-        ({"clusters": 1}, "clusters must be an integer >= 2, got 1"),
+        ({"clusters": 0}, "clusters must be an integer from 2 to 256, got 0"),
+        ({"clusters": 1}, "clusters must be an integer from 2 to 256, got 1"),
         ({"clusters": 2.5}, "clusters must be"),  # the wording of a wrong type is the config base's
         ({"init": "best"}, "init must be one of linear, kmeans_plus_plus, density, random, got 'best'"),
         ({"epochs": -1}, "epochs must be a number in (0, 1000] (0.5 trains on half an epoch), got -1"),
@@ -72,7 +72,7 @@ def test_cli_refuses_one_cluster(tmp_path, capsys):
 
     code = main(["cluster", str(tmp_path / "model.keras"), "--out", str(tmp_path / "out"), "--clusters", "1"])
     assert code == 2
-    assert capsys.readouterr().err.strip() == "compress: error: clusters must be an integer >= 2, got 1"
+    assert capsys.readouterr().err.strip() == "compress: error: clusters must be an integer from 2 to 256, got 1"
 
 
 def test_cli_clusters_baseline_on_shipped_data(baseline_1epoch, tmp_path, capsys):

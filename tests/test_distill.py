@@ -136,7 +136,7 @@ def test_config_round_trips_through_dict_and_toml():
     ({"alpha": -0.1}, r"alpha must be in \[0, 1\], got -0.1"),
     ({"alpha": 1.5}, "alpha"),
     ({"student": "resnet9"}, "unknown student 'resnet9'; known students: compact_cnn, conv_pool_cnn"),
-    ({"width": 0}, "width must be an integer >= 1"),
+    ({"width": -1}, r"width must be an integer from 0 \(sized from the teacher\) to 1024"),
     ({"epochs": 0}, "epochs"),
     ({"learning_rate": 0.0}, "learning_rate"),
     ({"batch_size": 0}, "batch_size"),
@@ -168,3 +168,19 @@ def test_cli_distills_the_one_epoch_baseline(baseline_1epoch, tmp_path):
     for key in ("teacher_test_accuracy", "student_test_accuracy", "scratch_test_accuracy"):
         assert 0.0 <= stats["stats"][key] <= 1.0
     assert load_model(out / "model.keras").output_shape == (None, 10)
+
+
+def test_default_student_is_sized_from_the_teacher(synthetic_data):
+    """Width 0: the widest student up to 16 with at most a quarter of the teacher's parameters; never larger."""
+    from compress.errors import ModelError
+    from compress.techniques.distill import AUTO_TEACHER_SHARE, _make_student
+
+    config = DistillConfig()
+    assert config.width == 0
+    wide = _make_student(config, synthetic_data, 10_000_000)
+    assert wide.name.endswith("_w16")
+    small = _make_student(config, synthetic_data, 8_000)
+    assert small.count_params() <= AUTO_TEACHER_SHARE * 8_000 and not small.name.endswith("_w16")
+    with pytest.raises(ModelError, match="would not make this model smaller"):
+        _make_student(config, synthetic_data, 50)
+    assert small.output_shape == (None, 3) and small.input_shape == (None, 8, 8, 3)

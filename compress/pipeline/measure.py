@@ -59,7 +59,7 @@ def measure_run(recipe: RunRecipe, options: RunOptions, data, names: list[str], 
                 parity=entry["parity"], weight_bytes_by_dtype=weights.get("bytes_by_dtype"),
                 not_measured={} if weights else {key: "parameters are counted in ONNX files only"
                                                  for key in ("params", "nonzero_params")},
-                extra={"macs": manifest.get("macs")},
+                extra={"macs": manifest.get("macs"), "left_alone": _left_alone(folder)},
             ))
     cuda_ok, cuda_reason = cuda_provider_status()
     latencies = {name: kept.get("latency") for name, kept in cached.items()}
@@ -95,6 +95,15 @@ def measure_run(recipe: RunRecipe, options: RunOptions, data, names: list[str], 
         "input_model": _input_model(options),
         "notes": notes,
     }
+
+
+def _left_alone(folder: Path) -> dict:
+    """The layers a stage's technique did not touch, with its reasons (from the stage's stats.json)."""
+    try:
+        stats = json.loads((folder / "stats.json").read_text()).get("stats", {})
+    except (OSError, ValueError):
+        return {}
+    return stats.get("left_alone") or stats.get("channels", {}).get("left_alone") or {}
 
 
 def _input_model(options: RunOptions) -> dict | None:

@@ -165,6 +165,11 @@ def render_markdown(results: dict, summary: dict, rows: list[dict]) -> str:
         lines += ["", "Not measured:", ""]
         lines += [f"- {_md(name)}, {_field_name(key)}: {_md(reason)}" for name, key, reason in missing]
     lines += _cuda_lines(rows, cuda_batch_sizes(results))
+    untouched = [(v["name"], layer, reason) for v in results["variants"]
+                 for layer, reason in (v.get("left_alone") or {}).items()]
+    if untouched:
+        lines += ["", "Layers a technique left alone:", ""]
+        lines += [f"- {_md(name)}, {_md(layer)}: {_md(reason)}" for name, layer, reason in untouched]
     keras = results.get("keras_reference")
     if isinstance(keras, dict) and keras:
         lines += ["", "## Keras reference (not an exported file)", ""]

@@ -18,6 +18,7 @@ from compress.techniques.finetune import (
     evaluate,
     fine_tune,
     parse_names,
+    left_alone,
     select_layers,
     wrap_layers,
 )
@@ -91,6 +92,7 @@ def cluster(model, config: ClusterConfig, data, *, out_dir=None, verbose: int = 
     clustered = clustering.strip_clustering(wrapped)
     stats = {
         "clustered_layers": names,
+        "left_alone": left_alone(work, chosen, "cluster"),
         "unique_values": unique_values(clustered, names),
         "clusters": config.clusters,
         "init": config.init,
@@ -104,9 +106,8 @@ def nearest_centroids(weight, centroids):
     """For each weight, the index (int64, weight's shape) of its nearest centroid; ties may go either way.
 
     The centroids are sorted and each weight is placed among the midpoints between neighbours: memory of the
-    weight's size and O(n log k) work, where tfmot's argmin over |w - c| builds an n x k tensor. For the article
-    CNN's 5.5M-weight dense layer and 16 clusters that is 0.14 s instead of 0.42 s on a 2-core CPU, paid on every
-    training step (scripts/time_cluster_lookup.py).
+    weight's size and O(n log k) work, where tfmot's argmin over |w - c| builds an n x k tensor; paid on every
+    training step, so it matters (scripts/time_cluster_lookup.py and the README give the timings).
     """
     from compress.keras import tf
 

@@ -20,6 +20,10 @@ import numpy as np
 from compress.errors import ModelError
 from compress.students import STUDENTS
 from compress.techniques.finetune import MAX_BATCH_SIZE, MAX_FINE_TUNE_EPOCHS as MAX_EPOCHS
+
+# A default student: the widest up to the width the toolkit has always used, with at most this share of the teacher.
+AUTO_MAX_WIDTH = 16
+AUTO_TEACHER_SHARE = 0.25
 from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, require
 
 
@@ -30,7 +34,9 @@ class DistillConfig(TechniqueConfig):
         f"student: an architecture name ({', '.join(STUDENTS)}) or a path to a .keras model to train as the student",
         metavar="NAME|PATH",
     )
-    width: int = option(16, "filters of the first convolution of a named student (doubles twice with depth)", parse=int)
+    width: int = option(0, "filters of the first convolution of a named student (doubles twice with depth); 0: sized "
+                        f"from the teacher, the widest up to {AUTO_MAX_WIDTH} with at most "
+                        f"{AUTO_TEACHER_SHARE:.0%} of the teacher's parameters", parse=int)
     alpha: float = option(0.5, "weight of the hard-label loss in [0, 1]; 1 - alpha weighs the teacher's soft targets",
                           parse=float)
     temperature: float = option(4.0, "softmax temperature (> 0) for the soft targets", parse=float)
@@ -45,7 +51,8 @@ class DistillConfig(TechniqueConfig):
                 f"student must be an architecture name or a .keras path, got {self.student!r}")
         require(self.student in STUDENTS or self.student.endswith(".keras"),
                 f"unknown student {self.student!r}; known students: {', '.join(STUDENTS)}, or a path to a .keras file")
-        require(_is_int(self.width) and 1 <= self.width <= 1024, f"width must be an integer from 1 to 1024, got {self.width!r}")
+        require(_is_int(self.width) and 0 <= self.width <= 1024,
+                f"width must be an integer from 0 (sized from the teacher) to 1024, got {self.width!r}")
         require(_is_number(self.alpha) and 0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha!r}")
         require(_is_number(self.temperature) and 0.0 < self.temperature < math.inf,
                 f"temperature must be a finite number > 0, got {self.temperature!r}")
@@ -152,7 +159,7 @@ def distill(model, config: DistillConfig, data, *, out_dir=None, verbose: int = 
     teacher_gives_probabilities = check_model_fits_data(teacher, data, role="teacher")["outputs"] != "logits"
 
     keras.utils.set_random_seed(data.seed)
-    student = _make_student(config, data)
+    student = _make_student(config, data, int(teacher.count_params()))
     initial_weights = student.get_weights()
 
     train_started = time.perf_counter()
@@ -188,11 +195,13 @@ def distill(model, config: DistillConfig, data, *, out_dir=None, verbose: int = 
     return Outcome(model=student, stats=stats)
 
 
-def _make_student(config: DistillConfig, data):
+def _make_student(config: DistillConfig, data, teacher_params: int):
     if config.student in STUDENTS:
         from compress.students import build_student
 
-        return build_student(config.student, data.input_shape, data.num_classes, config.width)
+        if config.width:
+            return build_student(config.student, data.input_shape, data.num_classes, config.width)
+        return _sized_student(config.student, data, teacher_params)
     from compress.kerasmodel import load_model
 
     from compress.checks import check_model_fits_data
@@ -203,6 +212,20 @@ def _make_student(config: DistillConfig, data):
             f"student {config.student} ends in a softmax; distillation trains on logits, so remove the final softmax"
         )
     return student
+
+
+def _sized_student(name: str, data, teacher_params: int):
+    """The widest named student, up to AUTO_MAX_WIDTH, with at most AUTO_TEACHER_SHARE of the teacher's parameters:
+    distillation is there to make the model smaller, so a student is never larger than its teacher."""
+    from compress.students import build_student
+
+    for width in range(AUTO_MAX_WIDTH, 0, -1):
+        student = build_student(name, data.input_shape, data.num_classes, width)
+        if student.count_params() <= AUTO_TEACHER_SHARE * teacher_params:
+            return student
+    raise ModelError(f"the teacher has {teacher_params:,} parameters and the smallest {name} student "
+                     f"{student.count_params():,}: more than {AUTO_TEACHER_SHARE:.0%} of it; distillation would not "
+                     "make this model smaller (pass --width to force one, or leave distill out)")
 
 
 def _train_from_scratch(student, initial_weights, config: DistillConfig, data, verbose: int):

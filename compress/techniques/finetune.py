@@ -98,10 +98,12 @@ def weight_layers(model) -> list:
 
 
 def select_layers(model, names: tuple[str, ...], what: str) -> list:
-    """The layers named in `names`, or by default every Conv2D/Dense layer except the last one (the classifier).
+    """The layers named in `names`, or by default the Conv2D/Dense layers that hold the weights.
 
-    `what` names the technique's verb in messages ("prune", "cluster"). Unknown names are refused with the list
-    of candidate layers.
+    By default the classifier (the last of them) is left alone, since its outputs are the predictions, unless it
+    holds most of the model's Conv2D/Dense weights (a small convolution before a large Dense, as in tfmot's own
+    pruning example): then leaving it alone would leave the model almost as large. `what` names the technique's
+    verb in messages ("prune", "cluster"). Unknown names are refused with the list of candidate layers.
     """
     candidates = weight_layers(model)
     by_name = {layer.name: layer for layer in candidates}
@@ -114,13 +116,38 @@ def select_layers(model, names: tuple[str, ...], what: str) -> list:
             )
         chosen = [by_name[name] for name in dict.fromkeys(names)]
     else:
-        chosen = candidates[:-1]
+        chosen = candidates if candidates and classifier_share(model) > 0.5 else candidates[:-1]
     if not chosen:
         raise ModelError(
             f"model {model.name!r} has no Conv2D/Dense layer to {what} besides its classifier"
             + (f" {candidates[-1].name!r}; name it in --layers to {what} it" if candidates else "")
         )
     return chosen
+
+
+def classifier_share(model) -> float:
+    """The share of the Conv2D/Dense weights that the last such layer (the classifier) holds."""
+    sizes = [int(layer.kernel.shape.num_elements()) for layer in weight_layers(model)]
+    return sizes[-1] / sum(sizes) if sizes and sum(sizes) else 0.0
+
+
+def left_alone(model, chosen: list, what: str) -> dict[str, str]:
+    """Every layer holding weights that the technique does not touch, with the reason, for stats and report."""
+    chosen_names = {layer.name for layer in chosen}
+    candidates = weight_layers(model)
+    reasons = {}
+    for layer in model.layers:
+        if layer.name in chosen_names or not layer.weights:
+            continue
+        count = int(sum(weight.shape.num_elements() for weight in layer.weights))
+        if candidates and layer is candidates[-1]:
+            reasons[layer.name] = (f"the classifier ({classifier_share(model):.0%} of the Conv2D/Dense weights): its "
+                                   "outputs are the predictions; name it in --layers to include it")
+        elif layer in candidates:
+            reasons[layer.name] = "not named in --layers"
+        else:
+            reasons[layer.name] = f"{type(layer).__name__} ({count:,} weights): {what} handles Conv2D and Dense kernels"
+    return reasons
 
 
 def fine_tune(model, data, *, epochs: float, batch_size: int, learning_rate: float, verbose: int, callbacks=()) -> dict:

@@ -23,6 +23,7 @@ from compress.techniques.finetune import (
     fine_tune,
     parse_name_values,
     parse_names,
+    left_alone,
     select_layers,
     training_plan,
     wrap_layers,
@@ -176,6 +177,7 @@ def prune(model, config: PruneConfig, data, *, out_dir=None, verbose: int = 1) -
     stats.update(
         {
             "pruned_layers": names,
+            "left_alone": left_alone(work, chosen, "prune"),
             "target_sparsity": targets if config.m_by_n is None else None,
             "structure": config.structure,
             "schedule": config.schedule if config.m_by_n is None else "one-shot N:M mask at the first step",
