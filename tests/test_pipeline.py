@@ -396,3 +396,12 @@ def test_two_input_model_is_refused_before_any_work(tiny_setup):
     with pytest.raises(CompressError, match="2 inputs"):
         run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, []))
     assert not tiny_setup["out"].exists()
+
+
+def test_structured_recipe_resolves_with_channel_pruning_chains():
+    root = Path(__file__).resolve().parent.parent
+    recipe = load_recipe(root / "recipes" / "structured.toml")
+    assert recipe.stage("channels50").config.structure == "channels"
+    assert recipe.stage("channels50-qat").input == "channels50"
+    assert recipe.stage("distilled-channels-qat").input == "distilled-channels"
+    assert recipe.stage("distilled-channels").input == "distilled"

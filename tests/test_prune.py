@@ -235,3 +235,14 @@ def test_channel_pruning_makes_a_smaller_model_that_exports_and_keeps_parity(tin
 def test_channel_pruning_refuses_a_layer_list():
     with pytest.raises(ConfigError, match="structure channels"):
         PruneConfig(structure="channels", layers=("conv1",))
+
+
+def test_channel_pruned_model_goes_through_qat_to_an_int8_file(tiny_cnn, synthetic_data, tmp_path):
+    from compress.export.exporter import export_model
+    from compress.techniques.qat import QATConfig, qat
+
+    smaller = prune(tiny_cnn, PruneConfig(structure="channels", sparsity=0.5, epochs=0.5, batch_size=16),
+                    synthetic_data, verbose=0).model
+    quantized = qat(smaller, QATConfig(epochs=0.5, batch_size=16), synthetic_data, verbose=0).model
+    result = export_model(quantized, tmp_path, data=synthetic_data, chain=["prune", "qat"])
+    assert result["precision"] == "int8" and result["parity_ok"]

@@ -141,7 +141,7 @@ def left_alone(model, chosen: list, what: str) -> dict[str, str]:
             continue
         count = int(sum(weight.shape.num_elements() for weight in layer.weights))
         if candidates and layer is candidates[-1]:
-            reasons[layer.name] = (f"the classifier ({classifier_share(model):.0%} of the Conv2D/Dense weights): its "
+            reasons[layer.name] = (f"the classifier ({classifier_share(model):.2%} of the Conv2D/Dense weights): its "
                                    "outputs are the predictions; name it in --layers to include it")
         elif layer in candidates:
             reasons[layer.name] = "not named in --layers"
