@@ -46,12 +46,7 @@ def check_model_fits_data(model, data, *, role: str = "model", batch_sizes: Sequ
     if len(output_shape) != 1 or output_shape[0] != data.num_classes:
         raise ModelError(f"the {role} outputs {shape_text(output_shape) or 'a scalar'} per image but {data.source} has "
                          f"{data.num_classes} classes; compress needs one score per class")
-    image_bytes = int(np.prod(input_shape)) * 4
-    for batch in batch_sizes:
-        if batch * image_bytes > MAX_BATCH_BYTES:
-            raise ConfigError(f"a batch of {batch} {shape_text(input_shape)} images needs "
-                              f"{batch * image_bytes / 2**30:.1f} GiB; use batch sizes up to "
-                              f"{MAX_BATCH_BYTES // image_bytes}")
+    check_batch_memory(input_shape, batch_sizes)
     probabilities = outputs_probabilities(model, data)
     decided = {"outputs": "probabilities (softmax)" if probabilities else "logits"}
     if log is not None:
@@ -60,6 +55,16 @@ def check_model_fits_data(model, data, *, role: str = "model", batch_sizes: Sequ
 
 
 PREPROCESSING_LAYERS = ("Rescaling", "Normalization")
+
+
+def check_batch_memory(input_shape, batch_sizes: Sequence[int]) -> None:
+    """Refuse batch sizes whose float32 image batch alone would not fit in memory, before anything is trained."""
+    image_bytes = int(np.prod(input_shape)) * 4
+    for batch in batch_sizes:
+        if batch * image_bytes > MAX_BATCH_BYTES:
+            raise ConfigError(f"a batch of {batch} {shape_text(input_shape)} images needs "
+                              f"{batch * image_bytes / 2**30:.1f} GiB; use batch sizes up to "
+                              f"{MAX_BATCH_BYTES // image_bytes}")
 
 
 def decide_input_range(model, choice: str = "auto", log: Callable[[str], None] | None = None) -> str:
@@ -137,5 +142,5 @@ def check_writable(path: str | os.PathLike) -> Path:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        raise ConfigError(f"cannot write to {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot write to {path}: {exc.strerror or exc}") from exc
     return path

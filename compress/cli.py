@@ -213,7 +213,7 @@ def _cli_type(parse):
         try:
             return parse(text)
         except (ValueError, CompressError) as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+            raise argparse.ArgumentTypeError(str(exc)) from exc
 
     convert.__name__ = getattr(parse, "__name__", "value")
     return convert

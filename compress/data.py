@@ -340,7 +340,7 @@ def _decode_image(entry: Entry, image_size) -> np.ndarray:
     except UnidentifiedImageError:
         raise DataError(f"cannot read image {name}: not an image file PIL can read, or a damaged one") from None
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read image {name}: {first_line(exc)}") from None
+        raise DataError(f"cannot read image {name}: {first_line(exc)}") from exc
     return array[..., None] if array.ndim == 2 else array
 
 
@@ -353,7 +353,7 @@ def _download_cifar10(image_size):
         raise DataError(
             f"could not download CIFAR-10 ({type(exc).__name__}); offline, point to a class-folder copy "
             f"with --data-dir DIR or ${CIFAR10_DIR_ENV} (DIR/train/<class>/, DIR/test/<class>/)"
-        ) from None
+        ) from exc
     if image_size is not None and tuple(image_size) != x_train.shape[1:3]:
         raise DataError("--image-size is not supported for the downloaded CIFAR-10; use a class-folder copy")
     return x_train, y_train.ravel().astype(np.int64), x_test, y_test.ravel().astype(np.int64), CIFAR10_CLASSES

@@ -308,7 +308,7 @@ class _Builder:
             built = self.keras.layers.deserialize({"class_name": layer["class_name"], "config": config})
         except Exception as exc:  # a value tf_keras refuses: one line naming the layer
             problem = f"({layer['class_name']}) cannot be rebuilt in tf_keras: {first_line(exc)}"
-            raise self._refuse(config["name"], problem) from None
+            raise self._refuse(config["name"], problem) from exc
         self.layers[f"{prefix}{config['name']}"] = built
         return built, activation
 

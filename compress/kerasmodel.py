@@ -89,10 +89,10 @@ def _load_tf_keras(path: Path, unsafe: bool):
             if "Lambda" in str(exc) or "safe_mode" in str(exc):
                 raise ModelError(
                     f"{path} holds a Lambda layer (arbitrary Python code); pass --unsafe if you trust the file"
-                ) from None
-            raise ModelError(f"cannot load {path}: {first_line(exc)}") from None
+                ) from exc
+            raise ModelError(f"cannot load {path}: {first_line(exc)}") from exc
         except Exception as exc:  # zip, h5 and deserialisation errors all mean "not a usable model file"
-            raise ModelError(f"cannot load {path}: {first_line(exc)}") from None
+            raise ModelError(f"cannot load {path}: {first_line(exc)}") from exc
 
 
 def save_model(model, target: str | os.PathLike) -> Path:
@@ -157,7 +157,7 @@ def _strip(function, model, what: str):
     try:
         return function(model)
     except Exception as exc:  # tfmot raises ValueError or TypeError for models it cannot clone
-        raise ExportError(f"cannot strip the {what} wrappers from the model: {first_line(exc)}") from None
+        raise ExportError(f"cannot strip the {what} wrappers from the model: {first_line(exc)}") from exc
 
 
 def model_io(model) -> tuple[str, tuple[int, ...], str]:

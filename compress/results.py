@@ -113,7 +113,7 @@ def load_results(path: str | os.PathLike) -> dict:
     try:
         results = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
     validate_results(results, source=str(path))
     return results
 

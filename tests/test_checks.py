@@ -165,3 +165,22 @@ def test_a_model_with_its_own_rescaling_gets_raw_pixels_end_to_end(tmp_path, cap
     expected = float((model.predict(images, verbose=0).argmax(-1) == labels).mean())
     assert accuracy == pytest.approx(expected, abs=0.002)
     assert "input range: raw" in capsys.readouterr().out
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_files(tmp_path, capsys, monkeypatch):
+    import errno
+    import shutil
+    from pathlib import Path
+
+    from compress import files
+
+    shutil.copy(Path(__file__).parent / "fixtures" / "results.json", tmp_path / "results.json")
+
+    def full_disk(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(files.os, "replace", full_disk)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and len(err[0]) < 300
+    assert not list(tmp_path.glob(".*partial*")) and not (tmp_path / "report.md").exists()

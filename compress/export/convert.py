@@ -33,7 +33,7 @@ def to_tflite(model, *, int8: bool) -> bytes:
             warnings.simplefilter("ignore")
             return converter.convert()
     except Exception as exc:  # the converter raises ConverterError, ValueError and others, all "cannot convert"
-        raise ExportError(f"TFLite conversion failed: {first_line(exc)}") from None
+        raise ExportError(f"TFLite conversion failed: {first_line(exc)}") from exc
 
 
 def onnx_proto(model, *, opset: int = DEFAULT_OPSET, metadata: dict[str, str], int8_tflite: bytes | None = None,
@@ -66,7 +66,7 @@ def _to_onnx(model, *, opset: int, int8_tflite: bytes | None, input_name: str, i
     except ExportError:
         raise
     except Exception as exc:  # tf2onnx raises many types for unsupported ops; each means "cannot convert"
-        raise ExportError(f"ONNX conversion failed: {first_line(exc)}") from None
+        raise ExportError(f"ONNX conversion failed: {first_line(exc)}") from exc
     return proto
 
 
@@ -125,7 +125,7 @@ def save_onnx(proto, target: str | os.PathLike) -> Path:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:  # onnx raises ValidationError and InferenceError
-        raise ExportError(f"the converted ONNX model fails onnx.checker: {first_line(exc)}") from None
+        raise ExportError(f"the converted ONNX model fails onnx.checker: {first_line(exc)}") from exc
     with atomic_path(target) as partial:
         onnx.save(proto, str(partial))
     return Path(target)

@@ -57,26 +57,26 @@ def to_fp16(source_onnx_path: str | os.PathLike, target_path: str | os.PathLike)
     try:
         model = onnx.load(str(source))
     except Exception as exc:  # protobuf's DecodeError and onnx's own errors both mean "not an ONNX file"
-        raise ModelError(f"cannot read ONNX file {source}: {first_line(exc) or type(exc).__name__}") from None
+        raise ModelError(f"cannot read ONNX file {source}: {first_line(exc) or type(exc).__name__}") from exc
     _refuse_unconvertible(model, source)
     before = weight_bytes_by_dtype(model)
     try:
         from onnxruntime.transformers.float16 import convert_float_to_float16
         from onnxruntime.transformers.onnx_model import OnnxModel
     except ImportError as exc:
-        raise ExportError(f"onnxruntime's float16 converter is not available: {first_line(exc)}") from None
+        raise ExportError(f"onnxruntime's float16 converter is not available: {first_line(exc)}") from exc
     try:
         converted = convert_float_to_float16(model, keep_io_types=True)
         # The converter appends the Cast nodes of the inputs at the end of the graph; onnx.checker wants them first.
         OnnxModel.graph_topological_sort(converted.graph)
     except Exception as exc:  # the converter raises plain ValueError/RuntimeError for graphs it cannot handle
-        raise ExportError(f"float16 conversion of {source} failed: {first_line(exc) or type(exc).__name__}") from None
+        raise ExportError(f"float16 conversion of {source} failed: {first_line(exc) or type(exc).__name__}") from exc
     with atomic_path(target) as partial:
         onnx.save_model(converted, str(partial))
         try:
             onnx.checker.check_model(str(partial))
         except onnx.checker.ValidationError as exc:
-            raise ExportError(f"float16 copy of {source} fails onnx.checker: {first_line(exc)}") from None
+            raise ExportError(f"float16 copy of {source} fails onnx.checker: {first_line(exc)}") from exc
     op_counts = Counter(node.op_type for graph in _graphs(converted.graph) for node in graph.node)
     return {
         "path": str(target),

@@ -142,7 +142,7 @@ def load_onnx_cuda(path: str | os.PathLike, batch_size: int, *, seed: int = 0) -
     try:
         run()  # also allocates the outputs that the copy timing reads back
     except Exception as exc:  # out of GPU memory or a kernel CUDA lacks: onnxruntime's own exception types
-        raise ModelError(f"{path} does not run on CUDA at batch {batch_size}: {first_line(exc)}") from None
+        raise ModelError(f"{path} does not run on CUDA at batch {batch_size}: {first_line(exc)}") from exc
     cuda_options = session.get_provider_options().get(CUDA, {})
     labels = dict(
         loaded.labels,
@@ -211,7 +211,7 @@ def _on_cuda(open_session_fn):
             return open_session_fn()
     except CompressError as exc:
         said = next((line.strip() for line in printed.getvalue().splitlines() if "EP Error" in line), "")
-        raise type(exc)(f"{exc}{f' ({said})' if said else ''}{preload_note}") from None
+        raise type(exc)(f"{exc}{f' ({said})' if said else ''}{preload_note}") from exc
 
 
 @functools.cache

@@ -32,7 +32,7 @@ def onnx_weight_stats(path: str | os.PathLike) -> dict:
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf's DecodeError and onnx's own errors both mean "not an ONNX file"
-        raise ModelError(f"cannot read ONNX file {path}: {first_line(exc)}") from None
+        raise ModelError(f"cannot read ONNX file {path}: {first_line(exc)}") from exc
 
     tensors = list(onnx_constants(model.graph))
     quant_names = {name for graph in _graphs(model.graph) for node in graph.node

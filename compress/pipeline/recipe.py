@@ -79,7 +79,7 @@ def parse_recipe(text: str, *, quick: bool = False, where: str = "recipe") -> Ru
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{where} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{where} is not valid TOML: {exc}") from exc
     _refuse_unknown(raw, RECIPE_KEYS, where)
     for section, allowed in SECTION_KEYS.items():
         if not isinstance(raw.get(section, {}), dict):
@@ -144,7 +144,7 @@ def parse_recipe(text: str, *, quick: bool = False, where: str = "recipe") -> Ru
         try:
             config = technique.config_class.from_dict(settings)
         except ConfigError as exc:
-            raise ConfigError(f"stage {name!r}: {exc}") from None
+            raise ConfigError(f"stage {name!r}: {exc}") from exc
         formats = _formats(table.get("export", list(default_formats)), EXPORT_FORMATS, label)
         stages[name] = Stage(name, technique.name, table.get("input", BASELINE), config, formats)
 

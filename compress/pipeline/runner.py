@@ -75,7 +75,7 @@ def describe_plan(recipe: RunRecipe, options: RunOptions) -> list[str]:
 
 def run(recipe: RunRecipe, options: RunOptions) -> dict:
     """Run every stage not yet finished, then measure every variant and write results.json and the report."""
-    from compress.checks import check_model_fits_data, check_writable, decide_input_range
+    from compress.checks import check_batch_memory, check_model_fits_data, check_writable, decide_input_range
     from compress.data import load_data
     from compress.kerasmodel import load_model_with_source
     from compress.pipeline.measure import measure_run
@@ -87,6 +87,7 @@ def run(recipe: RunRecipe, options: RunOptions) -> dict:
     for name in (BASELINE, *(stage.name for stage in recipe.stages)):
         stage_dir(out, name)
     data = load_data(**options.data_args)
+    check_batch_memory(data.input_shape, recipe.batch_sizes)
     source = model = None
     if options.model is not None:  # refuse a model that cannot work with this data before any work is done
         model, source = load_model_with_source(options.model, unsafe=options.unsafe,

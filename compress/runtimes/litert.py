@@ -19,7 +19,7 @@ class LiteRTSession(Session):
         try:
             self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
         except Exception as exc:  # ValueError / RuntimeError for a damaged flatbuffer
-            raise ModelError(f"the TFLite interpreter cannot load {path}: {first_line(exc)}") from None
+            raise ModelError(f"the TFLite interpreter cannot load {path}: {first_line(exc)}") from exc
         inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ModelError(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; expected one of each")
@@ -38,7 +38,7 @@ class LiteRTSession(Session):
                 self.interpreter.allocate_tensors()
             except (ValueError, RuntimeError) as exc:
                 raise ModelError(f"the TFLite interpreter cannot run {self.path} on this batch: {first_line(exc)}"
-                                 ) from None
+                                 ) from exc
             self.batch = len(images)
         detail = self.interpreter.get_input_details()[0]
         if np.issubdtype(detail["dtype"], np.integer):  # int8 / uint8 input: quantize with the file's own scale

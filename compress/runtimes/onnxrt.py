@@ -36,7 +36,7 @@ def inference_session(path: Path | bytes, *, threads: int | None = None, provide
         session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=options,
                                        providers=[provider])
     except Exception as exc:  # onnxruntime raises InvalidProtobuf, Fail, InvalidGraph ...: all "unusable file"
-        raise ModelError(f"onnxruntime cannot load {what}: {first_line(exc)}") from None
+        raise ModelError(f"onnxruntime cannot load {what}: {first_line(exc)}") from exc
     if session.get_providers()[0] != provider:
         raise ConfigError(f"onnxruntime fell back from {provider} to {session.get_providers()[0]} for {what}")
     return session

@@ -47,7 +47,7 @@ class TechniqueConfig:
             try:
                 converted[name] = parse(value) if parse and isinstance(value, str) else _freeze(value)
             except ValueError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
+                raise ConfigError(f"{name}: {exc}") from exc
             _check_type(name, known[name].type, converted[name])
         return cls(**converted)
 

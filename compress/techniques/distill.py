@@ -237,7 +237,7 @@ def _train_from_scratch(student, initial_weights, config: DistillConfig, data, v
         scratch = keras.models.clone_model(student)
     except Exception as exc:  # clone_model refuses subclassed models with several error types
         raise ModelError(f"cannot copy student {config.student} for the scratch comparison: {exc}; "
-                         "pass --no-compare-scratch") from None
+                         "pass --no-compare-scratch") from exc
     scratch.set_weights(initial_weights)
     keras.utils.set_random_seed(data.seed)
     train = data.pipeline("train", config.batch_size, shuffle=True, augment=config.augment)

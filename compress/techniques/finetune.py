@@ -85,7 +85,7 @@ def copy_model(model):
         clone = keras.models.clone_model(model)
     except (ValueError, TypeError, NotImplementedError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot copy model {model.name!r} (only Sequential and functional models): {first}") from None
+        raise ModelError(f"cannot copy model {model.name!r} (only Sequential and functional models): {first}") from exc
     clone.set_weights(model.get_weights())
     return clone
 
@@ -193,7 +193,7 @@ def wrap_layers(model, wrap, verb: str):
     try:
         return keras.models.clone_model(model, clone_function=wrap)
     except ValueError as exc:
-        raise ModelError(f"tfmot cannot {verb} this model: {str(exc).strip().splitlines()[0]}") from None
+        raise ModelError(f"tfmot cannot {verb} this model: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def steps_per_epoch(data, batch_size: int) -> int:

@@ -176,7 +176,7 @@ def _write_onnx_qdq(model, calibration: np.ndarray, per_channel: bool, reduce_ra
         try:
             quant_pre_process(str(float_path), str(prepared_path))
         except Exception as exc:  # shape inference / optimisation failures surface as many types
-            raise ExportError(f"onnxruntime quant_pre_process failed on the float ONNX: {first_line(exc)}") from None
+            raise ExportError(f"onnxruntime quant_pre_process failed on the float ONNX: {first_line(exc)}") from exc
         input_name = inference_session(prepared_path).get_inputs()[0].name
         with atomic_path(target) as partial:
             try:
@@ -191,7 +191,7 @@ def _write_onnx_qdq(model, calibration: np.ndarray, per_channel: bool, reduce_ra
                     weight_type=QuantType.QInt8,
                 )
             except Exception as exc:  # calibration and graph-rewrite failures surface as many types
-                raise ExportError(f"onnxruntime quantize_static failed: {first_line(exc)}") from None
+                raise ExportError(f"onnxruntime quantize_static failed: {first_line(exc)}") from exc
         float_bytes = float_path.stat().st_size
     weights = "int8 in 7 bits (reduce_range)" if reduce_range else "int8"
     return {"float_onnx_bytes": float_bytes, "weights": weights, "activations": "uint8", "opset": ONNX_OPSET}
@@ -230,7 +230,7 @@ def _write_tflite(model, calibration: np.ndarray, per_channel: bool, target: Pat
             warnings.simplefilter("ignore")  # TensorFlow's deprecation notes about the converter's internals
             content = converter.convert()
     except Exception as exc:  # the converter raises ConverterError and others for unsupported ops
-        raise ExportError(f"TFLite conversion failed: {first_line(exc)}") from None
+        raise ExportError(f"TFLite conversion failed: {first_line(exc)}") from exc
     with atomic_path(target) as partial:
         partial.write_bytes(content)
     if full_integer:

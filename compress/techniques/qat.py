@@ -117,7 +117,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
         with quantization.quantize_scope():
             quantized = quantization.quantize_apply(annotated, _scheme(config.preserve))
     except (ValueError, RuntimeError, TypeError) as exc:
-        raise ModelError(f"tfmot cannot quantize this model: {str(exc).strip().splitlines()[0]}") from None
+        raise ModelError(f"tfmot cannot quantize this model: {str(exc).strip().splitlines()[0]}") from exc
 
     history = fine_tune(
         quantized, data, epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
