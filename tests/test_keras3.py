@@ -209,9 +209,9 @@ def test_worker_failure_is_one_line(tmp_path):
 def test_layer_options_are_translated_or_refused():
     from pathlib import Path
 
-    from compress.keras3 import _Builder
+    from compress.keras3_layers import Builder
 
-    builder = _Builder(Path("model.keras"), safe_mode=True)
+    builder = Builder(Path("model.keras"), safe_mode=True)
     glorot = {"class_name": "GlorotUniform", "config": {"seed": 3, "input_axes": 0}, "module": "keras.initializers"}
     regularizer = {"module": "keras.regularizers", "class_name": "L2", "config": {"l2": 0.01}}
     policy = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "float32"}, "registered_name": None}

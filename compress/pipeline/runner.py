@@ -23,7 +23,7 @@ from pathlib import Path
 
 from compress.errors import ConfigError
 from compress.files import atomic_path, check_output_dir, sha256_file, write_json
-from compress.pipeline.folders import RunOptions, digest_of, is_finished, jsonable, read_manifest, stage_dir
+from compress.pipeline.folders import RunOptions, digest_of, is_finished, jsonable, stage_dir
 from compress.pipeline.recipe import BASELINE, RunRecipe, Stage
 
 

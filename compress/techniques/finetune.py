@@ -213,8 +213,6 @@ def training_plan(data, epochs: float, batch_size: int) -> tuple[int, int]:
 
 def evaluate(model, data) -> dict:
     """Test loss and accuracy of a Keras model (compiled here, so stripped models can be measured too)."""
-    from compress.keras import keras
-
     model.compile(loss=classification_loss(model), metrics=["accuracy"])
     loss, accuracy = model.evaluate(data.pipeline("test", 256), verbose=0)
     return {"test_accuracy": float(accuracy), "test_loss": float(loss)}

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Mapping
 
 from compress.errors import ConfigError, ModelError
-from compress.kerasmodel import count_macs, flat_tensors, graph_nodes, known_shape
+from compress.kerasmodel import count_macs, flat_tensors, graph_nodes
 from compress.techniques.finetune import is_number
 
 SCORES = ("l1", "l2")

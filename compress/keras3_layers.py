@@ -1,0 +1,297 @@
+"""Keras 3 layer configs as tf_keras layers: which classes translate, how their options map, and the builder that
+rebuilds a Keras 3 model's graph from tf_keras layers and copies its weights (used by compress.keras3)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+
+from compress.errors import ModelError, first_line
+
+SUPPORTED_LAYERS = frozenset(
+    "Conv2D Conv1D DepthwiseConv2D SeparableConv2D Conv2DTranspose Dense BatchNormalization LayerNormalization "
+    "Activation ReLU LeakyReLU Softmax ELU PReLU MaxPooling2D AveragePooling2D GlobalAveragePooling2D "
+    "GlobalMaxPooling2D Add Subtract Multiply Concatenate Average Maximum Dropout SpatialDropout2D Reshape Flatten "
+    "ZeroPadding2D Cropping2D UpSampling2D Rescaling Normalization InputLayer Identity".split()
+)
+MODEL_CLASSES = frozenset({"Functional", "Sequential"})
+
+# Keras 3 activation names that mean the same function in tf_keras, under the tf_keras name.
+_ACTIVATIONS = {
+    name: name
+    for name in "relu relu6 gelu softmax sigmoid tanh linear elu selu softplus softsign exponential mish".split()
+} | {"silu": "swish", "swish": "swish"}
+# Keras 3 activations tf_keras lacks or defines differently (its hard_sigmoid is clip(0.2x + 0.5)): built from
+# tf_keras layers after the layer, which then gets a linear activation.
+_EXPANDED_ACTIVATIONS = frozenset({"hard_sigmoid", "hard_silu", "hard_swish"})
+
+# Layer options tf_keras lacks, dropped when they hold Keras 3's default (which means tf_keras' behaviour).
+_DEFAULTS_TF_KERAS_LACKS = {"quantization_config": None, "rms_scaling": False, "lora_rank": None, "optional": False}
+_RENAMED = {"LeakyReLU": {"negative_slope": "alpha"}, "InputLayer": {"batch_shape": "batch_input_shape"}}
+# Arguments every tf_keras layer takes through **kwargs (base Layer.__init__).
+_BASE_LAYER_KWARGS = frozenset({"input_dim", "input_shape", "batch_input_shape", "batch_size", "weights", "autocast"})
+
+
+def check_layer(path: Path, name: str, class_name: str, safe_mode: bool) -> None:
+    if class_name == "Lambda" and safe_mode:
+        raise ModelError(
+            f"{path}: layer '{name}' is a Lambda layer (arbitrary Python code), refused in safe mode; "
+            "rebuild the model from built-in layers"
+        )
+    if class_name not in SUPPORTED_LAYERS and class_name not in MODEL_CLASSES:
+        raise ModelError(
+            f"{path}: layer '{name}' ({class_name}) has no tf_keras translation; rebuild the model from the layers "
+            "in compress.keras3_layers.SUPPORTED_LAYERS or save it with tf_keras"
+        )
+
+
+class Builder:
+    """Builds tf_keras models from Keras 3 model configs, remembering each weighted layer by its path."""
+
+    def __init__(self, path: Path, safe_mode: bool):
+        from compress.keras import keras
+
+        self.keras = keras
+        self.path = path
+        self.safe_mode = safe_mode
+        self.layers: dict[str, object] = {}  # "<outer model>/<layer>" -> tf_keras layer, for copying weights
+        self.activations: dict[str, tuple] = {}  # layer name -> its activation's layers, reused by a shared layer
+
+    def build(self, config: dict, weights: dict[str, np.ndarray]):
+        model = self._model(config, prefix="")
+        self._copy_weights(weights)
+        return model
+
+    def _refuse(self, name: str, what: str):
+        return ModelError(f"{self.path}: layer '{name}' {what}")
+
+    def _model(self, config: dict, prefix: str):
+        if config.get("class_name") == "Sequential":
+            return self._sequential(config["config"], prefix)
+        return self._functional(config["config"], prefix)
+
+    def _sequential(self, config: dict, prefix: str):
+        """A Sequential becomes a Functional chain with the same name and layers (activations may add layers)."""
+        keras = self.keras
+        layers = list(config["layers"])
+        if layers and layers[0]["class_name"] == "InputLayer":
+            first = self._translate_config(layers.pop(0))
+            inputs = keras.Input(
+                batch_shape=first["batch_input_shape"], dtype=first.get("dtype"), name=first["name"]
+            )
+        elif config.get("build_input_shape"):
+            inputs = keras.Input(batch_shape=config["build_input_shape"], name=f"{config['name']}_input")
+        else:
+            raise self._refuse(config["name"], "(Sequential) records no input shape; build it before saving")
+        outputs = inputs
+        for layer in layers:
+            outputs = self._call(layer, prefix, [outputs], {})
+        return keras.Model(inputs, outputs, name=config["name"])
+
+    def _functional(self, config: dict, prefix: str):
+        """Rebuilds the graph node by node; a shared layer's later calls may wait for layers listed after it."""
+        keras = self.keras
+        tensors: dict[tuple, object] = {}
+        callables: dict[str, object] = {}
+        pending = []
+        for layer in config["layers"]:
+            if layer["class_name"] == "InputLayer":
+                spec = self._translate_config(layer)
+                tensors[(spec["name"], 0, 0)] = keras.Input(
+                    batch_shape=spec["batch_input_shape"], dtype=spec.get("dtype"), name=spec["name"]
+                )
+                continue
+            pending.extend((layer, index, node) for index, node in enumerate(layer.get("inbound_nodes") or []))
+        while pending:
+            waiting = []
+            for layer, index, node in pending:
+                if not all(tuple(history) in tensors for history in _histories(node)):
+                    waiting.append((layer, index, node))
+                    continue
+                args = _resolve(node.get("args", []), tensors)
+                kwargs = {k: _resolve(v, tensors) for k, v in node.get("kwargs", {}).items() if v is not None}
+                outputs = self._call(layer, prefix, args, kwargs, callables)
+                outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+                for position, tensor in enumerate(outputs):
+                    tensors[(layer["config"]["name"], index, position)] = tensor
+            if len(waiting) == len(pending):
+                raise self._refuse(waiting[0][0]["config"]["name"], "has inputs that no layer produces")
+            pending = waiting
+        ends = []
+        for key in ("input_layers", "output_layers"):
+            refs = config[key]
+            if isinstance(refs, dict):
+                raise ModelError(
+                    f"{self.path}: model '{config['name']}' has named (dict) inputs or outputs; not supported"
+                )
+            refs = [refs] if refs and isinstance(refs[0], str) else refs
+            found = [tensors[tuple(ref)] for ref in refs]
+            ends.append(found if len(found) > 1 else found[0])
+        return keras.Model(ends[0], ends[1], name=config["name"])
+
+    def _call(self, layer: dict, prefix: str, args: list, kwargs: dict, callables: dict | None = None):
+        """Calls the tf_keras twin of `layer` (made on its first call) on translated arguments."""
+        name = layer["config"]["name"]
+        callables = {} if callables is None else callables
+        if name not in callables:
+            check_layer(self.path, name, layer["class_name"], self.safe_mode)
+            if layer["class_name"] in MODEL_CLASSES:
+                callables[name] = (self._model(layer, prefix=f"{prefix}{name}/"), None)
+            else:
+                callables[name] = self._layer(layer, prefix)
+        target, activation = callables[name]
+        outputs = target(*args, **kwargs)
+        return outputs if activation is None else self._activation(name, activation, outputs)
+
+    def _layer(self, layer: dict, prefix: str):
+        """(tf_keras layer, activation to build after it or None) for one Keras 3 layer config."""
+        config = self._translate_config(layer)
+        activation = None
+        if config.get("activation") in _EXPANDED_ACTIVATIONS:
+            activation, config["activation"] = config["activation"], "linear"
+        try:
+            built = self.keras.layers.deserialize({"class_name": layer["class_name"], "config": config})
+        except Exception as exc:  # a value tf_keras refuses: one line naming the layer
+            problem = f"({layer['class_name']}) cannot be rebuilt in tf_keras: {first_line(exc)}"
+            raise self._refuse(config["name"], problem) from exc
+        self.layers[f"{prefix}{config['name']}"] = built
+        return built, activation
+
+    def _activation(self, name: str, activation: str, x):
+        """hard_sigmoid(x) = clip(x/6 + 1/2, 0, 1) as Keras 3 defines it; hard_silu(x) = x * hard_sigmoid(x)."""
+        layers = self.keras.layers
+        if name not in self.activations:
+            self.activations[name] = (
+                layers.Rescaling(1 / 6, offset=0.5, name=f"{name}_hard_sigmoid_affine"),
+                layers.ReLU(max_value=1.0, name=f"{name}_hard_sigmoid_clip"),
+                layers.Multiply(name=f"{name}_hard_silu"),
+            )
+        affine, clip, multiply = self.activations[name]
+        gate = clip(affine(x))
+        return gate if activation == "hard_sigmoid" else multiply([x, gate])
+
+    def _translate_config(self, layer: dict) -> dict:
+        """A Keras 3 layer config in tf_keras form; options tf_keras lacks are refused unless at their default."""
+        class_name = layer["class_name"]
+        source = dict(layer["config"])
+        name = source.get("name", "?")
+        for old, new in _RENAMED.get(class_name, {}).items():
+            if old in source:
+                source[new] = source.pop(old)
+        accepted = _accepted_arguments(getattr(self.keras.layers, class_name))
+        config = {}
+        for key, value in source.items():
+            if key not in accepted:
+                if key in _DEFAULTS_TF_KERAS_LACKS and value == _DEFAULTS_TF_KERAS_LACKS[key]:
+                    continue
+                raise self._refuse(name, f"({class_name}) sets {key}={first_line(value, 40)}, which tf_keras lacks")
+            if key == "dtype":
+                value = self._dtype(name, value)
+            elif key.endswith("activation") and key != "activity_regularizer":
+                value = self._activation_name(name, class_name, value)
+            elif key.endswith("_initializer"):
+                value = self._serialized(self.keras.initializers, value)
+                if value is None:  # an initializer only matters before weights are copied: tf_keras' default
+                    continue
+            elif key.endswith(("_regularizer", "_constraint")) and value is not None:
+                module = self.keras.regularizers if key.endswith("_regularizer") else self.keras.constraints
+                translated = self._serialized(module, value)
+                if translated is None:
+                    problem = f"({class_name}) has a {key} tf_keras does not know; drop it and save again"
+                    raise self._refuse(name, problem)
+                value = translated
+            config[key] = value
+        return config
+
+    def _dtype(self, name: str, value):
+        if not isinstance(value, dict):
+            return value
+        if value.get("class_name") not in ("DTypePolicy", "FloatDTypePolicy"):
+            raise self._refuse(name, f"uses the {value.get('class_name')} dtype policy (quantized); not supported")
+        return value["config"]["name"]
+
+    def _activation_name(self, name: str, class_name: str, value):
+        if isinstance(value, str) and (value in _EXPANDED_ACTIVATIONS or value in _ACTIVATIONS):
+            return value if value in _EXPANDED_ACTIVATIONS else _ACTIVATIONS[value]
+        shown = value if isinstance(value, str) else "a custom function"
+        raise self._refuse(name, f"({class_name}) uses activation {shown}, which tf_keras lacks; use a built-in one")
+
+    @staticmethod
+    def _serialized(module, value):
+        """A Keras 3 initializer/regularizer/constraint in tf_keras form, or None when tf_keras has no such class."""
+        if isinstance(value, str):
+            try:
+                module.get(value)
+            except (ValueError, TypeError):
+                return None
+            return value
+        if not isinstance(value, dict) or "class_name" not in value:
+            return None
+        try:
+            cls = type(module.get({"class_name": value["class_name"], "config": {}}))
+        except (ValueError, TypeError):
+            return None
+        accepted = _accepted_arguments(cls)
+        config = {k: v for k, v in (value.get("config") or {}).items() if k in accepted}
+        return {"class_name": value["class_name"], "config": config}
+
+    def _copy_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Copies each layer's weights (same order in both Keras) and checks every weighted layer got its own."""
+        grouped: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for key, array in weights.items():
+            layer_path, index = key.rsplit(":", 1)
+            grouped.setdefault(layer_path, []).append((int(index), array))
+        for layer_path, layer in self.layers.items():
+            arrays = [array for _, array in sorted(grouped.pop(layer_path, []), key=lambda item: item[0])]
+            targets = layer.get_weights()
+            shapes = [tuple(a.shape) for a in arrays]
+            if shapes != [tuple(t.shape) for t in targets]:
+                raise self._refuse(
+                    layer_path, f"({type(layer).__name__}) has weights {shapes} in Keras 3 but tf_keras expects "
+                    f"{[tuple(t.shape) for t in targets]}"
+                )
+            if arrays:
+                layer.set_weights(arrays)
+        if grouped:
+            raise self._refuse(next(iter(grouped)), "has weights but no tf_keras twin")
+
+
+def _accepted_arguments(cls) -> set[str]:
+    """Constructor arguments of a Keras class, its bases' included where it passes **kwargs on."""
+    accepted = set()
+    for klass in cls.__mro__:
+        if "__init__" not in klass.__dict__:
+            continue
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        accepted |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return accepted
+        if klass.__name__ == "Layer":  # tf_keras' base Layer takes more keywords than its signature shows
+            return accepted | _BASE_LAYER_KWARGS
+    return accepted
+
+
+def _histories(value):
+    """Every keras_history [layer, node, tensor] referenced in a serialised call argument."""
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            yield value["config"]["keras_history"]
+        else:
+            for item in value.values():
+                yield from _histories(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _histories(item)
+
+
+def _resolve(value, tensors: dict):
+    """A serialised call argument with its Keras 3 tensors replaced by the tf_keras ones."""
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            return tensors[tuple(value["config"]["keras_history"])]
+        return {key: _resolve(item, tensors) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_resolve(item, tensors) for item in value]
+    return value
