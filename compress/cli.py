@@ -435,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(sensitivity)
     sensitivity.add_argument("--sparsities", type=_cli_type(parse_sparsities), metavar="LIST",
                              default=DEFAULT_SPARSITIES,
-                             help=f"sparsities tried on each layer, in (0, 1) (default: {_show_default(DEFAULT_SPARSITIES)})")
+                             help="sparsities tried on each layer, in (0, 1) "
+                                  f"(default: {_show_default(DEFAULT_SPARSITIES)})")
     sensitivity.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
                              help="validation-accuracy points the proposal may lose, shared evenly by the layers "
                                   "(default: 1.0)")
