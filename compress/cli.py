@@ -286,6 +286,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    """Per-layer pruning and int8 sensitivity on the validation split, and a proposal within --max-drop."""
+    from compress.checks import check_model_fits_data, check_writable, decide_input_range
+    from compress.kerasmodel import load_model_with_source
+    from compress.sensitivity import SensitivityConfig, analyse
+
+    config = SensitivityConfig(sparsities=args.sparsities, max_drop=args.max_drop)
+    out = check_writable(args.out)
+    data = load_data_from_args(args)
+    model, source = load_model_with_source(args.model, unsafe=args.unsafe, sample_images=_samples(data))
+    log = lambda message: info(args, message)  # noqa: E731
+    _say_source(source, log)
+    data = data.with_input_range(decide_input_range(model, args.input_range, log))
+    check_model_fits_data(model, data, log=log)
+    analyse(model, data, config, out_dir=out, log=log)
+    info(args, f"wrote {out / 'sensitivity.json'}, {out / 'sensitivity.csv'} and {out / 'sensitivity.png'}")
+    return 0
+
+
 def _comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -400,6 +419,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
     evaluate.add_argument("--unsafe", action="store_true", help="allow .keras files holding Lambda layers")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    from compress.sensitivity import DEFAULT_SPARSITIES, parse_sparsities
+
+    sensitivity = commands.add_parser(
+        "sensitivity",
+        help="per-layer sensitivity to pruning and int8 on the validation split, and a proposal within a budget",
+        description="For every Conv2D/Dense layer alone: validation accuracy after zeroing its smallest weights at "
+        "each sparsity (one-shot, no fine-tune), and the drop of quantizing it alone / keeping it alone float in an "
+        "onnxruntime int8 file; proposes --layer-sparsity for prune and --float-layers for ptq within --max-drop. "
+        "Writes OUT/sensitivity.json, .csv and .png.",
+    )
+    sensitivity.add_argument("model", metavar="MODEL", help="input model (.keras)")
+    sensitivity.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_data_arguments(sensitivity)
+    sensitivity.add_argument("--sparsities", type=_cli_type(parse_sparsities), metavar="LIST",
+                             default=DEFAULT_SPARSITIES,
+                             help="sparsities tried on each layer, in (0, 1) "
+                                  f"(default: {_show_default(DEFAULT_SPARSITIES)})")
+    sensitivity.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
+                             help="validation-accuracy points the proposal may lose, shared evenly by the layers "
+                                  "(default: 1.0)")
+    sensitivity.add_argument("--unsafe", action="store_true", help="allow model files holding Lambda layers")
+    sensitivity.add_argument("--quiet", action="store_true", help="no progress output")
+    sensitivity.set_defaults(handler=cmd_sensitivity)
 
     from compress import registry
 

@@ -227,34 +227,45 @@ def count_macs(model) -> int:
 
     Output shapes carry strides and padding, so a strided or 'valid' convolution is counted as computed.
     """
+    return sum(layer_macs(model).values())
+
+
+def layer_macs(model) -> dict[str, int]:
+    """`count_macs` per top-level layer name (a nested model counts as one layer; a shared layer adds up its calls);
+    layers without multiplies are left out."""
     from compress.keras import keras
 
     if not getattr(model, "_is_graph_network", False):
         raise ModelError(f"cannot count multiply-adds of model {model.name!r}: build it (give it an input shape) first")
-    layers = keras.layers
-    total = 0
+    per_layer: dict[str, int] = {}
     for node in graph_nodes(model):
         layer = getattr(node.layer, "layer", node.layer)  # tfmot wrappers compute what the layer they wrap does
-        if isinstance(layer, keras.Model):
-            total += count_macs(layer)
-            continue
-        if not isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D, layers.Dense)):
-            continue
-        inputs, outputs = flat_tensors(node.keras_inputs), flat_tensors(node.outputs)
-        shape_in, shape_out = known_shape(layer, inputs[0]), known_shape(layer, outputs[0])
-        c_in, out_size = shape_in[-1], math.prod(shape_out[1:])
-        if isinstance(layer, layers.Dense):
-            total += out_size * c_in
-        elif isinstance(layer, layers.Conv2DTranspose):  # every input pixel is spread over a kernel window
-            total += math.prod(shape_in[1:]) * math.prod(layer.kernel_size) * layer.filters
-        elif isinstance(layer, layers.DepthwiseConv2D):
-            total += out_size * math.prod(layer.kernel_size)
-        elif isinstance(layer, layers.SeparableConv2D):
-            pixels, middle = math.prod(shape_out[1:-1]), c_in * layer.depth_multiplier
-            total += pixels * middle * (math.prod(layer.kernel_size) + shape_out[-1])
-        else:
-            total += out_size * math.prod(layer.kernel_size) * c_in // layer.groups
-    return int(total)
+        macs = count_macs(layer) if isinstance(layer, keras.Model) else _node_macs(layer, node)
+        if macs:
+            per_layer[node.layer.name] = per_layer.get(node.layer.name, 0) + macs
+    return per_layer
+
+
+def _node_macs(layer, node) -> int:
+    """Multiply-adds of one call of a weight layer (0 for layers that do not multiply weights)."""
+    from compress.keras import keras
+
+    layers = keras.layers
+    if not isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D, layers.Dense)):
+        return 0
+    inputs, outputs = flat_tensors(node.keras_inputs), flat_tensors(node.outputs)
+    shape_in, shape_out = known_shape(layer, inputs[0]), known_shape(layer, outputs[0])
+    c_in, out_size = shape_in[-1], math.prod(shape_out[1:])
+    if isinstance(layer, layers.Dense):
+        return int(out_size * c_in)
+    if isinstance(layer, layers.Conv2DTranspose):  # every input pixel is spread over a kernel window
+        return int(math.prod(shape_in[1:]) * math.prod(layer.kernel_size) * layer.filters)
+    if isinstance(layer, layers.DepthwiseConv2D):
+        return int(out_size * math.prod(layer.kernel_size))
+    if isinstance(layer, layers.SeparableConv2D):
+        pixels, middle = math.prod(shape_out[1:-1]), c_in * layer.depth_multiplier
+        return int(pixels * middle * (math.prod(layer.kernel_size) + shape_out[-1]))
+    return int(out_size * math.prod(layer.kernel_size) * c_in // layer.groups)
 
 
 def graph_nodes(model) -> list:

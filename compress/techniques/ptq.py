@@ -8,6 +8,8 @@ Formats (choose with `formats`):
   weights) defaults to auto: on where the quantizing CPU is x86 without VNNI, whose uint8 x int8 kernels saturate
   16-bit sums with 8-bit weights (measured on an AVX2 EPYC: a 3-epoch article CNN agreed with its Keras model on
   88.5 % of the test images with 8-bit weights, 98.2 % with 7-bit), off elsewhere, where 8 bits are exact.
+  `float_layers` keeps the ONNX nodes of the named Keras layers float (`layer_nodes` finds them by name), e.g. the
+  layers `compress sensitivity` finds too sensitive to int8.
 - ``tflite-dynamic`` -> model.dynamic.tflite: dynamic-range quantization (int8 weights, float activations computed
   and quantized on the fly); needs no calibration data.
 - ``tflite-int8`` -> model.int8.tflite: full-integer quantization calibrated on the same images, int8 inside and
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import ConfigError, ExportError, ModelError, first_line
+from compress.techniques.finetune import as_names, parse_names, require_names
 from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, parse_flag, require
 
 PTQ_FORMATS = ("onnx-qdq", "tflite-dynamic", "tflite-int8")
@@ -53,7 +56,7 @@ def _parse_reduce_range(text: str) -> bool | str:
     try:
         return parse_flag(text)
     except ValueError:
-        raise ValueError(f"expected auto, true or false, got {text!r}") from None
+        raise ValueError(f"expected auto, true or false, got {text!r}") from exc
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,14 @@ class PTQConfig(TechniqueConfig):
         parse=_parse_reduce_range,
         metavar="auto|true|false",
     )
+    float_layers: tuple[str, ...] = option(
+        (), "comma list of layers kept float in the onnx-qdq file (their ONNX nodes are not quantized; e.g. the "
+        "ones `compress sensitivity` proposes)", parse=parse_names, metavar="NAMES"
+    )
+
+    def __post_init__(self):
+        object.__setattr__(self, "float_layers", as_names(self.float_layers))
+        super().__post_init__()
 
     def validate(self) -> None:
         require(
@@ -85,6 +96,7 @@ class PTQConfig(TechniqueConfig):
         require(isinstance(self.per_channel, bool), f"per_channel must be true or false, got {self.per_channel!r}")
         require(isinstance(self.reduce_range, bool) or self.reduce_range == "auto",
                 f"reduce_range must be true, false or \"auto\", got {self.reduce_range!r}")
+        require_names(self.float_layers, "float_layers")
 
 
 def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome:
@@ -100,6 +112,10 @@ def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome
     if is_qat_model(model):
         raise ModelError("the model is quantization-aware (QAT) already; `compress export` turns it into int8 files")
     model, stripped = strip_training_wrappers(model)  # a copy without pruning/clustering wrappers; input untouched
+    unknown = [name for name in config.float_layers if name not in {layer.name for layer in model.layers}]
+    if unknown:
+        raise ConfigError(f"float_layers names {', '.join(unknown)}, not a layer of model {model.name!r}; layers: "
+                          f"{', '.join(layer.name for layer in model.layers)}")
     train_images, _ = data.normalized("train")
     calibration = train_images[: config.calibration]
     test_images, test_labels = data.normalized("test")
@@ -119,7 +135,8 @@ def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome
         target = out_dir / FILE_NAMES[name]
         started = time.perf_counter()
         if name == "onnx-qdq":
-            details = _write_onnx_qdq(model, calibration, config.per_channel, _reduce_range(config), target)
+            details = _write_onnx_qdq(model, calibration, config.per_channel, resolve_reduce_range(config), target,
+                                      config.float_layers)
         else:
             details = _write_tflite(model, calibration, config.per_channel, target, full_integer=name == "tflite-int8")
         seconds = time.perf_counter() - started
@@ -155,46 +172,81 @@ class _CalibrationReader:
         return next(self._batches, None)
 
 
-def _reduce_range(config: PTQConfig) -> bool:
+def resolve_reduce_range(config: PTQConfig) -> bool:
     from compress.measure.hardware import int8_sums_saturate
 
     return int8_sums_saturate() if config.reduce_range == "auto" else config.reduce_range
 
 
-def _write_onnx_qdq(model, calibration: np.ndarray, per_channel: bool, reduce_range: bool, target: Path) -> dict:
+def _write_onnx_qdq(model, calibration: np.ndarray, per_channel: bool, reduce_range: bool, target: Path,
+                    float_layers: tuple[str, ...] = ()) -> dict:
+    with tempfile.TemporaryDirectory(prefix="compress-ptq-") as work:
+        prepared, float_bytes = prepare_float_onnx(model, Path(work))
+        nodes = layer_nodes(prepared, float_layers)
+        missing = [name for name, names in nodes.items() if not names]
+        if missing:
+            raise ConfigError(f"float_layers: no ONNX node is named after layer(s) {', '.join(missing)}, so they "
+                              "cannot be kept float")
+        quantize_qdq(prepared, calibration, per_channel, reduce_range, target,
+                     nodes_to_exclude=[node for names in nodes.values() for node in names])
+    weights = "int8 in 7 bits (reduce_range)" if reduce_range else "int8"
+    details = {"float_onnx_bytes": float_bytes, "weights": weights, "activations": "uint8", "opset": ONNX_OPSET}
+    if float_layers:
+        details["float_layers"] = {name: names for name, names in nodes.items()}
+    return details
+
+
+def prepare_float_onnx(model, work: Path) -> tuple[Path, int]:
+    """(work/prepared.onnx, bytes of the float ONNX): the model converted once and `quant_pre_process`ed, ready to
+    be quantized as often as needed."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    float_path, prepared_path = work / "float.onnx", work / "prepared.onnx"
+    onnx.save(_float_onnx(model), float_path)
+    try:
+        quant_pre_process(str(float_path), str(prepared_path))
+    except Exception as exc:  # shape inference / optimisation failures surface as many types
+        raise ExportError(f"onnxruntime quant_pre_process failed on the float ONNX: {first_line(exc)}") from exc
+    return prepared_path, float_path.stat().st_size
+
+
+def layer_nodes(onnx_path: Path, layer_names) -> dict[str, list[str]]:
+    """The ONNX nodes computing each Keras layer. tf2onnx names nodes after the TensorFlow op path
+    (`model/conv1/BiasAdd`, and quant_pre_process keeps the prefix when it fuses: `model/dense1/MatMul/
+    MatMulAddFusion`), so a node belongs to a layer whose name is one of its path's folders."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return {name: [node.name for node in graph.node if name in node.name.split("/")[:-1]] for name in layer_names}
+
+
+def quantize_qdq(prepared: Path, calibration: np.ndarray, per_channel: bool, reduce_range: bool, target: Path, *,
+                 nodes_to_exclude=()) -> None:
+    """onnxruntime `quantize_static` in QDQ form (int8 weights, uint8 activations) into `target`, atomically;
+    the nodes in `nodes_to_exclude` stay float."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from compress.files import atomic_path
     from compress.runtimes.onnxrt import inference_session
 
     reader_class = type("CalibrationReader", (_CalibrationReader, CalibrationDataReader), {})
-    with tempfile.TemporaryDirectory(prefix="compress-ptq-") as work:
-        float_path, prepared_path = Path(work) / "float.onnx", Path(work) / "prepared.onnx"
-        onnx.save(_float_onnx(model), float_path)
+    input_name = inference_session(prepared).get_inputs()[0].name
+    with atomic_path(target) as partial:
         try:
-            quant_pre_process(str(float_path), str(prepared_path))
-        except Exception as exc:  # shape inference / optimisation failures surface as many types
-            raise ExportError(f"onnxruntime quant_pre_process failed on the float ONNX: {first_line(exc)}") from exc
-        input_name = inference_session(prepared_path).get_inputs()[0].name
-        with atomic_path(target) as partial:
-            try:
-                quantize_static(
-                    str(prepared_path),
-                    str(partial),
-                    reader_class(input_name, calibration),
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=per_channel,
-                    reduce_range=reduce_range,
-                    activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                )
-            except Exception as exc:  # calibration and graph-rewrite failures surface as many types
-                raise ExportError(f"onnxruntime quantize_static failed: {first_line(exc)}") from exc
-        float_bytes = float_path.stat().st_size
-    weights = "int8 in 7 bits (reduce_range)" if reduce_range else "int8"
-    return {"float_onnx_bytes": float_bytes, "weights": weights, "activations": "uint8", "opset": ONNX_OPSET}
+            quantize_static(
+                str(prepared),
+                str(partial),
+                reader_class(input_name, calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=list(nodes_to_exclude),
+            )
+        except Exception as exc:  # calibration and graph-rewrite failures surface as many types
+            raise ExportError(f"onnxruntime quantize_static failed: {first_line(exc)}") from exc
 
 
 def _float_onnx(model):

@@ -1,0 +1,115 @@
+"""`compress sensitivity`: per-layer pruning and int8 figures on the validation split, a proposal the prune and ptq
+settings accept as written, PTQ's float_layers, and refusals in one line."""
+
+import csv
+import json
+import tomllib
+
+import numpy as np
+import pytest
+
+from compress.cli import build_parser, main, CONFIG_PREFIX
+from compress.errors import ConfigError, ModelError
+from compress.sensitivity import SensitivityConfig, analyse
+from compress.techniques.prune import PruneConfig
+from compress.techniques.ptq import PTQConfig, ptq
+
+
+def _train(model, data):
+    """A few steps of Adam, so that accuracy means something."""
+    from compress.keras import keras
+
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(data.pipeline("train", 32, shuffle=True), epochs=3, verbose=0)
+    return model
+
+
+def test_analyse_measures_every_layer_on_the_validation_split(tiny_cnn, synthetic_data, tmp_path, monkeypatch):
+    from compress.data import Dataset
+
+    model = _train(tiny_cnn, synthetic_data)
+    before = [w.copy() for w in model.get_weights()]
+    splits = []
+    normalized = Dataset.normalized
+    monkeypatch.setattr(Dataset, "normalized", lambda self, name: splits.append(name) or normalized(self, name))
+    lines = []
+    result = analyse(model, synthetic_data, SensitivityConfig(), out_dir=tmp_path, log=lines.append)
+
+    assert "val" in splits and "test" not in splits
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+    rows = {row["layer"]: row for row in result["layers"]}
+    assert list(rows) == ["conv1", "conv2", "dense1", "logits"]
+    assert sum(row["weight_share"] for row in rows.values()) == pytest.approx(1.0)
+    assert sum(row["mac_share"] for row in rows.values()) == pytest.approx(1.0)
+    assert sum(1 for line in lines if line.startswith("  ") and line.split(":")[0].strip() in rows) == 4
+    big = max(rows.values(), key=lambda row: row["weights"])
+    curve = [result["baseline_val_accuracy"], *(big["val_accuracy"][str(s)] for s in (0.5, 0.7, 0.9, 0.95))]
+    assert all(later <= earlier + 0.1 for earlier, later in zip(curve, curve[1:]))  # 30 images: 3 is noise
+    assert curve[-1] < curve[0]
+    assert result["settings"]["pruning"] == "one-shot, no fine-tune" and result["settings"]["split"] == "val"
+    assert all(row["onnx_nodes"] and row["int8_alone_drop"] is not None for row in rows.values())
+
+    assert json.loads((tmp_path / "sensitivity.json").read_text())["proposal"] == result["proposal"]
+    with open(tmp_path / "sensitivity.csv") as handle:
+        assert [row["layer"] for row in csv.DictReader(handle)] == list(rows)
+    assert (tmp_path / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+
+    proposal = result["proposal"]
+    assert proposal["prune_layer_sparsity"]  # this easy data leaves room at 0.5 for some layer
+    args = build_parser().parse_args(["prune", "model.keras", "--out", str(tmp_path / "p"), "--layers",
+                                      proposal["prune_layers"], "--layer-sparsity", proposal["prune_layer_sparsity"]])
+    settings = {k[len(CONFIG_PREFIX):]: v for k, v in vars(args).items() if k.startswith(CONFIG_PREFIX) and v is not None}
+    from_cli = PruneConfig.from_dict(settings)
+    from_toml = PruneConfig.from_dict(tomllib.loads(proposal["prune_toml"])["settings"])
+    assert from_cli == from_toml
+    assert dict(from_cli.layer_sparsity) == {k: v for k, v in proposal["layer_sparsity"].items() if v > 0}
+    assert PTQConfig.from_dict({"float_layers": "conv2,logits"}).float_layers == ("conv2", "logits")
+
+
+def test_proposal_spends_the_budget_evenly():
+    from compress.sensitivity import propose
+
+    rows = [{"layer": "a", "drop_points": {"0.5": 0.0, "0.9": 0.4}, "int8_alone_drop": 0.6},
+            {"layer": "b", "drop_points": {"0.5": 2.0, "0.9": 5.0}, "int8_alone_drop": None}]
+    proposal = propose(rows, SensitivityConfig(max_drop=1.0))
+    assert proposal["layer_sparsity"] == {"a": 0.9, "b": 0.0}
+    assert proposal["prune_layer_sparsity"] == "a=0.9" and proposal["ptq_float_layers"] == "a"
+
+
+def test_ptq_float_layers_keep_their_nodes_float(tiny_cnn, synthetic_data, tmp_path):
+    import onnx
+
+    ptq(tiny_cnn, PTQConfig(calibration=16, formats=("onnx-qdq",), float_layers=("conv2",)), synthetic_data,
+        out_dir=tmp_path, verbose=0)
+    graph = onnx.load(str(tmp_path / "model.int8.onnx")).graph
+    producer = {output: node.op_type for node in graph.node for output in node.output}
+
+    def weight_feeds(layer):
+        return [producer.get(name, "initializer") for node in graph.node if layer in node.name.split("/")[:-1]
+                and node.op_type in ("Conv", "Gemm", "MatMul") for name in node.input[1:]]
+
+    assert weight_feeds("conv2") and "DequantizeLinear" not in weight_feeds("conv2")  # float weights and bias
+    assert set(weight_feeds("conv1")) == {"DequantizeLinear"}
+    with pytest.raises(ConfigError, match="float_layers names nope, not a layer"):
+        ptq(tiny_cnn, PTQConfig(formats=("onnx-qdq",), float_layers=("nope",)), synthetic_data, out_dir=tmp_path)
+
+
+def test_a_model_without_weight_layers_is_refused(synthetic_data, tmp_path):
+    from compress.keras import keras
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D()])
+    with pytest.raises(ModelError, match="no Conv2D/Dense layer"):
+        analyse(model, synthetic_data, SensitivityConfig(), out_dir=tmp_path, log=lambda line: None)
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--sparsities", "0.5,1.2", "sparsities must be numbers in (0, 1)"),
+    ("--sparsities", "0,0.5", "sparsities must be numbers in (0, 1)"),
+    ("--sparsities", "half", "sparsities must be numbers"),
+    ("--max-drop", "-1", "max_drop must be a number of accuracy points >= 0"),
+])
+def test_cli_refuses_bad_settings_in_one_line(tmp_path, capsys, option, value, words):
+    assert main(["sensitivity", str(tmp_path / "model.keras"), "--out", str(tmp_path / "out"), option, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err
+    assert not (tmp_path / "out").exists()
