@@ -43,7 +43,8 @@ def run_auto(model: str | Path, data_args: dict, out: str | Path, config: AutoCo
     name = STUDY_PREFIX + digest_of({"model": sha256_file(model), "data": jsonable(data_args), "quick": config.quick,
                                      "max_drop": config.max_drop, "objective": config.objective})
     url = config.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    study = open_study(config, url, name)
+    with FileLock(out / ".study.lock"):  # processes starting together would race to create the tables
+        study = open_study(config, url, name)
     options = RunOptions(out=out / "stages", data_args=data_args, model=model, unsafe=unsafe,
                          input_range=input_range, lock_stages=True, verbose=0, log=lambda _: None)
     data, _ = run_stages(parse_recipe(recipe_text([], [])), options)

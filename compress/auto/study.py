@@ -4,6 +4,7 @@ sampler."""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 from compress.errors import ConfigError, first_line
@@ -51,8 +52,10 @@ def open_study(config: AutoConfig, url: str, name: str):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(MAX_RETRY))
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5: said once here, not per run
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(MAX_RETRY))
         names = optuna.study.get_all_study_names(storage)
     except Exception as exc:  # sqlalchemy's many errors (bad URL, no driver, unreachable) all mean "cannot use it"
         raise ConfigError(f"--storage {url}: cannot open it: {first_line(exc, 120)}") from None
