@@ -100,7 +100,8 @@ class Search:
         chain, stages = sample(trial, self.config.quick)
         trial.set_user_attr("chain", chain)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        trial.set_user_attr("stages", [{"technique": technique, "settings": settings} for technique, settings in stages])
+        trial.set_user_attr("stages", [{"technique": technique, "settings": settings}
+                                       for technique, settings in stages])
         names = stage_names(stages)
         try:
             run_stages(parse_recipe(recipe_text(stages, names), where=f"trial {trial.number}'s recipe"), self.options)
@@ -162,7 +163,8 @@ class Search:
             best = dict(min(within, key=self.cost), within_budget=True, missed_by_points=0.0)
         elif done:
             best = max(done, key=lambda row: row["val_accuracy"])
-            best = dict(best, within_budget=False, missed_by_points=round(best["drop_points"] - self.config.max_drop, 3))
+            missed = round(best["drop_points"] - self.config.max_drop, 3)
+            best = dict(best, within_budget=False, missed_by_points=missed)
         else:
             best = None
         pareto = sorted(trial.number for trial in self.study.best_trials) if done else []
@@ -181,7 +183,8 @@ class Search:
             if row["number"] in wanted and row["number"] not in tested:
                 tested[row["number"]] = evaluate_file(self.out / row["file"], self.data)["accuracy"]
         baseline = self.header["baseline"]
-        baseline.setdefault("test_accuracy", evaluate_file(self.out / baseline["file"], self.data)["accuracy"])
+        if "test_accuracy" not in baseline:
+            baseline["test_accuracy"] = evaluate_file(self.out / baseline["file"], self.data)["accuracy"]
 
     def keep_best(self, best: dict) -> None:
         """Copy best's file to OUT/best/ (unless already there) and write the recipe that rebuilds it."""
@@ -214,7 +217,8 @@ class Search:
 def trial_row(trial, baseline: float, test_accuracy: float | None) -> dict:
     attrs = trial.user_attrs
     val = attrs.get("val_accuracy")
-    return {"number": trial.number, "state": trial.state.name, "worker": attrs.get("worker"), "chain": attrs.get("chain"),
+    return {"number": trial.number, "state": trial.state.name, "worker": attrs.get("worker"),
+            "chain": attrs.get("chain"),
             "stages": attrs.get("stages"), "val_accuracy": val, "test_accuracy": test_accuracy,
             "drop_points": None if val is None else round((baseline - val) * 100, 3),
             "gzip_bytes": attrs.get("gzip_bytes"), "latency_ms": attrs.get("latency_ms"),
@@ -225,7 +229,8 @@ def describe(row: dict) -> str:
     shown = {key: value for stage in row["stages"] for key, value in stage["settings"].items()
              if key not in ("formats", "compare_scratch")}
     settings = " ".join(f"{key}={value}" for key, value in shown.items())
-    return (f"{row['chain']} [{settings}]: val {row['val_accuracy']:.4f} ({-row['drop_points']:+.2f} points), "
+    change = 0.0 - row["drop_points"] + 0.0  # + 0.0: no "-0.00"
+    return (f"{row['chain']} [{settings}]: val {row['val_accuracy']:.4f} ({change:+.2f} points), "
             f"{row['gzip_bytes']:,} B gzip, {row['latency_ms']:.3f} ms")
 
 
