@@ -125,6 +125,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_auto(args: argparse.Namespace) -> int:
+    from compress.auto import AutoConfig, run_auto
+
+    config = AutoConfig(max_drop=args.max_drop, objective=args.objective, trials=args.trials,
+                        time_budget=args.time_budget, storage=args.storage, quick=args.quick,
+                        seed=args.sampler_seed)
+    data_args = dict(source=args.data, data_dir=args.data_dir, seed=args.seed, val_fraction=args.val_fraction,
+                     image_size=args.image_size)
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+    run_auto(args.model, data_args, args.out, config, unsafe=args.unsafe, input_range=args.input_range, log=log)
+    return 0
+
+
 def default_run_dir(args: argparse.Namespace) -> str:
     """runs/<recipe>-<data>[-quick]: the same command reuses, and so resumes, the same folder."""
     recipe = Path(args.recipe).stem if args.recipe else "default"
@@ -379,6 +392,34 @@ def build_parser() -> argparse.ArgumentParser:
                      help="measure every file again (default: reuse the figures of files unchanged since measured)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.set_defaults(handler=cmd_run)
+
+    auto = commands.add_parser(
+        "auto",
+        help="search chains and settings for the smallest or fastest file within an accuracy budget",
+        description="An Optuna study (NSGA-II) over chains (ptq; prune -> qat; cluster -> qat; distill -> ptq; distill "
+        "-> prune -> qat; channel pruning -> ptq) and their settings, judged on each exported file's validation "
+        "accuracy, gzip size and batch-1 latency; the test split is measured at the end for the chosen files. "
+        "Writes DIR/auto.json, DIR/best/ and DIR/best.toml; a rerun continues the study.",
+    )
+    auto.add_argument("model", metavar="MODEL", help="the trained model (.keras)")
+    add_data_arguments(auto)
+    auto.add_argument("--out", required=True, metavar="DIR", help="search folder (stages, study, results)")
+    auto.add_argument("--max-drop", type=float, required=True, metavar="POINTS",
+                      help="validation accuracy points the chosen file may lose against MODEL")
+    auto.add_argument("--objective", default="size", metavar="size|latency|both",
+                      help="what the best file minimizes within the budget: gzip bytes, batch-1 latency, or both "
+                           "(their product) (default: size)")
+    auto.add_argument("--trials", type=int, default=20,
+                      help="trials the study holds in the end, over reruns and processes sharing it (default: 20)")
+    auto.add_argument("--time-budget", type=float, metavar="MINUTES", help="no trial starts after this many minutes")
+    auto.add_argument("--storage", metavar="URL",
+                      help="Optuna storage URL that processes share (default: sqlite:///DIR/study.db)")
+    auto.add_argument("--quick", action="store_true", help="one epoch per stage and short latency timing")
+    auto.add_argument("--sampler-seed", type=int, metavar="S",
+                      help="seed the sampler, for a search that repeats itself (not for processes sharing a study)")
+    auto.add_argument("--unsafe", action="store_true", help="allow model files holding Lambda layers (arbitrary code)")
+    auto.add_argument("--quiet", action="store_true", help="no progress output")
+    auto.set_defaults(handler=cmd_auto)
 
     from compress.export.convert import DEFAULT_OPSET
     from compress.export.exporter import EXPORT_FORMATS, INT8_WEIGHT_TYPES

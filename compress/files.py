@@ -57,3 +57,27 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class FileLock:
+    """An exclusive lock on a file (flock) for processes that share a folder; `release` may come before the `with`
+    block ends, and is then a no-op at its end."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.handle = None
+
+    def __enter__(self) -> "FileLock":
+        import fcntl
+
+        self.handle = open(self.path, "a")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the file drops the lock
+            self.handle = None

@@ -21,6 +21,7 @@ class RunOptions:
     unsafe: bool = False  # allow Lambda layers (arbitrary code) in --model and in the run folder's models
     remeasure: bool = False  # measure every file again instead of reusing the figures kept with its stage
     input_range: str = "auto"  # the pixels a --model takes (compress.checks.decide_input_range); ours take [0, 1]
+    lock_stages: bool = False  # processes share the folder (compress auto): a stage runs in one, under a lock
     verbose: int = 1  # Keras progress: 0 silent, 1 bar, 2 a line per epoch
     log: Callable[[str], None] = print
 

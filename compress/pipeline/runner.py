@@ -17,12 +17,13 @@ those of the run folder too, unless the run was started with `unsafe`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from compress.errors import ConfigError
-from compress.files import atomic_path, check_output_dir, sha256_file, write_json
+from compress.files import FileLock, atomic_path, check_output_dir, sha256_file, write_json
 from compress.pipeline.folders import RunOptions, digest_of, is_finished, jsonable, stage_dir
 from compress.pipeline.recipe import BASELINE, RunRecipe, Stage
 
@@ -75,13 +76,30 @@ def describe_plan(recipe: RunRecipe, options: RunOptions) -> list[str]:
 
 def run(recipe: RunRecipe, options: RunOptions) -> dict:
     """Run every stage not yet finished, then measure every variant and write results.json and the report."""
-    from compress.checks import check_batch_memory, check_model_fits_data, check_writable, decide_input_range
-    from compress.data import load_data
-    from compress.kerasmodel import load_model_with_source
     from compress.pipeline.measure import measure_run
     from compress.report import write_report
 
     started = time.perf_counter()
+    data, stage_seconds = run_stages(recipe, options, started)
+    names = [BASELINE, *(stage.name for stage in recipe.stages)]
+    results = measure_run(recipe, options, data, names, stage_seconds, started)
+    out = options.out
+    write_json(out / "results.json", results)
+    written = write_report(results, out)
+    options.log(f"wrote {', '.join(str(path) for path in [out / 'results.json', *written])}")
+    return results
+
+
+def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = None) -> tuple[object, list[dict]]:
+    """Run every stage not yet finished, measuring nothing: (the data, each stage's seconds).
+
+    `compress auto` runs each trial's chain through this, into one stage folder that trials share.
+    """
+    from compress.checks import check_batch_memory, check_model_fits_data, check_writable, decide_input_range
+    from compress.data import load_data
+    from compress.kerasmodel import load_model_with_source
+
+    started = time.perf_counter() if started is None else started
     out = check_output_dir(options.out)
     check_writable(out)
     for name in (BASELINE, *(stage.name for stage in recipe.stages)):
@@ -108,31 +126,28 @@ def run(recipe: RunRecipe, options: RunOptions) -> dict:
         chains[name] = [] if stage is None else [*chains[stage.input], stage.technique]
         folder = stage_dir(out, name)
         what = "baseline" if stage is None else f"{stage.technique} <- {stage.input}"
-        if is_finished(folder, keys[name]):
-            options.log(f"[{position}/{len(names)}] {name} ({what}): finished earlier with the same settings, skipped")
-            stage_seconds.append({"name": name, "seconds": 0.0, "skipped": True})
-            continue
-        options.log(f"[{position}/{len(names)}] {name} ({what}) ...")
-        stage_started = time.perf_counter()
-        for leftover in folder.glob(".*.partial*"):  # temporary files of a run killed mid-write
-            leftover.unlink()
-        (folder / "manifest.json").unlink(missing_ok=True)  # a stage being redone is not finished
-        if stage is None:
-            manifest = _run_baseline(recipe, options, data, folder, model, source)
-        else:
-            manifest = _run_stage(stage, options, data, out, chains[name])
-        seconds = time.perf_counter() - stage_started
-        manifest.update(key=keys[name], seconds=round(seconds, 2), finished=_now(), chain=chains[name],
-                        sha256={file: sha256_file(folder / file) for file in manifest["files"]})
-        write_json(folder / "manifest.json", manifest)  # last: only now does the stage count as finished
-        stage_seconds.append({"name": name, "seconds": round(seconds, 2), "skipped": False})
-        options.log(f"    done in {seconds:.1f} s (total {time.perf_counter() - started:.0f} s)")
-
-    results = measure_run(recipe, options, data, names, stage_seconds, started)
-    write_json(out / "results.json", results)
-    written = write_report(results, out)
-    options.log(f"wrote {', '.join(str(path) for path in [out / 'results.json', *written])}")
-    return results
+        with FileLock(out / f".{name}.lock") if options.lock_stages else contextlib.nullcontext():
+            if is_finished(folder, keys[name]):
+                options.log(f"[{position}/{len(names)}] {name} ({what}): finished earlier with the same settings, "
+                            "skipped")
+                stage_seconds.append({"name": name, "seconds": 0.0, "skipped": True})
+                continue
+            options.log(f"[{position}/{len(names)}] {name} ({what}) ...")
+            stage_started = time.perf_counter()
+            for leftover in folder.glob(".*.partial*"):  # temporary files of a run killed mid-write
+                leftover.unlink()
+            (folder / "manifest.json").unlink(missing_ok=True)  # a stage being redone is not finished
+            if stage is None:
+                manifest = _run_baseline(recipe, options, data, folder, model, source)
+            else:
+                manifest = _run_stage(stage, options, data, out, chains[name])
+            seconds = time.perf_counter() - stage_started
+            manifest.update(key=keys[name], seconds=round(seconds, 2), finished=_now(), chain=chains[name],
+                            sha256={file: sha256_file(folder / file) for file in manifest["files"]})
+            write_json(folder / "manifest.json", manifest)  # last: only now does the stage count as finished
+            stage_seconds.append({"name": name, "seconds": round(seconds, 2), "skipped": False})
+            options.log(f"    done in {seconds:.1f} s (total {time.perf_counter() - started:.0f} s)")
+    return data, stage_seconds
 
 
 def _run_baseline(recipe: RunRecipe, options: RunOptions, data, folder: Path, model, source: dict | None) -> dict:

@@ -56,7 +56,7 @@ def _parse_reduce_range(text: str) -> bool | str:
     try:
         return parse_flag(text)
     except ValueError:
-        raise ValueError(f"expected auto, true or false, got {text!r}") from exc
+        raise ValueError(f"expected auto, true or false, got {text!r}") from None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,117 @@
+"""`compress auto` on a tiny exact model and a stand-in technique (tests/auto_standin.py): seconds per search."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import auto_standin
+from compress.auto import AutoConfig, run_auto
+from compress.cli import main
+from compress.pipeline import parse_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def standin(monkeypatch):
+    for target, name, value in auto_standin.patches():
+        if isinstance(target, dict):
+            monkeypatch.setitem(target, name, value)
+        else:
+            monkeypatch.setattr(target, name, value)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """Images whose class is their brightest channel, and a model that reads exactly that (every image right)."""
+    from compress.keras import keras
+    from compress.kerasmodel import save_model
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 20), ("test", 4)):
+        for label, name in enumerate(("c0", "c1", "c2")):
+            folder = tmp_path / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 60, size=(8, 8, 3), dtype=np.uint8)
+                pixels[..., label] += 180
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
+    model.layers[-1].set_weights([np.eye(3, dtype=np.float32) * 10, np.zeros(3, np.float32)])
+    path = save_model(model, tmp_path / "model.keras")
+    data = {"source": f"folder:{tmp_path / 'images'}", "cache_dir": tmp_path / "cache"}
+    return {"model": path, "data": data, "out": tmp_path / "auto", "tmp": tmp_path}
+
+
+def _auto(setup, trials, max_drop=5.0, log=None, **config):
+    config = AutoConfig(max_drop=max_drop, trials=trials, quick=True, **config)
+    return run_auto(setup["model"], setup["data"], setup["out"], config, log=(log if log is not None else [] ).append)
+
+
+def test_best_keeps_the_budget_writes_a_recipe_and_a_rerun_continues(setup):
+    summary = _auto(setup, trials=5, seed=0)
+    assert len(summary["trials"]) == 5 and {row["chain"] for row in summary["trials"]} == {"keep", "flip"}
+    best = summary["best"]
+    assert best["within_budget"] and best["chain"] == "keep" and best["drop_points"] <= 5.0
+    assert best["test_accuracy"] == 1.0 and summary["baseline"]["val_accuracy"] == 1.0
+    assert all(summary["trials"][n]["chain"] == "keep" for n in summary["pareto"])
+    assert (setup["out"] / "best" / Path(best["file"]).name).read_bytes() == (setup["out"] / best["file"]).read_bytes()
+    assert json.loads((setup["out"] / "auto.json").read_text())["best"]["number"] == best["number"]
+    recipe = parse_recipe((setup["out"] / "best.toml").read_text())
+    [stage] = recipe.stages
+    assert stage.technique == "tweak" and stage.config.to_dict() == best["stages"][0]["settings"]
+
+    log = []
+    again = _auto(setup, trials=7, seed=1, log=log)
+    assert len(again["trials"]) == 7 and again["trials"][:5] == [
+        dict(row, test_accuracy=again["trials"][row["number"]]["test_accuracy"]) for row in summary["trials"]]
+    assert "5 of 7 trials so far" in log[0]
+
+
+def test_a_missed_budget_still_leaves_the_best_file_and_says_by_how_much(setup, monkeypatch):
+    monkeypatch.setattr("compress.auto.space.CHAINS", {"flip": auto_standin.CHAINS["flip"]})
+    log = []
+    summary = _auto(setup, trials=2, max_drop=0.0, log=log)
+    best = summary["best"]
+    assert not best["within_budget"] and best["missed_by_points"] == 100.0
+    assert (setup["out"] / "best" / Path(best["file"]).name).is_file()
+    assert sum("MISSES the budget by 100.00 points" in line for line in log) == 3  # two trials and the end
+
+
+def test_bad_input_is_one_line_and_exit_2(setup, capsys):
+    common = [str(setup["model"]), "--data", setup["data"]["source"], "--out", str(setup["out"])]
+    for extra, message in ((["--max-drop", "-1"], "--max-drop must be"),
+                           (["--max-drop", "1", "--trials", "0"], "--trials must be"),
+                           (["--max-drop", "1", "--storage", "nosuchdb://x"], "--storage nosuchdb://x: cannot open")):
+        assert main(["auto", *common, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+    _auto(setup, trials=1)
+    assert main(["auto", *common, "--max-drop", "2", "--quick"]) == 2  # another setting: another study
+    err = capsys.readouterr().err.strip()
+    assert "holds the study compress-auto-" in err and "\n" not in err
+
+
+def test_two_workers_share_one_study_and_stop_at_the_asked_count(setup):
+    workers = setup["tmp"] / "workers"
+    workers.mkdir()
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+               **{auto_standin.WAIT_FOR_WORKERS: f"{workers}:2"})
+    command = [sys.executable, str(ROOT / "tests" / "auto_standin.py"), "auto", str(setup["model"]),
+               "--data", setup["data"]["source"], "--out", str(setup["out"]), "--max-drop", "5", "--trials", "6",
+               "--quick"]
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+    rows = json.loads((setup["out"] / "auto.json").read_text())["trials"]
+    assert sorted(row["number"] for row in rows) == list(range(6))
+    assert all(row["state"] == "COMPLETE" for row in rows)
+    assert len({row["worker"] for row in rows}) == 2
