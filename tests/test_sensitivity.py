@@ -8,7 +8,8 @@ import tomllib
 import numpy as np
 import pytest
 
-from compress.cli import build_parser, main, CONFIG_PREFIX
+from compress.cli import main
+from compress.cli_parser import CONFIG_PREFIX, build_parser
 from compress.errors import ConfigError, ModelError
 from compress.sensitivity import SensitivityConfig, analyse
 from compress.techniques.prune import PruneConfig
