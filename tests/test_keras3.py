@@ -146,7 +146,7 @@ def test_functional_model_with_nested_sequential_translates(keras3_files):
 
 
 def test_a_translation_that_differs_is_refused(keras3_files, monkeypatch):
-    import compress.keras3 as keras3
+    import compress.keras3_layers as keras3
 
     # tf_keras' own hard_sigmoid is clip(0.2x + 0.5), not Keras 3's clip(x/6 + 0.5): the output check must notice.
     monkeypatch.setattr(keras3, "_EXPANDED_ACTIVATIONS", frozenset({"hard_silu", "hard_swish"}))
