@@ -29,6 +29,50 @@ def use_integer_kernels(graph, *, unsigned_weights: bool = False) -> None:
         _unsigned_weight_initializers(graph)
 
 
+def drop_identity_reshapes(model) -> None:
+    """Remove each Reshape whose target is its input's own shape (by shape inference), wiring its input through.
+
+    tf2onnx writes NHWC <-> NCHW Transposes of 1x1 feature maps (MobileNet's last blocks on small images) as such
+    Reshapes. They compute nothing, but each one keeps onnxruntime from folding a BatchNormalization into its Conv
+    and, in an int8 graph, from cancelling the layout Transposes it puts around QLinearConv.
+    """
+    from onnx import numpy_helper, shape_inference
+
+    graph = model.graph
+    inferred = shape_inference.infer_shapes(model).graph
+    shapes = {value.name: [dim.dim_value if dim.HasField("dim_value") else None
+                           for dim in value.type.tensor_type.shape.dim]
+              for value in (*inferred.value_info, *inferred.input) if value.type.tensor_type.HasField("shape")}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    graph_outputs = {value.name for value in graph.output}
+    dropped_targets = set()
+    for reshape in [node for node in graph.node if node.op_type == "Reshape"]:
+        source, target, result = reshape.input[0], reshape.input[1], reshape.output[0]
+        if target not in initializers or source not in shapes or result in graph_outputs:
+            continue
+        allow_zero = any(attribute.name == "allowzero" and attribute.i for attribute in reshape.attribute)
+        if not _keeps_shape(shapes[source], numpy_helper.to_array(initializers[target]).tolist(), allow_zero):
+            continue
+        graph.node.remove(reshape)
+        for node in graph.node:
+            node.input[:] = [source if name == result else name for name in node.input]
+        for value in [value for value in graph.value_info if value.name == result]:
+            graph.value_info.remove(value)
+        dropped_targets.add(target)
+    used = {name for node in graph.node for name in node.input}
+    for name in dropped_targets - used:
+        graph.initializer.remove(initializers[name])
+
+
+def _keeps_shape(dims: list[int | None], target: list[int], allow_zero: bool) -> bool:
+    """Whether Reshape(target) gives back `dims` (None: not known): every entry names its dimension (0 copies it
+    unless allowzero), except at most one -1, which then takes the one dimension left."""
+    if len(dims) != len(target) or target.count(-1) > 1:
+        return False
+    return all(wanted == -1 or (wanted == 0 and not allow_zero) or (dim is not None and wanted == dim)
+               for dim, wanted in zip(dims, target))
+
+
 def _unsigned_weight_initializers(graph) -> None:
     from onnx import TensorProto, numpy_helper
 
