@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import ExportError, first_line
-from compress.export.int8_rewrite import drop_identity_reshapes, use_integer_kernels
+from compress.export.int8_rewrite import reshapes_as_transposes, use_integer_kernels
 from compress.files import atomic_path
 from compress.kerasmodel import model_io
 from compress.measure.sizes import count_zeros, onnx_constants, quantized_zero_points
@@ -42,7 +42,7 @@ def onnx_proto(model, *, opset: int = DEFAULT_OPSET, metadata: dict[str, str], i
     input_name, input_shape, output_name = model_io(model)
     proto = _to_onnx(model, opset=opset, int8_tflite=int8_tflite, input_name=input_name, input_shape=input_shape)
     if int8_tflite is not None:
-        drop_identity_reshapes(proto)
+        reshapes_as_transposes(proto)
         use_integer_kernels(proto.graph, unsigned_weights=unsigned_weights)
     _tidy_onnx(proto, input_name=input_name, output_name=output_name, metadata=metadata)
     return proto

@@ -166,7 +166,7 @@ def _write_onnx_qdq(model, calibration: np.ndarray, per_channel: bool, reduce_ra
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from compress.export.int8_rewrite import drop_identity_reshapes
+    from compress.export.int8_rewrite import reshapes_as_transposes
     from compress.files import atomic_path
     from compress.runtimes.onnxrt import inference_session
 
@@ -174,7 +174,7 @@ def _write_onnx_qdq(model, calibration: np.ndarray, per_channel: bool, reduce_ra
     with tempfile.TemporaryDirectory(prefix="compress-ptq-") as work:
         float_path, prepared_path = Path(work) / "float.onnx", Path(work) / "prepared.onnx"
         float_proto = _float_onnx(model)
-        drop_identity_reshapes(float_proto)  # else BatchNormalization stays unfolded, in float between DQ and Q
+        reshapes_as_transposes(float_proto)  # else BatchNormalization stays unfolded, in float between DQ and Q
         onnx.save(float_proto, float_path)
         try:
             quant_pre_process(str(float_path), str(prepared_path))
