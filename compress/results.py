@@ -12,7 +12,9 @@ Every listed key must be present. A measured figure may be null where it was not
 "not measured", with the reason from the variant's optional ``"not_measured": {key: reason}``. Files written before
 "batch_sizes" existed name their batch sizes only by their latency keys; those are read as the batch sizes.
 Optional keys used when present: machine "latency_threads", "latency_rounds"; per variant "latency_p95_ms_b<N>",
-"latency_cuda_ms_b<N>", "images_per_s_b<N>", "macs", "latency_threads", "weight_bytes_by_dtype", "notes"; top
+"latency_cuda_ms_b<N>", "images_per_s_b<N>", "macs", "latency_threads", "weight_bytes_by_dtype", "notes",
+"input_stage" (the stage this variant's stage read its model from: with "stage" and "precision", the summary finds an
+int8 file's float source); top
 level "cuda": {"measured": bool, "reason": str}, "keras_reference": {...keras_latency()...}, "notes": [str, ...].
 Other keys are carried along, unread.
 """

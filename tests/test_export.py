@@ -235,6 +235,34 @@ def test_qat_onnx_runs_on_integer_kernels_in_onnxruntime(exports, variant, tmp_p
     assert not {"Conv", "FusedConv", "MatMul", "Gemm", "FusedGemm", "Relu"} & set(ops), ops
 
 
+def test_depthwise_relu6_block_runs_on_integer_kernels(synthetic_data, tmp_path):
+    """A MobileNet-style block (Conv -> DepthwiseConv -> BN -> ReLU6 -> 1x1 Conv -> GAP -> Dense) through the QAT
+    path: every convolution, the depthwise one too, runs as QLinearConv; no float Conv is left."""
+    import onnx
+    import onnxruntime as ort
+
+    from compress.export.exporter import export_model
+    from compress.keras import keras
+    from compress.techniques.qat import QATConfig, qat
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    block = keras.Sequential([
+        keras.Input((8, 8, 3)), layers.Conv2D(8, 3, padding="same"), layers.DepthwiseConv2D(3, padding="same"),
+        layers.BatchNormalization(), layers.ReLU(6.0), layers.Conv2D(16, 1), layers.GlobalAveragePooling2D(),
+        layers.Dense(3),
+    ])
+    quantized = qat(block, QATConfig(epochs=1, batch_size=64), synthetic_data, verbose=0).model
+    result = export_model(quantized, tmp_path / "export", data=synthetic_data, parity_samples=32)
+    assert result["parity_ok"], result["parity"]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(result["files"]["onnx"]["path"], options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == 3 and "QGemm" in ops, ops
+    assert not {"Conv", "FusedConv", "BatchNormalization", "Relu"} & set(ops), ops
+
+
 def test_uint8_weights_hold_the_same_values_and_still_fuse(models, tmp_path):
     """int8_weights="uint8" (for CPUs whose int8 kernels saturate) stores w + 128 with zero point 128: the same values,
     the same zeros (here of the pruned, sparsity-preserving QAT model) and the same fused integer kernels."""

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compress.export.int8_rewrite import use_integer_kernels
+from compress.export.int8_rewrite import reshapes_as_transposes, use_integer_kernels
 from compress.measure.hardware import int8_sums_saturate
 
 RNG = np.random.default_rng(0)
@@ -147,3 +147,83 @@ def test_clip_with_computed_bounds_is_left_alone():
     clip.input[2] = "six_high_computed"
     rewritten = _rewritten(model)
     assert any(node.op_type == "Clip" and node.input[0] == "c" for node in rewritten.graph.node)
+
+
+def reshape_model(target):
+    """1x1 Conv -> Reshape(target) -> 1x1 Conv on a 1x1 feature map, as tf2onnx writes MobileNet's last blocks on
+    small images: its NHWC <-> NCHW Transposes of a 1x1 map become Reshape([-1, C, 1, 1])."""
+    nodes, initializers = [], []
+    _qdq_input("x", 0.02, -10, initializers, nodes)
+    _int8_weights((8, 4, 1, 1), 0, 0.02, initializers, nodes, bias_size=8)
+    initializers += [_tensor("mid_scale", np.float32(0.05)), _tensor("mid_zp", np.int8(3)),
+                     _tensor("target", np.array(target, np.int64)),
+                     _tensor("w2", RNG.integers(-127, 128, size=(8, 8, 1, 1)).astype(np.int8)),
+                     _tensor("w2_scale", np.float32(0.004)), _tensor("w2_zp", np.int8(0))]
+    nodes += [helper.make_node("Conv", ["xd", "wd", "bd"], ["c"]),
+              helper.make_node("QuantizeLinear", ["c", "mid_scale", "mid_zp"], ["cq"]),
+              helper.make_node("DequantizeLinear", ["cq", "mid_scale", "mid_zp"], ["cd"]),
+              helper.make_node("Reshape", ["cd", "target"], ["r"]),
+              helper.make_node("DequantizeLinear", ["w2", "w2_scale", "w2_zp"], ["w2d"]),
+              helper.make_node("Conv", ["r", "w2d"], ["c2"])]
+    _output_qdq("c2", 0.03, 5, initializers, nodes)
+    return _model(nodes, initializers, ["batch", 4, 1, 1], ["batch", 8, 1, 1])
+
+
+def test_identity_reshape_goes_and_int8_convs_need_no_layout_transposes(tmp_path):
+    model = reshape_model([-1, 8, 1, 1])
+    inputs = RNG.uniform(-2, 2, size=(3, 4, 1, 1)).astype(np.float32)
+    before = _reference(model, inputs)
+    _run(_rewritten(model), inputs, tmp_path, "before")
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    reshapes_as_transposes(rewritten)
+    assert "Reshape" not in {node.op_type for node in rewritten.graph.node}
+    assert "target" not in {tensor.name for tensor in rewritten.graph.initializer}
+    assert _reference(rewritten, inputs).tolist() == before.tolist()
+    _run(_rewritten(rewritten), inputs, tmp_path, "after")
+    # onnxruntime runs QLinearConv in NHWC: one Transpose in, one out, and a pair around a Reshape between two.
+    transposes = {name: [node.op_type for node in onnx.load(tmp_path / f"{name}.optimized.onnx").graph.node]
+                  .count("Transpose") for name in ("before", "after")}
+    assert transposes == {"before": 4, "after": 2}
+
+
+def one_channel_model():
+    """A one-channel NHWC image into a Conv: tf2onnx writes its NHWC -> NCHW Transpose as Reshape([-1, 1, H, W])."""
+    nodes, initializers = [], []
+    initializers += [_tensor("in_scale", np.float32(1 / 255)), _tensor("in_zp", np.int8(-128)),
+                     _tensor("target", np.array([-1, 1, 6, 6], np.int64))]
+    nodes += [helper.make_node("QuantizeLinear", ["x", "in_scale", "in_zp"], ["xq"]),
+              helper.make_node("Reshape", ["xq", "target"], ["xr"]),
+              helper.make_node("DequantizeLinear", ["xr", "in_scale", "in_zp"], ["xd"])]
+    _int8_weights((8, 1, 3, 3), 0, 1 / 255, initializers, nodes, bias_size=8)
+    nodes.append(helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], pads=[1, 1, 1, 1]))
+    _output_qdq("c", 0.03, 5, initializers, nodes)
+    return _model(nodes, initializers, ["batch", 6, 6, 1], ["batch", 8, 6, 6])
+
+
+def test_reshape_moving_a_size_one_axis_becomes_a_transpose_that_cancels(tmp_path):
+    model = one_channel_model()
+    inputs = RNG.uniform(0, 1, size=(3, 6, 6, 1)).astype(np.float32)
+    before = _reference(model, inputs)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    reshapes_as_transposes(rewritten)
+    transpose = next(node for node in rewritten.graph.node if node.op_type == "Transpose")
+    assert list(transpose.attribute[0].ints) == [0, 3, 1, 2]
+    assert _reference(rewritten, inputs).tolist() == before.tolist()
+    ran = {}
+    for name, graph in (("before", model), ("after", rewritten)):
+        _run(_rewritten(graph), inputs, tmp_path, name)
+        ran[name] = [node.op_type for node in onnx.load(tmp_path / f"{name}.optimized.onnx").graph.node]
+    # onnxruntime cancels the Transpose into its NHWC QLinearConv; only the one back to NCHW output is left.
+    assert "Reshape" in ran["before"] and "Reshape" not in ran["after"]
+    assert ran["after"].count("Transpose") == ran["before"].count("Transpose") - 1 == 1, ran
+
+
+@pytest.mark.parametrize("target", [[-1, 8], [0, 2, 4, 1], [3, 8, 1, 1]])
+def test_reshape_that_may_change_the_shape_stays(target):
+    model = reshape_model([-1, 8, 1, 1])
+    shape = next(tensor for tensor in model.graph.initializer if tensor.name == "target")
+    shape.CopyFrom(_tensor("target", np.array(target, np.int64)))
+    reshapes_as_transposes(model)
+    assert [node.op_type for node in model.graph.node].count("Reshape") == 1

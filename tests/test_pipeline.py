@@ -174,6 +174,7 @@ def test_run_resumes_and_redoes_only_what_changed(tiny_setup):
     first_log, second_log, third_log = [], [], []
     results = run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, first_log))
     assert [v["name"] for v in results["variants"]] == ["baseline", "a", "b", "c"]
+    assert [v["input_stage"] for v in results["variants"]] == [None, "baseline", "a", "baseline"]
     for variant in results["variants"]:
         assert variant["parity_ok"] and 0.0 <= variant["accuracy"] <= 1.0 and variant["latency_ms_b1"] > 0
     out = tiny_setup["out"]

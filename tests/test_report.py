@@ -149,6 +149,23 @@ def test_summary_names_the_best_parity_ok_variants_within_one_point(results):
     assert any(summary["best_size"]["name"] in line and line.startswith("smallest") for line in lines)
 
 
+def test_int8_slower_than_its_float_source_is_not_fastest_and_is_named(results):
+    variants = {v["name"]: v for v in results["variants"]}
+    for v in results["variants"]:
+        v.update(stage=v["name"], precision="int8" if "int8" in v["name"] else "float32")
+    base = variants[results["baseline"]]
+    # prune50 is out of tolerance; the int8 file made from it would be the fastest pick, but it is slower than prune50.
+    variants["prune50"].update(accuracy=base["accuracy"] - 0.05, latency_ms_b1=0.010)
+    variants["prune50-ptq-int8"].update(input_stage="prune50", latency_ms_b1=0.020, accuracy=base["accuracy"])
+    variants["ptq-int8"]["input_stage"] = results["baseline"]  # faster than the baseline: not named
+    summary = summaries.summarize(results)
+    assert summary["best_latency"]["name"] != "prune50-ptq-int8"
+    assert [item["name"] for item in summary["int8_slower"]] == ["prune50-ptq-int8"]
+    assert "int8 slower than its float file: prune50-ptq-int8 (0.020 ms vs 0.010 ms)" in summaries.format_summary(summary)
+    del variants["prune50-ptq-int8"]["input_stage"]  # results written before input_stage: nothing to compare with
+    assert summaries.summarize(results)["best_latency"]["name"] == "prune50-ptq-int8"
+
+
 def test_failed_parity_is_never_best_nor_on_the_front(results):
     # Make the failed variant better than everything on every axis: it must still be left out.
     failed = next(v for v in results["variants"] if v["parity_ok"] is False)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import ExportError, first_line
-from compress.export.int8_rewrite import use_integer_kernels
+from compress.export.int8_rewrite import reshapes_as_transposes, use_integer_kernels
 from compress.files import atomic_path
 from compress.kerasmodel import model_io
 from compress.measure.sizes import count_zeros, onnx_constants, quantized_zero_points
@@ -41,6 +41,8 @@ def onnx_proto(model, *, opset: int = DEFAULT_OPSET, metadata: dict[str, str], i
     """The model as an ONNX ModelProto, named and tagged the way every export is (from `int8_tflite` for QAT)."""
     input_name, input_shape, output_name = model_io(model)
     proto = _to_onnx(model, opset=opset, int8_tflite=int8_tflite, input_name=input_name, input_shape=input_shape)
+    # tf2onnx writes some layout changes as Reshapes; as Transposes, onnxruntime cancels them and folds BatchNorms.
+    reshapes_as_transposes(proto)
     if int8_tflite is not None:
         use_integer_kernels(proto.graph, unsigned_weights=unsigned_weights)
     _tidy_onnx(proto, input_name=input_name, output_name=output_name, metadata=metadata)

@@ -29,6 +29,60 @@ def use_integer_kernels(graph, *, unsigned_weights: bool = False) -> None:
         _unsigned_weight_initializers(graph)
 
 
+def reshapes_as_transposes(model) -> None:
+    """Rewrite each Reshape that only moves axes of size 1 as the Transpose it is, or drop it where it moves none.
+
+    tf2onnx writes NHWC <-> NCHW Transposes of tensors with a size-1 axis (one-channel images, MobileNet's 1x1 maps
+    on small inputs) as Reshapes, by shape inference. onnxruntime runs QLinearConv in NHWC and cancels its layout
+    Transposes against the graph's own, but not against a Reshape: every such Reshape between integer convolutions
+    costs a Transpose pair, and in a float graph it keeps a BatchNormalization from folding into its Conv.
+    """
+    from onnx import helper, numpy_helper, shape_inference
+
+    graph = model.graph
+    inferred = shape_inference.infer_shapes(model).graph
+    shapes = {value.name: [dim.dim_value if dim.HasField("dim_value") else None
+                           for dim in value.type.tensor_type.shape.dim]
+              for value in (*inferred.value_info, *inferred.input) if value.type.tensor_type.HasField("shape")}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    graph_outputs = {value.name for value in graph.output}
+    targets = set()  # shape initializers of rewritten Reshapes
+    for reshape in [node for node in graph.node if node.op_type == "Reshape"]:
+        source, target, result = reshape.input[0], reshape.input[1], reshape.output[0]
+        if target not in initializers or source not in shapes or result in graph_outputs:
+            continue
+        allow_zero = any(attribute.name == "allowzero" and attribute.i for attribute in reshape.attribute)
+        perm = _axis_move(shapes[source], numpy_helper.to_array(initializers[target]).tolist(), allow_zero)
+        if perm is None:
+            continue
+        if perm == sorted(perm):
+            graph.node.remove(reshape)
+            for node in graph.node:
+                node.input[:] = [source if name == result else name for name in node.input]
+            for value in [value for value in graph.value_info if value.name == result]:
+                graph.value_info.remove(value)
+        else:
+            reshape.CopyFrom(helper.make_node("Transpose", [source], [result], name=reshape.name, perm=perm))
+        targets.add(target)
+    used = {name for node in graph.node for name in node.input}
+    for name in targets - used:
+        graph.initializer.remove(initializers[name])
+
+
+def _axis_move(dims: list[int | None], target: list[int], allow_zero: bool) -> list[int] | None:
+    """The Transpose perm doing what Reshape(target) does to a tensor of shape `dims` (None: not known, at most one
+    such), where that Reshape only moves axes of size 1; None where it may do more. A 0 in `target` copies its
+    dimension (unless allowzero), a -1 takes the unknown one."""
+    if len(dims) != len(target) or dims.count(None) > 1 or target.count(-1) > 1:
+        return None
+    resolved = [dims[axis] if wanted == 0 and not allow_zero else None if wanted == -1 else wanted
+                for axis, wanted in enumerate(target)]
+    if [dim for dim in resolved if dim != 1] != [dim for dim in dims if dim != 1]:
+        return None
+    ones, others = ([axis for axis, dim in enumerate(dims) if (dim == 1) == size_one] for size_one in (True, False))
+    return [(ones if dim == 1 else others).pop(0) for dim in resolved]
+
+
 def _unsigned_weight_initializers(graph) -> None:
     from onnx import TensorProto, numpy_helper
 

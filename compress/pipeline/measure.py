@@ -59,7 +59,8 @@ def measure_run(recipe: RunRecipe, options: RunOptions, data, names: list[str], 
                 parity=entry["parity"], weight_bytes_by_dtype=weights.get("bytes_by_dtype"),
                 not_measured={} if weights else {key: "parameters are counted in ONNX files only"
                                                  for key in ("params", "nonzero_params")},
-                extra={"macs": manifest.get("macs"), "left_alone": _left_alone(folder)},
+                extra={"macs": manifest.get("macs"), "left_alone": _left_alone(folder),
+                       "input_stage": None if name == BASELINE else recipe.stage(name).input},
             ))
     cuda_ok, cuda_reason = cuda_provider_status()
     latencies = {name: kept.get("latency") for name, kept in cached.items()}

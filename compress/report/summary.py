@@ -38,7 +38,8 @@ def summarize(results: dict, *, tolerance_points: float = ACCURACY_TOLERANCE_POI
     """Best variant for size and for b1 latency within `tolerance_points` of the baseline's accuracy.
 
     Only variants whose parity check passed (parity_ok true) with a measured accuracy compete; the baseline
-    competes too, so "best" may be the baseline itself. Also returns both Pareto fronts (same eligibility)
+    competes too, so "best" may be the baseline itself. An int8 file slower than its float source
+    (`int8_slower_than_float`) is never the fastest pick. Also returns both Pareto fronts (same eligibility)
     and the variants left out for failed or unchecked parity.
     """
     variants = results["variants"]
@@ -60,6 +61,7 @@ def summarize(results: dict, *, tolerance_points: float = ACCURACY_TOLERANCE_POI
         "parity_failed": [v["name"] for v in variants if v["parity_ok"] is False],
         "parity_unchecked": [v["name"] for v in variants if v["parity_ok"] is None],
         "cuda": cuda_status(results),
+        "int8_slower": int8_slower_than_float(results, latency) if latency else [],
     }
     if base_accuracy is None:
         summary["reason"] = "the baseline's accuracy was not measured"
@@ -70,7 +72,8 @@ def summarize(results: dict, *, tolerance_points: float = ACCURACY_TOLERANCE_POI
     if latency:
         criteria.append(("best_latency", latency, f"x_faster_b{batch}"))
     for key, figure, ratio_key in criteria:
-        measured = [v for v in within if v[figure] is not None]
+        slower = {item["name"] for item in summary["int8_slower"]} if key == "best_latency" else set()
+        measured = [v for v in within if v[figure] is not None and v["name"] not in slower]
         if not measured:
             continue
         best = min(measured, key=lambda v: (v[figure], -v["accuracy"], v["name"]))
@@ -82,6 +85,26 @@ def summarize(results: dict, *, tolerance_points: float = ACCURACY_TOLERANCE_POI
             ratio_key: ratio(base[figure], best[figure]),
         }
     return summary
+
+
+def int8_slower_than_float(results: dict, latency: str) -> list[dict]:
+    """int8 variants slower at `latency` than the float file of the same format their stage was made from.
+
+    Where a model is so small that quantizing and dequantizing outweigh the integer arithmetic, or the CPU lacks
+    fast int8 instructions, an int8 file can lose to its float source: then it only saves size. The source is the
+    variant of the stage named by "input_stage" (results written before that key existed name none).
+    """
+    variants = results["variants"]
+    found = []
+    for variant in variants:
+        if variant.get("precision") != "int8" or variant.get(latency) is None or not variant.get("input_stage"):
+            continue
+        sources = [v for v in variants if v.get("stage") == variant["input_stage"] and v.get("precision") != "int8"
+                   and v["format"] == variant["format"] and v.get(latency) is not None]
+        if sources and variant[latency] > sources[0][latency]:
+            found.append({"name": variant["name"], "source": sources[0]["name"], latency: variant[latency],
+                          "source_" + latency: sources[0][latency]})
+    return found
 
 
 def cuda_status(results: dict) -> dict:
@@ -117,6 +140,11 @@ def format_summary(summary: dict) -> list[str]:
         )
     elif not summary["reason"]:
         lines.append(f"fastest {tolerance}: none with latency measured")
+    if summary.get("int8_slower"):
+        key = latency_key(batch)
+        slower = ", ".join(f"{item['name']} ({ms_text(item[key])} ms vs {ms_text(item['source_' + key])} ms)"
+                           for item in summary["int8_slower"])
+        lines.append(f"int8 slower than its float file: {slower}")
     if summary["parity_failed"]:
         lines.append(f"left out, parity check FAILED: {', '.join(summary['parity_failed'])}")
     if summary["parity_unchecked"]:
