@@ -15,7 +15,8 @@ Optional keys used when present: machine "latency_threads", "latency_rounds"; pe
 "latency_cuda_ms_b<N>", "images_per_s_b<N>", "macs", "latency_threads", "weight_bytes_by_dtype", "notes",
 "input_stage" (the stage this variant's stage read its model from: with "stage" and "precision", the summary finds an
 int8 file's float source); top
-level "cuda": {"measured": bool, "reason": str}, "keras_reference": {...keras_latency()...}, "notes": [str, ...].
+level "cuda": {"measured": bool, "reason": str}, "refused": {stage: reason} (stages whose technique could not handle
+the model), "keras_reference": {...keras_latency()...}, "notes": [str, ...].
 Other keys are carried along, unread.
 """
 

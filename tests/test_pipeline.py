@@ -14,6 +14,7 @@ from compress.techniques.base import Outcome, Technique, TechniqueConfig, option
 # ------------------------------------------------------------------ a stand-in technique, registered for these tests
 
 INTERRUPT = {"stage": None}  # name of a stage whose run is cut off after writing a partial file
+REFUSE = {"stage": None}  # name of a stage whose technique refuses the model
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ def scale(model, config, data, *, out_dir, verbose=1):
     result = copy_model(model)
     weights = result.layers[-1].get_weights()
     result.layers[-1].set_weights([weights[0] * config.factor, *weights[1:]])
+    if REFUSE["stage"] == out_dir.name:
+        (out_dir / "half.onnx").parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / "half.onnx").write_bytes(b"written before the refusal")
+        raise ModelError("the scale technique cannot handle this model")
     if INTERRUPT["stage"] == out_dir.name:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "model.keras").write_bytes(b"half-written")
@@ -43,7 +48,7 @@ TECHNIQUE = Technique("scale", ScaleConfig, scale, "scale the classifier (a test
 @pytest.fixture(autouse=True)
 def scale_technique(monkeypatch):
     monkeypatch.setitem(registry._MODULES, "scale", __name__)
-    INTERRUPT["stage"] = None
+    INTERRUPT["stage"] = REFUSE["stage"] = None
 
 
 FAST_MEASURE = """
@@ -406,3 +411,17 @@ def test_structured_recipe_resolves_with_channel_pruning_chains():
     assert recipe.stage("channels50-qat").input == "channels50"
     assert recipe.stage("distilled-channels-qat").input == "distilled-channels"
     assert recipe.stage("distilled-channels").input == "distilled"
+
+
+def test_a_refused_stage_is_reported_and_the_run_goes_on(tiny_setup):
+    REFUSE["stage"] = "a"
+    log = []
+    results = run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, log))
+    assert [v["name"] for v in results["variants"]] == ["baseline", "c"]  # b reads a
+    assert results["refused"] == {"a": "the scale technique cannot handle this model",
+                                  "b": "its input stage a was refused"}
+    assert not (tiny_setup["out"] / "a" / "half.onnx").exists()
+    assert "a: the scale technique cannot handle this model" in (tiny_setup["out"] / "report.md").read_text()
+    again = []
+    run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, again))
+    assert sum("skipped" in line for line in again) == 4  # a refusal is remembered, not retried

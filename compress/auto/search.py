@@ -20,7 +20,7 @@ from pathlib import Path
 
 from compress.auto.space import readable_names, recipe_text, sample, stage_names
 from compress.auto.study import STUDY_PREFIX, AutoConfig, counted_trials, open_study
-from compress.errors import CompressError, ConfigError
+from compress.errors import CompressError, ConfigError, ModelError
 from compress.files import FileLock, atomic_path, check_output_dir, sha256_file, write_json, write_text
 from compress.pipeline.folders import RunOptions, digest_of, jsonable, read_manifest, stage_dir
 from compress.pipeline.recipe import BASELINE, parse_recipe
@@ -63,7 +63,10 @@ def run_auto(model: str | Path, data_args: dict, out: str | Path, config: AutoCo
 def final_file(stages: Path, name: str) -> tuple[Path, bool]:
     """A finished stage's ONNX file (the space makes one per stage) and whether it passed its parity check."""
     folder = stage_dir(stages, name)
-    entry = next(entry for entry in read_manifest(folder)["export"].values() if entry["path"].endswith(".onnx"))
+    manifest = read_manifest(folder)
+    if manifest.get("refused") is not None:
+        raise ModelError(f"stage {name} was refused: {manifest['refused']}")
+    entry = next(entry for entry in manifest["export"].values() if entry["path"].endswith(".onnx"))
     return folder / Path(entry["path"]).name, bool(entry["parity"]["ok"])
 
 

@@ -33,9 +33,12 @@ def measure_run(recipe: RunRecipe, options: RunOptions, data, names: list[str], 
                       "batch_sizes": list(recipe.batch_sizes), "min_seconds": recipe.min_seconds})
     variants: list[VariantResult] = []
     cached: dict[str, dict] = {}
+    refused: dict[str, str] = {}
     for name in names:
         folder = stage_dir(options.out, name)
         manifest = read_manifest(folder)
+        if manifest.get("refused") is not None:
+            refused[name] = manifest["refused"]
         previous = {} if options.remeasure else _read_measurements(folder, settings)
         for label, entry in manifest["export"].items():
             path = folder / Path(entry["path"]).name
@@ -94,6 +97,7 @@ def measure_run(recipe: RunRecipe, options: RunOptions, data, names: list[str], 
         "keras_reference": _keras_reference(stage_dir(options.out, BASELINE), recipe, options, settings),
         "cuda": {"measured": cuda_ok, "reason": cuda_reason},
         "input_model": _input_model(options),
+        "refused": refused,
         "notes": notes,
     }
 

@@ -18,13 +18,14 @@ those of the run folder too, unless the run was started with `unsafe`.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from compress.errors import ConfigError
+from compress.errors import ConfigError, ExportError, ModelError
 from compress.files import FileLock, atomic_path, check_output_dir, sha256_file, write_json
-from compress.pipeline.folders import RunOptions, digest_of, is_finished, jsonable, stage_dir
+from compress.pipeline.folders import RunOptions, digest_of, is_finished, jsonable, read_manifest, stage_dir
 from compress.pipeline.recipe import BASELINE, RunRecipe, Stage
 
 
@@ -121,6 +122,7 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
     names = [BASELINE, *(stage.name for stage in recipe.stages)]
     stage_seconds = []
     chains: dict[str, list[str]] = {BASELINE: []}
+    refused: dict[str, str] = {}
     for position, name in enumerate(names, start=1):
         stage = None if name == BASELINE else recipe.stage(name)
         chains[name] = [] if stage is None else [*chains[stage.input], stage.technique]
@@ -131,6 +133,8 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
                 options.log(f"[{position}/{len(names)}] {name} ({what}): finished earlier with the same settings, "
                             "skipped")
                 stage_seconds.append({"name": name, "seconds": 0.0, "skipped": True})
+                if (reason := read_manifest(folder).get("refused")) is not None:
+                    refused[name] = reason
                 continue
             options.log(f"[{position}/{len(names)}] {name} ({what}) ...")
             stage_started = time.perf_counter()
@@ -140,7 +144,17 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
             if stage is None:
                 manifest = _run_baseline(recipe, options, data, folder, model, source)
             else:
-                manifest = _run_stage(stage, options, data, out, chains[name])
+                try:
+                    if stage.input in refused:
+                        raise ModelError(f"its input stage {stage.input} was refused")
+                    manifest = _run_stage(stage, options, data, out, chains[name])
+                except (ModelError, ExportError) as exc:  # the technique cannot handle this model: say why, go on
+                    refused[name] = str(exc)
+                    options.log(f"    refused: {exc}")
+                    shutil.rmtree(folder)  # whatever the stage wrote before it was refused
+                    folder.mkdir(parents=True)
+                    manifest = {"technique": stage.technique, "input": stage.input, "files": [], "export": {},
+                                "refused": str(exc)}
             seconds = time.perf_counter() - stage_started
             manifest.update(key=keys[name], seconds=round(seconds, 2), finished=_now(), chain=chains[name],
                             sha256={file: sha256_file(folder / file) for file in manifest["files"]})

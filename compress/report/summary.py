@@ -60,6 +60,7 @@ def summarize(results: dict, *, tolerance_points: float = ACCURACY_TOLERANCE_POI
         "pareto_latency": pareto_front((v["name"], v[latency], v["accuracy"]) for v in eligible) if latency else [],
         "parity_failed": [v["name"] for v in variants if v["parity_ok"] is False],
         "parity_unchecked": [v["name"] for v in variants if v["parity_ok"] is None],
+        "refused": dict(results.get("refused") or {}),
         "cuda": cuda_status(results),
         "int8_slower": int8_slower_than_float(results, latency) if latency else [],
     }
@@ -147,6 +148,8 @@ def format_summary(summary: dict) -> list[str]:
         lines.append(f"int8 slower than its float file: {slower}")
     if summary["parity_failed"]:
         lines.append(f"left out, parity check FAILED: {', '.join(summary['parity_failed'])}")
+    for name, reason in summary.get("refused", {}).items():
+        lines.append(f"refused, nothing exported: {name} ({reason})")
     if summary["parity_unchecked"]:
         lines.append(f"left out, parity not checked: {', '.join(summary['parity_unchecked'])}")
     cuda = summary["cuda"]
