@@ -151,7 +151,7 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
                 except (ModelError, ExportError) as exc:  # the technique cannot handle this model: say why, go on
                     refused[name] = str(exc)
                     options.log(f"    refused: {exc}")
-                    shutil.rmtree(folder)  # whatever the stage wrote before it was refused
+                    shutil.rmtree(folder, ignore_errors=True)  # whatever the stage wrote before it was refused
                     folder.mkdir(parents=True)
                     manifest = {"technique": stage.technique, "input": stage.input, "files": [], "export": {},
                                 "refused": str(exc)}
