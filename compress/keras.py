@@ -13,7 +13,7 @@ import sys
 
 from compress.errors import CompressError
 
-_LAZY = ("tf", "keras", "tfmot", "ClusteringAlgorithm")
+_LAZY = ("tf", "keras", "tfmot", "ClusteringAlgorithm", "OutputOnlyQuantizeConfig")
 __all__ = ["configure", "versions", *_LAZY]
 
 
@@ -47,10 +47,14 @@ def _load() -> None:
     from tensorflow_model_optimization.python.core.clustering.keras.clustering_algorithm import (
         ClusteringAlgorithm,  # tfmot's per-tensor centroid lookup, which compress.techniques.cluster speeds up
     )
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit.default_8bit_quantize_configs import (  # noqa: E501
+        Default8BitOutputQuantizeConfig as OutputOnlyQuantizeConfig,  # quantizes a layer's output only
+    )
 
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3":
         tf.get_logger().setLevel("ERROR")  # tf.function retracing and deprecation notes say nothing a user can act on
-    globals().update(tf=tf, keras=keras, tfmot=tfmot, ClusteringAlgorithm=ClusteringAlgorithm)
+    globals().update(tf=tf, keras=keras, tfmot=tfmot, ClusteringAlgorithm=ClusteringAlgorithm,
+                     OutputOnlyQuantizeConfig=OutputOnlyQuantizeConfig)
 
 
 def __getattr__(name: str):

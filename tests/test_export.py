@@ -263,6 +263,43 @@ def test_depthwise_relu6_block_runs_on_integer_kernels(synthetic_data, tmp_path)
     assert not {"Conv", "FusedConv", "BatchNormalization", "Relu"} & set(ops), ops
 
 
+def test_model_with_its_own_rescaling_quantizes_by_default(synthetic_data, tmp_path):
+    """A model taking raw pixels (Rescaling first): QAT quantizes only the Rescaling's output by default and says so,
+    and the int8 file takes the same raw pixels, agrees with the QAT model and runs on integer kernels, the first
+    convolution included."""
+    import onnx
+    import onnxruntime as ort
+
+    from compress.export.exporter import export_model
+    from compress.keras import keras
+    from compress.kerasmodel import load_model, save_model
+    from compress.techniques.qat import QATConfig, qat
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)), layers.Rescaling(1 / 255, name="rescale"), layers.Conv2D(8, 3, name="conv"),
+        layers.ReLU(), layers.Flatten(), layers.Dense(3, name="logits"),
+    ])
+    raw = synthetic_data.with_input_range("raw")
+    outcome = qat(model, QATConfig(epochs=1, batch_size=32), raw, verbose=0)
+    assert outcome.stats["float_layers"] == []
+    assert outcome.stats["left_alone"] == {"rescale": "input preprocessing: no weights, only its output quantized"}
+    assert {"rescale", "conv", "logits"} <= set(outcome.stats["quantized_layers"])
+    loaded = load_model(save_model(outcome.model, tmp_path / "qat.keras"))
+    images = raw.normalized("test")[0][:16]
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), outcome.model.predict(images, verbose=0), atol=1e-6)
+
+    result = export_model(loaded, tmp_path / "export", data=raw, parity_samples=64)
+    assert result["parity_ok"], result["parity"]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(result["files"]["onnx"]["path"], options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == 1 and "QGemm" in ops, ops
+    assert not {"Conv", "FusedConv", "Gemm", "MatMul"} & set(ops), ops
+
+
 def test_uint8_weights_hold_the_same_values_and_still_fuse(models, tmp_path):
     """int8_weights="uint8" (for CPUs whose int8 kernels saturate) stores w + 128 with zero point 128: the same values,
     the same zeros (here of the pruned, sparsity-preserving QAT model) and the same fused integer kernels."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from compress.checks import PREPROCESSING_LAYERS
 from compress.errors import ModelError
 from compress.techniques.finetune import (
     check_training_settings,
@@ -47,14 +48,31 @@ class QATConfig(TechniqueConfig):
         check_training_settings(self)
 
 
+def input_preprocessing_layers(model) -> list:
+    """The Rescaling/Normalization layers a model starts with: they map pixels to the range the model was trained
+    on and hold no weights to quantize; only their output is quantized, so that the first convolution gets int8
+    inputs and runs on integer kernels (left unannotated, it would stay a float convolution)."""
+    leading = []
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind == "InputLayer":
+            continue
+        if kind not in PREPROCESSING_LAYERS:
+            break
+        leading.append(layer)
+    return leading
+
+
 def unsupported_layers(model) -> list:
-    """Top-level layers tfmot's default 8-bit scheme cannot quantize (found before anything is built)."""
+    """Top-level layers tfmot's default 8-bit scheme cannot quantize (found before anything is built), input
+    preprocessing left out (it always stays in float)."""
     from compress.keras import keras, tfmot
 
     registry = tfmot.quantization.keras.default_8bit.Default8BitQuantizeRegistry()
+    preprocessing = {layer.name for layer in input_preprocessing_layers(model)}
     found = []
     for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer) or registry.supports(layer):
+        if isinstance(layer, keras.layers.InputLayer) or registry.supports(layer) or layer.name in preprocessing:
             continue
         kind = type(layer).__name__
         if kind in _TRANSFORMED or (kind in _BATCH_NORMS and _follows_foldable(layer)):
@@ -94,11 +112,12 @@ def _scheme(preserve: str):
 
 def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Outcome:
     """Quantization-aware fine-tuning of a copy of `model`; returns the QAT model (wrappers kept) and stats."""
-    from compress.keras import keras, tfmot
+    from compress.keras import OutputOnlyQuantizeConfig, keras, tfmot
 
     quantization = tfmot.quantization.keras
     work = copy_model(model)
     unsupported = unsupported_layers(work)
+    preprocessing = [layer.name for layer in input_preprocessing_layers(work)]
     float_names = [layer.name for layer in unsupported]
     if unsupported and config.unsupported == "error":
         listed = ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in unsupported)
@@ -110,6 +129,8 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
     def annotate(layer):
         if layer.name in float_names or isinstance(layer, keras.layers.InputLayer):
             return layer
+        if layer.name in preprocessing:
+            return quantization.quantize_annotate_layer(layer, quantize_config=OutputOnlyQuantizeConfig())
         return quantization.quantize_annotate_layer(layer)
 
     try:
@@ -132,6 +153,8 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
     stats = {
         "quantized_layers": [layer.layer.name for layer in wrappers],
         "float_layers": float_names,
+        "left_alone": {**{name: "input preprocessing: no weights, only its output quantized" for name in preprocessing},
+                       **{name: "kept in float: not in tfmot's 8-bit scheme" for name in float_names}},
         "preserve": config.preserve,
         **evaluate(quantized, data),
         "history": history,
