@@ -95,20 +95,15 @@ def default_run_dir(args: argparse.Namespace) -> str:
 def cmd_technique(args: argparse.Namespace) -> int:
     """Apply one registered technique to a model file; writes OUT/model.keras (if any), its files and OUT/stats.json."""
     from compress import registry
-    from compress.checks import check_model_fits_data, check_writable, decide_input_range
+    from compress.checks import check_writable
     from compress.files import write_json
-    from compress.kerasmodel import load_model_with_source, save_model
+    from compress.kerasmodel import save_model
 
     technique = registry.get(args.command)
     settings = {name: value for name, value in vars(args).items() if name.startswith(CONFIG_PREFIX) and value is not None}
     config = technique.config_class.from_dict({name[len(CONFIG_PREFIX):]: value for name, value in settings.items()})
     out = check_writable(args.out)
-    data = load_data_from_args(args)
-    model, source = load_model_with_source(args.model, unsafe=args.unsafe, sample_images=_samples(data))
-    log = lambda message: info(args, message)  # noqa: E731
-    _say_source(source, log)
-    data = data.with_input_range(decide_input_range(model, args.input_range, log))
-    check_model_fits_data(model, data, log=log)
+    model, data, source = _user_model(args, load_data_from_args(args))
     info(args, f"{technique.name}: {technique.summary}")
     outcome = technique.apply(model, config, data, out_dir=out, verbose=keras_verbosity(args))
     written = dict(outcome.files)
@@ -128,15 +123,23 @@ def cmd_technique(args: argparse.Namespace) -> int:
     return 0
 
 
-def _samples(data):
-    """The first test images, on which a translated Keras 3 model must reproduce the original."""
-    return data.normalized("test")[0][:256]
+def _user_model(args: argparse.Namespace, data):
+    """(model, data, source): the model of `args.model`, `data` in the range that model takes, the two checked
+    against each other before any work, and where the model came from (a Keras 3 file is translated to tf_keras
+    and must reproduce the original on the first test images)."""
+    from compress.checks import check_model_fits_data, decide_input_range
+    from compress.kerasmodel import load_model_with_source
 
-
-def _say_source(source: dict, log) -> None:
+    log = lambda message: info(args, message)  # noqa: E731
+    samples = data.normalized("test")[0][:256] if data is not None else None
+    model, source = load_model_with_source(args.model, unsafe=args.unsafe, sample_images=samples)
     if source.get("translated_to_tf_keras"):
         log(f"{source['file']}: written by {source['keras']}, translated to tf_keras; on {source['images']} test images "
             f"top-1 agreement {source['top1_agreement']:.2%}, max |diff| {source['max_abs_diff']:.2g}")
+    if data is not None:
+        data = data.with_input_range(decide_input_range(model, args.input_range, log))
+        check_model_fits_data(model, data, log=log)
+    return model, data, source
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -154,21 +157,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a .keras model to ONNX / TFLite, check parity; exit 2 when a file fails its parity check."""
-    from compress.checks import check_writable, decide_input_range
+    from compress.checks import check_writable
     from compress.errors import ExportError
     from compress.export.exporter import export_model
     from compress.files import sha256_file
-    from compress.kerasmodel import load_model_with_source
     from compress.export.parity import parity_failure_message
 
     check_writable(args.out)
-    data = load_data_from_args(args) if args.data else None
-    model, source = load_model_with_source(args.model, unsafe=args.unsafe,
-                                           sample_images=_samples(data) if data else None)
-    log = lambda message: info(args, message)  # noqa: E731
-    _say_source(source, log)
-    if data is not None:
-        data = data.with_input_range(decide_input_range(model, args.input_range, log))
+    model, data, _ = _user_model(args, load_data_from_args(args) if args.data else None)
     result = export_model(
         model, args.out, formats=args.format or ["onnx"], data=data, chain=args.chain,
         source_hash=sha256_file(args.model), opset=args.opset, int8_weights=args.int8_weights,
@@ -208,19 +204,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     """Per-layer pruning and int8 sensitivity on the validation split, and a proposal within --max-drop."""
-    from compress.checks import check_model_fits_data, check_writable, decide_input_range
-    from compress.kerasmodel import load_model_with_source
+    from compress.checks import check_writable
     from compress.sensitivity import SensitivityConfig, analyse
 
     config = SensitivityConfig(sparsities=args.sparsities, max_drop=args.max_drop)
     out = check_writable(args.out)
-    data = load_data_from_args(args)
-    model, source = load_model_with_source(args.model, unsafe=args.unsafe, sample_images=_samples(data))
-    log = lambda message: info(args, message)  # noqa: E731
-    _say_source(source, log)
-    data = data.with_input_range(decide_input_range(model, args.input_range, log))
-    check_model_fits_data(model, data, log=log)
-    analyse(model, data, config, out_dir=out, log=log)
+    model, data, _ = _user_model(args, load_data_from_args(args))
+    analyse(model, data, config, out_dir=out, log=lambda message: info(args, message))
     info(args, f"wrote {out / 'sensitivity.json'}, {out / 'sensitivity.csv'} and {out / 'sensitivity.png'}")
     return 0
 

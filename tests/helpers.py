@@ -17,3 +17,15 @@ def make_folder_set(root, classes=("cat", "dog", "fox"), per_class=6, size=(12, 
                 pixels = rng.integers(0, 256, size=(size[0], size[1], channels), dtype=np.uint8)
                 Image.fromarray(pixels.squeeze(), mode).save(folder / f"{i:03d}.png")
     return root
+
+
+def optimized_ops(path, tmp_path, level: str = "ORT_ENABLE_ALL") -> list[str]:
+    """The op types onnxruntime runs for the ONNX file at `path` after its graph optimisations (at `level`)."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]

@@ -215,7 +215,7 @@ def test_qat_onnx_stores_int8_weights_with_learned_scales(exports, models):
 
     # The input's quantization step is the range the QuantizeLayer learned in training.
     quantize = next(node for node in proto.graph.node if node.op_type == "QuantizeLinear" and node.input[0] == "image")
-    layer = models["qat"].get_layer("quantize_layer")
+    (layer,) = [layer for layer in models["qat"].layers if type(layer).__name__ == "QuantizeLayer"]
     low, high = _range(layer)
     np.testing.assert_allclose(float(initializers[quantize.input[1]]), (high - low) / 255, rtol=2e-2)
 
@@ -223,14 +223,9 @@ def test_qat_onnx_stores_int8_weights_with_learned_scales(exports, models):
 @pytest.mark.parametrize("variant", ["qat", "pqat"])
 def test_qat_onnx_runs_on_integer_kernels_in_onnxruntime(exports, variant, tmp_path):
     """Every conv / dense layer fuses into QLinearConv / QGemm: none is left dequantizing its weights on each call."""
-    import onnx
-    import onnxruntime as ort
+    from helpers import optimized_ops
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(exports[variant]["files"]["onnx"]["path"], options, providers=["CPUExecutionProvider"])
-    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    ops = optimized_ops(exports[variant]["files"]["onnx"]["path"], tmp_path, "ORT_ENABLE_EXTENDED")
     assert ops.count("QLinearConv") == 1 and ops.count("QGemm") == 2, ops
     assert not {"Conv", "FusedConv", "MatMul", "Gemm", "FusedGemm", "Relu"} & set(ops), ops
 
@@ -238,8 +233,7 @@ def test_qat_onnx_runs_on_integer_kernels_in_onnxruntime(exports, variant, tmp_p
 def test_depthwise_relu6_block_runs_on_integer_kernels(synthetic_data, tmp_path):
     """A MobileNet-style block (Conv -> DepthwiseConv -> BN -> ReLU6 -> 1x1 Conv -> GAP -> Dense) through the QAT
     path: every convolution, the depthwise one too, runs as QLinearConv; no float Conv is left."""
-    import onnx
-    import onnxruntime as ort
+    from helpers import optimized_ops
 
     from compress.export.exporter import export_model
     from compress.keras import keras
@@ -255,10 +249,7 @@ def test_depthwise_relu6_block_runs_on_integer_kernels(synthetic_data, tmp_path)
     quantized = qat(block, QATConfig(epochs=1, batch_size=64), synthetic_data, verbose=0).model
     result = export_model(quantized, tmp_path / "export", data=synthetic_data, parity_samples=32)
     assert result["parity_ok"], result["parity"]
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(result["files"]["onnx"]["path"], options, providers=["CPUExecutionProvider"])
-    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    ops = optimized_ops(result["files"]["onnx"]["path"], tmp_path)
     assert ops.count("QLinearConv") == 3 and "QGemm" in ops, ops
     assert not {"Conv", "FusedConv", "BatchNormalization", "Relu"} & set(ops), ops
 
@@ -267,8 +258,7 @@ def test_model_with_its_own_rescaling_quantizes_by_default(synthetic_data, tmp_p
     """A model taking raw pixels (Rescaling first): QAT quantizes only the Rescaling's output by default and says so,
     and the int8 file takes the same raw pixels, agrees with the QAT model and runs on integer kernels, the first
     convolution included."""
-    import onnx
-    import onnxruntime as ort
+    from helpers import optimized_ops
 
     from compress.export.exporter import export_model
     from compress.keras import keras
@@ -292,10 +282,7 @@ def test_model_with_its_own_rescaling_quantizes_by_default(synthetic_data, tmp_p
 
     result = export_model(loaded, tmp_path / "export", data=raw, parity_samples=64)
     assert result["parity_ok"], result["parity"]
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(result["files"]["onnx"]["path"], options, providers=["CPUExecutionProvider"])
-    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    ops = optimized_ops(result["files"]["onnx"]["path"], tmp_path)
     assert ops.count("QLinearConv") == 1 and "QGemm" in ops, ops
     assert not {"Conv", "FusedConv", "Gemm", "MatMul"} & set(ops), ops
 
@@ -304,7 +291,7 @@ def test_uint8_weights_hold_the_same_values_and_still_fuse(models, tmp_path):
     """int8_weights="uint8" (for CPUs whose int8 kernels saturate) stores w + 128 with zero point 128: the same values,
     the same zeros (here of the pruned, sparsity-preserving QAT model) and the same fused integer kernels."""
     import onnx
-    import onnxruntime as ort
+    from helpers import optimized_ops
     from onnx import numpy_helper
 
     from compress.export.exporter import export_model
@@ -339,10 +326,7 @@ def test_uint8_weights_hold_the_same_values_and_still_fuse(models, tmp_path):
     stats = [onnx_weight_stats(result["files"]["onnx"]["path"]) for result in (signed, unsigned)]
     assert stats[0]["nonzero_params"] == stats[1]["nonzero_params"] < 0.4 * stats[1]["params"]
 
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(unsigned["files"]["onnx"]["path"], options, providers=["CPUExecutionProvider"])
-    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    ops = optimized_ops(unsigned["files"]["onnx"]["path"], tmp_path)
     assert ops.count("QLinearConv") == 1 and ops.count("QGemm") == 2, ops
 
 
