@@ -151,3 +151,38 @@ def test_cli_quantizes_the_one_epoch_baseline(baseline_1epoch, tmp_path):
         assert abs(entry["test_accuracy"] - keras_accuracy) <= 0.05, (name, entry, keras_accuracy)
     onnx_entry = stats["stats"]["formats"]["onnx-qdq"]
     assert onnx_entry["bytes"] < onnx_entry["float_onnx_bytes"] / 3.5  # int8 weights: ~4x smaller
+
+
+def test_quantized_onnx_parity_compares_the_file_with_the_graph_it_defines(model, synthetic_data, tmp_path,
+                                                                            monkeypatch):
+    """An int8 QDQ file's parity reference is its own graph computed op by op in float: fused integer kernels
+    agree with it; a file whose kernels compute something else fails, and the float model's agreement is kept."""
+    from compress.export import parity
+    from compress.kerasmodel import keras_outputs
+    from compress.runtimes import onnxrt
+
+    outcome = ptq(model, PTQConfig(calibration=32, formats=("onnx-qdq",)), synthetic_data, out_dir=tmp_path,
+                  verbose=0)
+    inputs, labels, _ = parity.parity_inputs(model.input_shape[1:], synthetic_data)
+    source = keras_outputs(model, inputs)
+    result = parity.check_quantized_onnx(outcome.files["onnx-qdq"], inputs, source, labels=labels)
+    assert result["ok"] and result["precision"] == "int8-qdq" and result["threshold"] == 0.98
+    assert result["top1_agreement"] >= 0.98 and result["max_abs_diff"] < 0.5
+    assert result["source_top1_agreement"] == pytest.approx(
+        outcome.stats["formats"]["onnx-qdq"]["agreement_with_keras"], abs=0.05)
+    assert "op by op" in result["reference"]
+
+    class Shifted:  # a reference whose top-1 is another class everywhere: a file computing something else
+        def __init__(self, session):
+            self.session = session
+
+        def get_inputs(self):
+            return self.session.get_inputs()
+
+        def run(self, names, feed):
+            return [np.roll(self.session.run(names, feed)[0], 1, axis=-1)]
+
+    opened = onnxrt.inference_session
+    monkeypatch.setattr(onnxrt, "inference_session", lambda *args, **kwargs: (
+        opened(*args, **kwargs) if kwargs.get("optimize", True) else Shifted(opened(*args, **kwargs))))
+    assert not parity.check_quantized_onnx(outcome.files["onnx-qdq"], inputs, source, labels=labels)["ok"]

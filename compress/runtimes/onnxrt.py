@@ -16,9 +16,11 @@ _ORT_TYPES = {
 }
 
 
-def inference_session(path: Path | bytes, *, threads: int | None = None, provider: str = CPU):
+def inference_session(path: Path | bytes, *, threads: int | None = None, provider: str = CPU, optimize: bool = True):
     """An onnxruntime session: `threads` intra-op threads (None: onnxruntime's default), one inter-op thread,
-    sequential execution, every graph optimisation; refuses a provider that is missing or that fell back."""
+    sequential execution, every graph optimisation (none with `optimize=False`: the graph computed op by op as
+    written, e.g. an int8 QDQ graph in float, without fusing it into integer kernels); refuses a provider that is
+    missing or that fell back."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -29,7 +31,8 @@ def inference_session(path: Path | bytes, *, threads: int | None = None, provide
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.log_severity_level = 3
     what = "an in-memory model" if isinstance(path, bytes) else str(path)
     try:
