@@ -153,36 +153,34 @@ def test_cli_quantizes_the_one_epoch_baseline(baseline_1epoch, tmp_path):
     assert onnx_entry["bytes"] < onnx_entry["float_onnx_bytes"] / 3.5  # int8 weights: ~4x smaller
 
 
-def test_quantized_onnx_parity_compares_the_file_with_the_graph_it_defines(model, synthetic_data, tmp_path,
-                                                                            monkeypatch):
-    """An int8 QDQ file's parity reference is its own graph computed op by op in float: fused integer kernels
-    agree with it; a file whose kernels compute something else fails, and the float model's agreement is kept."""
+@pytest.mark.parametrize("name", ["onnx-qdq", "tflite-int8"])
+def test_ptq_file_parity_compares_the_file_with_the_quantized_model_it_holds(model, synthetic_data, tmp_path,
+                                                                             monkeypatch, name):
+    """A PTQ file's parity reference is the file run the reference way (an ONNX QDQ graph op by op in float, TFLite
+    reference kernels): the deployed kernels agree with it; a file whose kernels compute something else fails; the
+    float model's agreement is kept beside it."""
     from compress.export import parity
     from compress.kerasmodel import keras_outputs
-    from compress.runtimes import onnxrt
+    from compress.runtimes.session import Session
 
-    outcome = ptq(model, PTQConfig(calibration=32, formats=("onnx-qdq",)), synthetic_data, out_dir=tmp_path,
-                  verbose=0)
+    outcome = ptq(model, PTQConfig(calibration=32, formats=(name,)), synthetic_data, out_dir=tmp_path, verbose=0)
     inputs, labels, _ = parity.parity_inputs(model.input_shape[1:], synthetic_data)
     source = keras_outputs(model, inputs)
-    result = parity.check_quantized_onnx(outcome.files["onnx-qdq"], inputs, source, labels=labels)
-    assert result["ok"] and result["precision"] == "int8-qdq" and result["threshold"] == 0.98
+    result = parity.check_quantized_file(outcome.files[name], inputs, source, labels=labels)
+    assert result["ok"] and result["precision"] == "int8-ptq" and result["threshold"] == 0.98
     assert result["top1_agreement"] >= 0.98 and result["max_abs_diff"] < 0.5
-    assert result["source_top1_agreement"] == pytest.approx(
-        outcome.stats["formats"]["onnx-qdq"]["agreement_with_keras"], abs=0.05)
-    assert "op by op" in result["reference"]
+    assert result["source_top1_agreement"] == pytest.approx(outcome.stats["formats"][name]["agreement_with_keras"],
+                                                            abs=0.05)
+    assert result["reference"] == parity.REFERENCE_RUNS[outcome.files[name].suffix]
 
-    class Shifted:  # a reference whose top-1 is another class everywhere: a file computing something else
-        def __init__(self, session):
-            self.session = session
+    predict = Session.predict  # the reference run now answers another class everywhere: a file computing otherwise
+    opened = parity.open_session
 
-        def get_inputs(self):
-            return self.session.get_inputs()
+    def shifted_reference(path, **kwargs):
+        session = opened(path, **kwargs)
+        if kwargs.get("reference"):
+            session.predict = lambda images, batch: np.roll(predict(session, images, batch), 1, axis=-1)
+        return session
 
-        def run(self, names, feed):
-            return [np.roll(self.session.run(names, feed)[0], 1, axis=-1)]
-
-    opened = onnxrt.inference_session
-    monkeypatch.setattr(onnxrt, "inference_session", lambda *args, **kwargs: (
-        opened(*args, **kwargs) if kwargs.get("optimize", True) else Shifted(opened(*args, **kwargs))))
-    assert not parity.check_quantized_onnx(outcome.files["onnx-qdq"], inputs, source, labels=labels)["ok"]
+    monkeypatch.setattr(parity, "open_session", shifted_reference)
+    assert not parity.check_quantized_file(outcome.files[name], inputs, source, labels=labels)["ok"]

@@ -16,12 +16,16 @@ PARITY_SEED = 0
 # Top-1 agreement an exported file needs with its source on the parity inputs. An int8 file is compared with the
 # float model it was quantized from, so near-tied predictions flip; files broken by saturating int8 kernels agree
 # far less (benchmarks/cifar10 and the README give the figures).
-# An int8 QDQ ONNX file that a quantizer wrote from a float model (PTQ) is compared instead with the quantized model
-# it defines: the same graph computed op by op in float ("int8-qdq"). Integer kernels round as that does, so a correct
-# file agrees almost everywhere; kernels whose sums saturate (uint8 x int8 on x86 without VNNI) do not. How far
-# quantizing moved it from the float model is quantization error, shown by the file's accuracy, and its agreement
-# with that model is recorded beside it: on a model with small margins (one trained briefly) it can be far below 96 %.
-PARITY_THRESHOLDS = {"float32": 0.99, "float16": 0.99, "int8": 0.96, "int8-qdq": 0.98}
+# An int8 file that a quantizer made from a float model (PTQ) is compared instead with the quantized model it holds,
+# run the reference way ("int8-ptq"): integer kernels round as that does, so a correct file agrees almost everywhere;
+# kernels whose sums saturate (uint8 x int8 on x86 without VNNI) do not. How far quantizing moved it from the float
+# model is quantization error, shown by the file's own accuracy, and its agreement with that model is recorded beside
+# it: on a model with small margins (one trained briefly) it can be far below 96 %.
+PARITY_THRESHOLDS = {"float32": 0.99, "float16": 0.99, "int8": 0.96, "int8-ptq": 0.98}
+REFERENCE_RUNS = {
+    ".onnx": "the file's QDQ graph computed op by op in float (onnxruntime, no graph optimisations)",
+    ".tflite": "the file run on LiteRT's reference kernels",
+}
 
 
 def parity_inputs(input_shape, data=None, count: int = PARITY_SAMPLES):
@@ -83,19 +87,14 @@ def check_parity(
     return result
 
 
-def check_quantized_onnx(path, inputs: np.ndarray, source: np.ndarray, *, labels: np.ndarray | None = None,
+def check_quantized_file(path, inputs: np.ndarray, source: np.ndarray, *, labels: np.ndarray | None = None,
                          batch_size: int = 64) -> dict:
-    """Parity of an int8 QDQ ONNX file made from a float model whose outputs on `inputs` are `source`: the file as
-    onnxruntime deploys it (fused integer kernels) against its own graph computed op by op in float."""
-    from compress.runtimes.onnxrt import inference_session
-
-    session = inference_session(Path(path), optimize=False)
-    name = session.get_inputs()[0].name
-    simulated = np.concatenate([session.run(None, {name: inputs[start:start + batch_size]})[0]
-                                for start in range(0, len(inputs), batch_size)])
-    result = check_parity(path, inputs, simulated, precision="int8-qdq", labels=labels, batch_size=batch_size,
+    """Parity of an int8 file that a quantizer made from a float model whose outputs on `inputs` are `source`: the
+    file as its runtime deploys it against the same file run the reference way (see `open_session`)."""
+    reference = open_session(path, reference=True).predict(inputs, batch_size)
+    result = check_parity(path, inputs, reference, precision="int8-ptq", labels=labels, batch_size=batch_size,
                           source=source)
-    result["reference"] = "the file's QDQ graph computed op by op in float (onnxruntime, no graph optimisations)"
+    result["reference"] = REFERENCE_RUNS[Path(path).suffix]
     return result
 
 

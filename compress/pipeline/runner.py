@@ -227,17 +227,12 @@ def _export(model, folder: Path, formats, data, chain) -> dict:
 
 
 def _check_file(path: Path, source_model, data) -> dict:
-    """Parity of an int8 file a technique wrote itself (PTQ): an ONNX QDQ file against the quantized model its graph
-    defines, a TFLite file against the Keras model it came from."""
-    from compress.export.parity import check_parity, check_quantized_onnx, parity_inputs
+    """Parity of an int8 file a technique wrote itself (PTQ), against the quantized model it holds."""
+    from compress.export.parity import check_quantized_file, parity_inputs
     from compress.kerasmodel import keras_outputs
 
     inputs, labels, _ = parity_inputs(source_model.input_shape[1:], data)
-    source = keras_outputs(source_model, inputs)
-    if path.suffix == ".onnx":
-        parity = check_quantized_onnx(path, inputs, source, labels=labels)
-    else:
-        parity = check_parity(path, inputs, source, precision="int8", labels=labels)
+    parity = check_quantized_file(path, inputs, keras_outputs(source_model, inputs), labels=labels)
     return {"path": str(path), "precision": "int8", "parity": parity}
 
 

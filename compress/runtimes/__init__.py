@@ -19,10 +19,12 @@ __all__ = ["CPU", "RUNTIMES", "Session", "TimedCall", "open_session"]
 
 
 def open_session(path: str | os.PathLike, *, threads: int | None = None, provider: str = CPU,
-                 unsafe: bool = False) -> Session:
+                 unsafe: bool = False, reference: bool = False) -> Session:
     """Load a .onnx, .tflite or .keras file in its runtime; any load failure is a one-line ModelError.
 
     `threads` is the intra-op thread count (None: the runtime's default); `provider` the onnxruntime provider.
+    `reference` runs the file the plain way instead of the fast one: onnxruntime without graph optimisations (a QDQ
+    graph computed op by op in float, not fused into integer kernels), LiteRT with its reference kernels.
     """
     path = Path(path)
     runtime = RUNTIMES.get(path.suffix.lower())
@@ -35,11 +37,11 @@ def open_session(path: str | os.PathLike, *, threads: int | None = None, provide
     if runtime == "onnxruntime":
         from compress.runtimes.onnxrt import OnnxSession
 
-        return OnnxSession(path, threads=threads, provider=provider)
+        return OnnxSession(path, threads=threads, provider=provider, optimize=not reference)
     if runtime == "litert":
         from compress.runtimes.litert import LiteRTSession
 
-        return LiteRTSession(path, threads=threads)
+        return LiteRTSession(path, threads=threads, reference_kernels=reference)
     from compress.runtimes.kerasrt import KerasSession
 
     return KerasSession(path, unsafe=unsafe)

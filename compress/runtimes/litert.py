@@ -11,13 +11,15 @@ from compress.runtimes.session import Session
 
 
 class LiteRTSession(Session):
-    def __init__(self, path: Path, *, threads: int | None):
+    def __init__(self, path: Path, *, threads: int | None, reference_kernels: bool = False):
         import importlib.metadata
 
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+        resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
         try:
-            self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            self.interpreter = Interpreter(model_path=str(path), num_threads=threads,
+                                           experimental_op_resolver_type=resolver)
         except Exception as exc:  # ValueError / RuntimeError for a damaged flatbuffer
             raise ModelError(f"the TFLite interpreter cannot load {path}: {first_line(exc)}") from exc
         inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()

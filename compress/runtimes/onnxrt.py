@@ -46,10 +46,10 @@ def inference_session(path: Path | bytes, *, threads: int | None = None, provide
 
 
 class OnnxSession(Session):
-    def __init__(self, path: Path, *, threads: int | None, provider: str):
+    def __init__(self, path: Path, *, threads: int | None, provider: str, optimize: bool = True):
         import onnxruntime as ort
 
-        self.session = inference_session(path, threads=threads, provider=provider)
+        self.session = inference_session(path, threads=threads, provider=provider, optimize=optimize)
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or inputs[0].type not in _ORT_TYPES:
             raise ModelError(f"{path} must take one float image input; it takes "
