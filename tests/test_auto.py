@@ -115,3 +115,53 @@ def test_two_workers_share_one_study_and_stop_at_the_asked_count(setup):
     assert sorted(row["number"] for row in rows) == list(range(6))
     assert all(row["state"] == "COMPLETE" for row in rows)
     assert len({row["worker"] for row in rows}) == 2
+
+
+def test_the_time_budget_stops_new_trials_and_keeps_what_was_found(setup, monkeypatch):
+    import compress.auto.search as search
+
+    clock = {"now": 1000.0}  # each trial "takes" a minute: the budget of 2.5 minutes allows three to start
+    monkeypatch.setattr(search.time, "monotonic", lambda: clock["now"])
+    record = search.Search.record
+
+    def record_and_tick(self, study, trial):
+        clock["now"] += 60
+        return record(self, study, trial)
+
+    monkeypatch.setattr(search.Search, "record", record_and_tick)
+    log = []
+    summary = _auto(setup, trials=50, time_budget=2.5, seed=0, log=log)
+    assert len(summary["trials"]) == 3 and summary["best"] is not None
+    assert (setup["out"] / "best" / Path(summary["best"]["file"]).name).is_file()
+    assert [line.rsplit("| ", 1)[-1] for line in log if line.startswith("trial ")] == [
+        "1.5 min left", "0.5 min left", "time budget spent"]
+
+
+def test_a_trial_of_a_killed_worker_is_failed_and_retried(setup, monkeypatch):
+    """A worker killed mid-trial leaves it RUNNING; once its heartbeat is older than the grace period, the next
+    worker marks it failed, queues a retry and counts the retry instead."""
+    import time
+    import warnings
+
+    import optuna
+
+    from compress.auto import study as auto_study
+
+    monkeypatch.setattr(auto_study, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(auto_study, "GRACE_SECONDS", 1)
+    _auto(setup, trials=1, seed=0)
+    url = f"sqlite:///{setup['out'] / 'study.db'}"
+    with warnings.catch_warnings():  # Optuna: heartbeats are experimental, and meant for optimize(), not ask()
+        warnings.simplefilter("ignore")
+        storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=1)
+        [name] = optuna.study.get_all_study_names(storage)
+        killed = optuna.load_study(study_name=name, storage=storage).ask()  # as a killed worker leaves it
+        storage.record_heartbeat(killed._trial_id)
+    time.sleep(2.5)
+
+    summary = _auto(setup, trials=3, seed=0)
+    states = {row["number"]: row["state"] for row in summary["trials"]}
+    assert states[killed.number] == "FAIL"
+    assert sorted(state for state in states.values()) == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]
+    retried = optuna.load_study(study_name=name, storage=storage).trials
+    assert any(trial.system_attrs.get("failed_trial") == killed.number for trial in retried)

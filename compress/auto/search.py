@@ -133,8 +133,10 @@ class Search:
             return
         row = next(row for row in summary["trials"] if row["number"] == trial.number)
         left = self.seconds_left()
-        left = (f"{left / 60:.1f} min left" if left is not None
-                else f"{max(self.config.trials - counted_trials(study), 0)} trial(s) left")
+        if left is None:
+            left = f"{max(self.config.trials - counted_trials(study), 0)} trial(s) left"
+        else:
+            left = f"{left / 60:.1f} min left" if left > 0 else "time budget spent"
         self.log(f"trial {trial.number} {describe(row)}, parity {'ok' if row['parity_ok'] else 'FAILED'}, "
                  f"{row['seconds']:.0f} s | best: {describe_best(summary['best'])} | {left}")
 
