@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compress.export.int8_rewrite import reshapes_as_transposes, use_integer_kernels
+from compress.export.int8_rewrite import inputs_rounded_as_fake_quant, reshapes_as_transposes, use_integer_kernels
 from compress.measure.hardware import int8_sums_saturate
 
 RNG = np.random.default_rng(0)
@@ -227,3 +227,55 @@ def test_reshape_that_may_change_the_shape_stays(target):
     shape.CopyFrom(_tensor("target", np.array(target, np.int64)))
     reshapes_as_transposes(model)
     assert [node.op_type for node in model.graph.node].count("Reshape") == 1
+
+
+def _pixels(input_range):
+    from compress.data import normalize
+
+    return normalize(np.arange(256, dtype=np.uint8), input_range)
+
+
+# (low, high) a QAT input quantizer learned, and inputs: [-1, 1] and [0, 1] pixels as compress.data makes them, and
+# two ranges where a value falls within float error of halfway (dividing by the scale and multiplying by its inverse
+# part there).
+FAKE_QUANT_CASES = {
+    "symmetric pixels": (-1.0, 1.0, lambda: _pixels("symmetric")),
+    "unit pixels": (0.0, 1.0, lambda: _pixels("unit")),
+    "unit pixels, learned range": (0.0, 3.3538465, lambda: _pixels("unit")),
+    "values, learned range": (-2.252584, 4.980216, lambda: np.array([3.843311, -3, 0, 0.1, 5], np.float32)),
+}
+
+
+@pytest.mark.parametrize("zero_point_type", [np.int8, np.uint8])
+@pytest.mark.parametrize("told_the_range", [False, True])
+def test_graph_input_gets_the_levels_of_the_qat_models_fake_quant(zero_point_type, told_the_range):
+    """tfmot quantizes a QAT model's input with TensorFlow's FakeQuant: floor((x - low) / scale + 0.5). QuantizeLinear
+    rounds halfway values to even instead, and every [-1, 1] pixel is halfway between two levels of a [-1, 1]
+    quantizer (scale 2/255, zero point 127.5): the int8 file gave many pixel values another level than the Keras model.
+    Rewritten, the graph input gets FakeQuant's level for every value, from the graph's own zero point (which the
+    converter may nudge the other way, 128 for FakeQuant's 127) or, told the quantizer's range, from FakeQuant's."""
+    from compress.keras import tf
+
+    for case, (low, high, make_values) in FAKE_QUANT_CASES.items():
+        values = make_values()
+        low, high = np.float32(low), np.float32(high)
+        scale = np.float32(high - low) / np.float32(255)
+        zero_point = int(np.rint(-low / scale)) + (np.iinfo(zero_point_type).min if zero_point_type == np.int8 else 0)
+        nodes, initializers = [], [_tensor("s", scale), _tensor("z", zero_point_type(zero_point))]
+        nodes += [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                  helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+        model = _model(nodes, initializers, ["n"], ["n"])
+        expected = tf.quantization.fake_quant_with_min_max_vars(values, low, high, num_bits=8).numpy()
+
+        def levels_off(graph_model):
+            return np.rint((_reference(graph_model, values) - expected) / scale) != 0
+
+        if case == "symmetric pixels":
+            assert levels_off(model).any(), "QuantizeLinear no longer rounds [-1, 1] pixels unlike FakeQuant"
+        inputs_rounded_as_fake_quant(model.graph, (low, high) if told_the_range else None)
+        onnx.checker.check_model(model, full_check=True)
+        assert not [node for node in model.graph.node if node.op_type == "QuantizeLinear" and node.input[0] == "x"]
+        off = levels_off(model)
+        if not told_the_range:  # the graph's clipping range: at its top level, FakeQuant's may be one higher
+            off &= values < (np.iinfo(zero_point_type).max - zero_point) * scale
+        assert not off.any(), f"{case}: {values[off]}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import ExportError, first_line
-from compress.export.int8_rewrite import reshapes_as_transposes, use_integer_kernels
+from compress.export.int8_rewrite import inputs_rounded_as_fake_quant, reshapes_as_transposes, use_integer_kernels
 from compress.files import atomic_path
 from compress.kerasmodel import model_io
 from compress.measure.sizes import count_zeros, onnx_constants, quantized_zero_points
@@ -45,8 +45,21 @@ def onnx_proto(model, *, opset: int = DEFAULT_OPSET, metadata: dict[str, str], i
     reshapes_as_transposes(proto)
     if int8_tflite is not None:
         use_integer_kernels(proto.graph, unsigned_weights=unsigned_weights)
+        # QuantizeLinear breaks ties between two levels unlike the QAT model's FakeQuant ([-1, 1] pixels are all ties)
+        inputs_rounded_as_fake_quant(proto.graph, input_fake_quant_range(model))
     _tidy_onnx(proto, input_name=input_name, output_name=output_name, metadata=metadata)
     return proto
+
+
+def input_fake_quant_range(model) -> tuple[float, float] | None:
+    """(min, max) of a QAT model's input quantizer (tfmot's QuantizeLayer right after the input), else None."""
+    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    if not layers or type(layers[0]).__name__ != "QuantizeLayer":
+        return None
+    values = {weight.name.split("/")[-1].split(":")[0]: weight for weight in layers[0].weights if weight.shape == ()}
+    low = next((float(value.numpy()) for name, value in values.items() if name.endswith("_min")), None)
+    high = next((float(value.numpy()) for name, value in values.items() if name.endswith("_max")), None)
+    return None if low is None or high is None else (low, high)
 
 
 def _to_onnx(model, *, opset: int, int8_tflite: bytes | None, input_name: str, input_shape):

@@ -7,7 +7,9 @@ How each variant is exported:
   int8 TFLite file (`Optimize.DEFAULT`, which gives full int8 with the ranges and per-channel scales training learned),
   then ONNX from that file with `tf2onnx.convert.from_tflite`: int8 weight initializers feeding DequantizeLinear
   (tf2onnx on the Keras QAT model would keep every weight float32). `int8_rewrite.use_integer_kernels` then rewrites
-  that graph, without changing what it computes, so that onnxruntime fuses it into QLinearConv / QGemm. With
+  that graph, without changing what it computes, so that onnxruntime fuses it into QLinearConv / QGemm, and
+  `int8_rewrite.inputs_rounded_as_fake_quant` quantizes the input with the QAT model's own FakeQuant arithmetic and
+  zero point (QuantizeLinear rounds values halfway between two levels, such as every [-1, 1] pixel, otherwise). With
   `int8_weights="uint8"` (auto: where this CPU is x86 without VNNI, whose uint8 x int8 kernels saturate 16-bit sums)
   the weights are stored as uint8 with zero point 128, the same numbers.
 - `onnx-fp16`: float models only; model.onnx converted to model.fp16.onnx by `fp16.to_fp16` (float16 weights and

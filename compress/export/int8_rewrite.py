@@ -29,6 +29,84 @@ def use_integer_kernels(graph, *, unsigned_weights: bool = False) -> None:
         _unsigned_weight_initializers(graph)
 
 
+def inputs_rounded_as_fake_quant(graph, fake_quant_range: tuple[float, float] | None = None) -> None:
+    """Quantize each graph input the way the QAT model's input quantizer does, not the way QuantizeLinear does.
+
+    tfmot quantizes a QAT model's input with TensorFlow's FakeQuant op: floor((clip(x) - low) / scale + 0.5) on its
+    nudged range [low, high], in float32. QuantizeLinear rounds x / scale half to even. The two agree except on values
+    exactly between two levels, which activations almost never hit but image inputs can hit everywhere: pixels scaled
+    to [-1, 1] (p / 127.5 - 1, odd multiples of 1/255) all lie halfway between the levels of a [-1, 1] quantizer
+    (scale 2/255, zero point 127.5), so float rounding decides each one and the two formulas decide many differently.
+    The converter may also nudge that zero point to the other side of 127.5 than FakeQuant did, which moves the
+    clipping range by one level (FakeQuant [-0.996, 1.004], the file [-1.004, 0.996]: white pixels differ).
+
+    Each QuantizeLinear of a graph input (scalar scale and zero point) becomes FakeQuant's arithmetic: Sub, Div, Add
+    0.5, Floor, then a QuantizeLinear with scale 1 that adds the integer offset and saturates. `fake_quant_range` is
+    the QAT input quantizer's (min, max): given, FakeQuant's own nudged range and zero point are used (the
+    DequantizeLinear nodes that read the input take that zero point); else the graph's scale and zero point.
+    """
+    from onnx import helper, numpy_helper
+
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    inputs = {value.name for value in graph.input} - set(initializers)
+    consumers = _consumers(graph)
+    graph_outputs = {value.name for value in graph.output}
+    for quantize in [node for node in graph.node if node.op_type == "QuantizeLinear" and node.input[0] in inputs]:
+        if len(quantize.input) < 3 or not set(quantize.input[1:3]) <= set(initializers):
+            continue
+        scale = numpy_helper.to_array(initializers[quantize.input[1]])
+        zero_point = numpy_helper.to_array(initializers[quantize.input[2]])
+        if scale.ndim != 0 or zero_point.ndim != 0 or scale.dtype != np.float32 or not scale > 0:
+            continue
+        limits = np.iinfo(zero_point.dtype)
+        users = _dequantizers(quantize.output[0], consumers, graph_outputs)
+        nudged = fake_quant_nudge(*fake_quant_range) if fake_quant_range is not None else None
+        if nudged is not None and users and abs(nudged[1] - (int(zero_point) - limits.min)) <= 1 and np.isclose(
+                nudged[0], scale, rtol=1e-5, atol=0):  # the same quantizer: take FakeQuant's zero point
+            scale, zero_point = nudged[0], np.array(nudged[1] + limits.min, dtype=zero_point.dtype)
+            name = _unused_name(graph, f"{quantize.input[2]}_fake_quant")
+            graph.initializer.append(numpy_helper.from_array(zero_point, name))
+            for node in users:
+                node.input[2] = name
+        # FakeQuant's level floor((x - low) / scale + 0.5), low one float32 product as TensorFlow computes it, then
+        # the level as the integer type: a QuantizeLinear with scale 1 adds the offset and saturates, as clipping x to
+        # FakeQuant's range would (levels below 0 or above 255 are the values outside it).
+        constants = {"low": (np.float32(limits.min - int(zero_point)) * scale, np.float32),
+                     "scale": (scale, np.float32), "half": (0.5, np.float32), "one": (1.0, np.float32),
+                     "offset": (limits.min, zero_point.dtype)}
+        prefix = quantize.output[0]
+        names = {}
+        for label, (value, dtype) in constants.items():
+            names[label] = _unused_name(graph, f"{prefix}_{label}")
+            graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=dtype), names[label]))
+        steps = [("Sub", [names["low"]]), ("Div", [names["scale"]]), ("Add", [names["half"]]), ("Floor", []),
+                 ("QuantizeLinear", [names["one"], names["offset"]])]
+        source = quantize.input[0]
+        for position, (op_type, operands) in enumerate(steps):
+            last = position == len(steps) - 1
+            output = quantize.output[0] if last else _unused_name(graph, f"{prefix}_fake_quant_{position}")
+            node = helper.make_node(op_type, [source, *operands], [output],
+                                    name=_unused_name(graph, f"{prefix}_fake_quant_{op_type.lower()}"))
+            graph.node.insert(list(graph.node).index(quantize), node)
+            source = output
+        graph.node.remove(quantize)
+    used = {name for node in graph.node for name in node.input}
+    for tensor in list(graph.initializer):
+        if tensor.name in initializers and tensor.name not in used:
+            graph.initializer.remove(tensor)
+
+
+def fake_quant_nudge(low: float, high: float) -> tuple[np.float32, int] | None:
+    """(scale, zero point in 0..255) of TensorFlow's 8-bit FakeQuantWithMinMaxVars for the range [low, high], computed
+    as its kernel does in float32 (zero point rounded half away from zero); None for an empty range."""
+    low, high = np.float32(low), np.float32(high)
+    scale = np.float32(high - low) / np.float32(255)
+    if not scale > 0:
+        return None
+    from_low = np.float32(0) - low / scale
+    return scale, int(np.clip(np.floor(np.float64(from_low) + 0.5), 0, 255))
+
+
 def reshapes_as_transposes(model) -> None:
     """Rewrite each Reshape that only moves axes of size 1 as the Transpose it is, or drop it where it moves none.
 
@@ -112,18 +190,6 @@ def _unsigned_activations(graph) -> None:
     graph_outputs = {value.name for value in graph.output}
     unsigned_names: dict[str, str] = {}
 
-    def dequantizers(tensor: str):
-        """The DequantizeLinear nodes `tensor` reaches through value-moving ops; None if it reaches anything else."""
-        found = []
-        for node in consumers.get(tensor, []):
-            if node.op_type == "DequantizeLinear":
-                found.append(node)
-            elif node.op_type in _VALUE_MOVING_OPS and (further := dequantizers(node.output[0])) is not None:
-                found.extend(further)
-            else:
-                return None
-        return None if tensor in graph_outputs else found
-
     def unsigned(name: str) -> str:
         if name not in unsigned_names:
             zero_point = numpy_helper.to_array(initializers[name]).astype(np.int16) + 128
@@ -135,7 +201,7 @@ def _unsigned_activations(graph) -> None:
         zero_point = initializers.get(quantize.input[2]) if len(quantize.input) == 3 else None
         if zero_point is None or zero_point.data_type != TensorProto.INT8:
             continue
-        users = dequantizers(quantize.output[0])
+        users = _dequantizers(quantize.output[0], consumers, graph_outputs)
         if users is None or any(node.input[2] not in initializers for node in users):
             continue
         for node in (quantize, *users):
@@ -213,6 +279,20 @@ def _float_bounds(activation, initializers) -> tuple[float | None, float | None]
         else:
             return None
     return bounds[0], bounds[1]
+
+
+def _dequantizers(tensor: str, consumers: dict[str, list], graph_outputs: set[str]) -> list | None:
+    """The DequantizeLinear nodes `tensor` reaches through value-moving ops; None if it reaches anything else."""
+    found = []
+    for node in consumers.get(tensor, []):
+        if node.op_type == "DequantizeLinear":
+            found.append(node)
+        elif node.op_type in _VALUE_MOVING_OPS and (
+                further := _dequantizers(node.output[0], consumers, graph_outputs)) is not None:
+            found.extend(further)
+        else:
+            return None
+    return None if tensor in graph_outputs else found
 
 
 def _consumers(graph) -> dict[str, list]:
