@@ -36,6 +36,38 @@ def to_tflite(model, *, int8: bool) -> bytes:
         raise ExportError(f"TFLite conversion failed: {first_line(exc)}") from exc
 
 
+def int8_file_biases(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The biases QAT `model`'s int8 file holds, by the Keras layer whose kernel each convolution or fully connected op
+    reads: (int32 values times their scale, that scale: input scale x weight scale per output channel), any
+    BatchNormalization folded in. Layers an op cannot be traced to by name, or that several ops read, are left out."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(model_content=to_tflite(model, int8=True),
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    tensors = {detail["index"]: detail for detail in interpreter.get_tensor_details()}
+    names = {layer.name for layer in model.layers}
+    found, seen = {}, set()
+    for op in interpreter._get_ops_details():  # noqa: SLF001 - the interpreter lists its ops only this way
+        if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") or len(op["inputs"]) < 3:
+            continue
+        if op["inputs"][2] < 0:  # no bias
+            continue
+        kernel, bias = tensors[op["inputs"][1]], tensors[op["inputs"][2]]
+        scales = np.asarray(bias["quantization_parameters"]["scales"], dtype=np.float64)
+        path = kernel["name"].split(";")[0].split("/")  # "model/layer/Conv2D;..."
+        if bias["dtype"] != np.int32 or not scales.size or len(path) < 2 or path[1] not in names:
+            continue
+        name = path[1]
+        if name in seen:  # a layer called twice: its ops need not agree
+            found.pop(name, None)
+            continue
+        seen.add(name)
+        values = interpreter.get_tensor(bias["index"]).astype(np.float64)
+        found[name] = (values * scales, np.broadcast_to(scales, values.shape))
+    return found
+
+
 def onnx_proto(model, *, opset: int = DEFAULT_OPSET, metadata: dict[str, str], int8_tflite: bytes | None = None,
                unsigned_weights: bool = False):
     """The model as an ONNX ModelProto, named and tagged the way every export is (from `int8_tflite` for QAT)."""

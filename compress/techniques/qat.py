@@ -3,7 +3,8 @@
 Layers are annotated one by one (`quantize_annotate_layer` + `quantize_apply`), so layers tfmot's 8-bit scheme does
 not support can stay in float on request instead of failing the whole model. tfmot's collaborative schemes keep a
 pruned model's zeros (`preserve="sparsity"`) or a clustered model's shared values (`preserve="clusters"`) through
-QAT. The result keeps its quantization wrappers: it is a QAT Keras model; compress.export makes the int8 file.
+QAT. The result keeps its quantization wrappers: it is a QAT Keras model; compress.export makes the int8 file. Its
+biases end on the int32 grid that file stores them on (int8_bias.py), so that it computes what the file computes.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
         # default wrappers save and load like any QAT model (the preserving ones rebuild from the weights at hand
         # when loaded, before the saved weights arrive), so hand back a default QAT model with the trained values.
         quantized = _with_default_quantizers(quantized, work, annotate)
+    biases = _biases_on_int8_grid(quantized)
     wrappers = [layer for layer in quantized.layers if isinstance(layer, quantization.QuantizeWrapper)]
     stats = {
         "quantized_layers": [layer.layer.name for layer in wrappers],
@@ -159,6 +161,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
         **evaluate(quantized, data),
         "history": history,
     }
+    stats["biases_on_int8_grid"] = biases
     if config.preserve != "none":
         kernels = _wrapped_kernels(wrappers)
         after = _kernel_stats(kernels, config.preserve)
@@ -172,6 +175,18 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
             name: _max_unique_per_channel(kernels[name]) for name in before if name in kernels
         }
     return Outcome(model=quantized, stats=stats)
+
+
+def _biases_on_int8_grid(model) -> dict:
+    """Move the biases onto the int32 grid the int8 file stores them on (see int8_bias.py): tfmot trains them in
+    float, and deep models turn the difference into disagreement between the QAT model and its int8 file."""
+    from compress.errors import ExportError
+    from compress.techniques.int8_bias import biases_on_int8_grid
+
+    try:
+        return biases_on_int8_grid(model)
+    except ExportError as exc:  # the export will report it; the QAT model stays as trained
+        return {"moved": [], "not_done": str(exc)}
 
 
 def _with_default_quantizers(trained, float_model, annotate):
