@@ -268,7 +268,7 @@ def test_depthwise_relu6_block_runs_on_integer_kernels(synthetic_data, tmp_path)
     assert sorted(file_biases) == sorted(moved["moved"])
     for name, (target, step) in file_biases.items():
         value, _ = _folded_bias(quantized.get_layer(name))
-        np.testing.assert_array_less(np.abs(value - target), 1e-3 * step)
+        np.testing.assert_array_less(np.abs(value - target), 1e-3 * step + 1e-6 * np.abs(value))
 
     result = export_model(quantized, tmp_path / "export", data=synthetic_data, parity_samples=32)
     assert result["parity_ok"], result["parity"]
@@ -345,6 +345,41 @@ def test_qat_onnx_quantizes_symmetric_pixels_as_the_qat_model_does(synthetic_dat
     if in_file.shape != in_keras.shape:  # read behind tf2onnx's NHWC -> NCHW Transpose
         in_file = in_file.transpose(0, 2, 3, 1)
     np.testing.assert_array_equal(np.rint((in_file - in_keras) / (2 / 255)), 0)
+
+
+def test_biases_reach_the_grid_beside_a_pruned_channel():
+    """An output channel whose weights are all pruned gets a weight scale of ~1e-9 in the int8 file, so its bias grid
+    step is far below float32 precision, and its bias may not fit in int32 (the converter clamps it; the file then
+    computes something else there, which is reported). The layer's other channels still move onto the grid."""
+    from compress.export.convert import int8_file_biases
+    from compress.keras import keras, tfmot
+    from compress.techniques.int8_bias import _folded_bias, biases_on_int8_grid
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = tfmot.quantization.keras.quantize_model(keras.Sequential([
+        keras.Input((8, 8, 3)), layers.Conv2D(4, 3, padding="same", use_bias=False),
+        layers.BatchNormalization(), layers.ReLU(), layers.GlobalAveragePooling2D(), layers.Dense(3)]))
+    conv = next(layer for layer in model.layers if type(getattr(layer, "layer", None)).__name__ == "Conv2D")
+    norm = next(layer for layer in model.layers if type(getattr(layer, "layer", None)).__name__ == "BatchNormalization")
+    def variables(layer, *names):
+        return [variable for variable in layer.weights if variable.name.rsplit("/", 1)[-1].split(":")[0] in names]
+
+    kernel = variables(conv, "kernel")[0]
+    kernel.assign(np.concatenate([np.zeros_like(kernel.numpy()[..., :1]), kernel.numpy()[..., 1:]], axis=-1))
+    model(np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32), training=True)  # sets ranges
+    rng = np.random.default_rng(1)  # trained-looking biases and statistics, off the int8 file's grid
+    for variable in variables(norm, "beta", "moving_mean") + variables(model.layers[-1], "bias"):
+        variable.assign(rng.normal(0, 0.5, variable.shape).astype(np.float32))
+
+    moved = biases_on_int8_grid(model)
+    assert sorted(moved["moved"]) == sorted([conv.name, model.layers[-1].name]), moved
+    assert moved["clamped_channels"] == {conv.name: 1}
+    for name, (target, step) in int8_file_biases(model).items():
+        value, _ = _folded_bias(model.get_layer(name))
+        held = ~np.isnan(target)
+        assert held.sum() == 3  # conv: 4 channels, 1 clamped; dense: 3
+        np.testing.assert_array_less(np.abs(value - target)[held], (1e-3 * step + 1e-6 * np.abs(value))[held])
 
 
 def test_uint8_weights_hold_the_same_values_and_still_fuse(models, tmp_path):

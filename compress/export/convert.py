@@ -39,7 +39,8 @@ def to_tflite(model, *, int8: bool) -> bytes:
 def int8_file_biases(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The biases QAT `model`'s int8 file holds, by the Keras layer whose kernel each convolution or fully connected op
     reads: (int32 values times their scale, that scale: input scale x weight scale per output channel), any
-    BatchNormalization folded in. Layers an op cannot be traced to by name, or that several ops read, are left out."""
+    BatchNormalization folded in; NaN where the converter clamped a bias to the int32 limits (a channel whose weights
+    are all zero gets a tiny scale). Layers an op cannot be traced to by name, or that several ops read, are left out."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     interpreter = Interpreter(model_content=to_tflite(model, int8=True),
@@ -63,8 +64,10 @@ def int8_file_biases(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             found.pop(name, None)
             continue
         seen.add(name)
-        values = interpreter.get_tensor(bias["index"]).astype(np.float64)
-        found[name] = (values * scales, np.broadcast_to(scales, values.shape))
+        stored = interpreter.get_tensor(bias["index"])
+        limits = np.iinfo(np.int32)
+        values = np.where((stored == limits.min) | (stored == limits.max), np.nan, stored.astype(np.float64) * scales)
+        found[name] = (values, np.broadcast_to(scales, values.shape))
     return found
 
 

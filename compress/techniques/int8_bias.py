@@ -17,13 +17,14 @@ import numpy as np
 def biases_on_int8_grid(model) -> dict:
     """Move each bias of QAT `model` that its int8 file stores (the converter's view) onto that file's int32 grid.
 
-    Returns {"moved": layer names, "largest_move_steps": the largest move in grid steps (at most 0.5)}; layers
-    whose bias cannot be matched with the file's (no bias there, no foldable BatchNormalization) are left alone.
+    Returns {"moved": layer names, "largest_move_steps": the largest move in grid steps (at most 0.5),
+    "clamped_channels": {layer: channels whose bias the file clamps to the int32 limits, which stay as trained}};
+    layers whose bias cannot be matched with the file's (no bias there, no foldable BatchNormalization) are left alone.
     """
     from compress.export.convert import int8_file_biases
 
     file_biases = int8_file_biases(model)
-    moved, largest = [], 0.0
+    moved, largest, clamped = [], 0.0, {}
     for layer in model.layers:
         folded = _folded_bias(layer)
         if folded is None or layer.name not in file_biases:
@@ -32,13 +33,18 @@ def biases_on_int8_grid(model) -> dict:
         target, step = file_biases[layer.name]
         if target.shape != value.shape:
             continue
-        distance = np.abs(target - value) / step
-        if not np.all(distance <= 0.5 + 1e-3):  # not the bias the file holds for this layer: leave it
+        held = ~np.isnan(target)  # the others the file clamped: it computes something else there, whatever we do
+        move = np.abs(np.where(held, target, value) - value)
+        # float32 noise: a channel whose weights are all zero (pruned) gets a scale of ~1e-8, a step below it
+        noise = 1e-6 * np.abs(value)
+        if not np.all(move <= 0.5 * step * (1 + 1e-3) + noise):  # not the bias the file holds for this layer
             continue
-        assign(target)
+        assign(np.where(held, target, value))
         moved.append(layer.name)
-        largest = max(largest, float(distance.max()))
-    return {"moved": moved, "largest_move_steps": largest}
+        largest = max(largest, float(np.max(np.where(move > noise, move / step, 0.0))))
+        if not held.all():
+            clamped[layer.name] = int(np.count_nonzero(~held))
+    return {"moved": moved, "largest_move_steps": largest, "clamped_channels": clamped}
 
 
 def _folded_bias(layer):
