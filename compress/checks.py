@@ -119,7 +119,9 @@ def outputs_probabilities(model, data=None) -> bool:
 
     last = model.layers[-1]
     last = getattr(last, "layer", last)  # tfmot wrappers hold the layer they wrap
-    if isinstance(last, keras.layers.Softmax) or getattr(last, "activation", None) is keras.activations.softmax:
+    activation = getattr(last, "activation", None)
+    activation = getattr(activation, "activation", activation)  # QAT: tfmot's QuantizeAwareActivation holds it
+    if isinstance(last, keras.layers.Softmax) or activation is keras.activations.softmax:
         return True
     if data is None:
         return False

@@ -184,3 +184,18 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_files(tmp_path, capsys, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and len(err[0]) < 300
     assert not list(tmp_path.glob(".*partial*")) and not (tmp_path / "report.md").exists()
+
+
+def test_a_softmax_is_seen_through_quantization_wrappers():
+    """A QAT model of a softmax classifier still outputs probabilities: its fine-tuning loss must not take logits."""
+    from compress.checks import outputs_probabilities
+    from compress.keras import keras, tfmot
+    from compress.techniques.finetune import classification_loss
+
+    layers = keras.layers
+    for last in (layers.Dense(3, activation="softmax"), layers.Dense(3)):
+        model = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3), layers.Flatten(), last])
+        quantized = tfmot.quantization.keras.quantize_model(model)
+        softmax = last.get_config()["activation"] == "softmax"
+        assert outputs_probabilities(model) is softmax and outputs_probabilities(quantized) is softmax
+        assert classification_loss(quantized).get_config()["from_logits"] is not softmax

@@ -27,6 +27,7 @@ def use_integer_kernels(graph, *, unsigned_weights: bool = False) -> None:
     _activation_behind_quantize(graph)
     if unsigned_weights:
         _unsigned_weight_initializers(graph)
+    _drop_unused_initializers(graph)
 
 
 def inputs_rounded_as_fake_quant(graph, fake_quant_range: tuple[float, float] | None = None) -> None:
@@ -90,10 +91,7 @@ def inputs_rounded_as_fake_quant(graph, fake_quant_range: tuple[float, float] | 
             graph.node.insert(list(graph.node).index(quantize), node)
             source = output
         graph.node.remove(quantize)
-    used = {name for node in graph.node for name in node.input}
-    for tensor in list(graph.initializer):
-        if tensor.name in initializers and tensor.name not in used:
-            graph.initializer.remove(tensor)
+    _drop_unused_initializers(graph)
 
 
 def fake_quant_nudge(low: float, high: float) -> tuple[np.float32, int] | None:
@@ -124,7 +122,6 @@ def reshapes_as_transposes(model) -> None:
               for value in (*inferred.value_info, *inferred.input) if value.type.tensor_type.HasField("shape")}
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     graph_outputs = {value.name for value in graph.output}
-    targets = set()  # shape initializers of rewritten Reshapes
     for reshape in [node for node in graph.node if node.op_type == "Reshape"]:
         source, target, result = reshape.input[0], reshape.input[1], reshape.output[0]
         if target not in initializers or source not in shapes or result in graph_outputs:
@@ -141,10 +138,7 @@ def reshapes_as_transposes(model) -> None:
                 graph.value_info.remove(value)
         else:
             reshape.CopyFrom(helper.make_node("Transpose", [source], [result], name=reshape.name, perm=perm))
-        targets.add(target)
-    used = {name for node in graph.node for name in node.input}
-    for name in targets - used:
-        graph.initializer.remove(initializers[name])
+    _drop_unused_initializers(graph)
 
 
 def _axis_move(dims: list[int | None], target: list[int], allow_zero: bool) -> list[int] | None:
@@ -176,10 +170,6 @@ def _unsigned_weight_initializers(graph) -> None:
             name = _unused_name(graph, f"{tensor.name}_uint8")
             graph.initializer.append(numpy_helper.from_array(shifted.astype(np.uint8), name))
             node.input[position] = name
-    used = {name for node in graph.node for name in node.input}
-    for tensor in list(graph.initializer):
-        if tensor.name in initializers and tensor.name not in used:
-            graph.initializer.remove(tensor)
 
 
 def _unsigned_activations(graph) -> None:
@@ -206,10 +196,6 @@ def _unsigned_activations(graph) -> None:
             continue
         for node in (quantize, *users):
             node.input[2] = unsigned(node.input[2])
-    used = {name for node in graph.node for name in node.input}
-    for name in unsigned_names:
-        if name not in used:  # an int8 zero point no node reads any more
-            graph.initializer.remove(initializers[name])
 
 
 def _activation_behind_quantize(graph) -> None:
@@ -301,6 +287,13 @@ def _consumers(graph) -> dict[str, list]:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     return consumers
+
+
+def _drop_unused_initializers(graph) -> None:
+    """Remove the constants a rewrite left that no node reads (old zero points, bounds, shapes)."""
+    used = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    for tensor in [tensor for tensor in graph.initializer if tensor.name not in used]:
+        graph.initializer.remove(tensor)
 
 
 def _unused_name(graph, name: str) -> str:
