@@ -134,6 +134,11 @@ def loading_objects() -> dict:
 _LOADING_OBJECTS = None
 
 
+def variable_short_name(variable) -> str:
+    """A layer variable's own name without its layer path and index: 'quant_conv/kernel_min:0' -> 'kernel_min'."""
+    return variable.name.rsplit("/", 1)[-1].split(":", 1)[0]
+
+
 def is_qat_model(model) -> bool:
     """True for a model holding tfmot quantization wrappers (QAT, prune- or cluster-preserving QAT)."""
     return any(_is_one_of(layer, _QAT_CLASSES) for layer in _layers(model))

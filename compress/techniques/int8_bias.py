@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from compress.kerasmodel import variable_short_name
+
 
 def biases_on_int8_grid(model) -> dict:
     """Move each bias of QAT `model` that its int8 file stores (the converter's view) onto that file's int32 grid.
@@ -53,18 +55,18 @@ def _folded_bias(layer):
     inner = getattr(layer, "layer", None)
     if type(inner).__name__ not in ("Conv2D", "DepthwiseConv2D", "Dense"):
         return None
-    variables = {_short_name(variable): variable for variable in layer.weights}
+    variables = {variable_short_name(variable): variable for variable in layer.weights}
     bias = variables.get("bias")
     norm = _only_consumer(layer)
     if norm is None or type(getattr(norm, "layer", None)).__name__ != "BatchNormalization":
         if bias is None:
             return None
         return bias.numpy().astype(np.float64), lambda target: bias.assign(target.astype(np.float32))
-    stats = {_short_name(variable): variable.numpy().astype(np.float64) for variable in norm.weights}
+    stats = {variable_short_name(variable): variable.numpy().astype(np.float64) for variable in norm.weights}
     gain = stats.get("gamma", 1.0) / np.sqrt(stats["moving_variance"] + norm.layer.epsilon)
     own = bias.numpy().astype(np.float64) if bias is not None else 0.0
     value = (own - stats["moving_mean"]) * gain + stats.get("beta", 0.0)
-    beta = next((variable for variable in norm.weights if _short_name(variable) == "beta"), None)
+    beta = next((variable for variable in norm.weights if variable_short_name(variable) == "beta"), None)
     if beta is not None:
         return value, lambda target: beta.assign((stats["beta"] + target - value).astype(np.float32))
     if bias is not None:
@@ -76,7 +78,3 @@ def _only_consumer(layer):
     nodes = layer._outbound_nodes  # noqa: SLF001 - Keras 2 exposes the layer graph only this way
     return nodes[0].outbound_layer if len(nodes) == 1 else None
 
-
-def _short_name(variable) -> str:
-    """'quant_conv/bias:0' -> 'bias'."""
-    return variable.name.rsplit("/", 1)[-1].split(":", 1)[0]

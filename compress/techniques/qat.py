@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from compress.checks import PREPROCESSING_LAYERS
 from compress.errors import ModelError
+from compress.kerasmodel import variable_short_name
 from compress.techniques.finetune import (
     check_training_settings,
     copy_model,
@@ -202,15 +203,11 @@ def _with_default_quantizers(trained, float_model, annotate):
         if not isinstance(target, quantization.QuantizeWrapper):
             target.set_weights(source.get_weights())
             continue
-        trained_values = {_short_name(v): v for v in source.weights}
+        trained_values = {variable_short_name(v): v for v in source.weights}
         for variable in target.weights:
-            variable.assign(trained_values[_short_name(variable)])
+            variable.assign(trained_values[variable_short_name(variable)])
     return result
 
-
-def _short_name(variable) -> str:
-    """'quant_conv/kernel_min:0' -> 'kernel_min'."""
-    return variable.name.rsplit("/", 1)[-1].split(":", 1)[0]
 
 
 def _float_kernels(model) -> dict:
@@ -223,7 +220,7 @@ def _wrapped_kernels(wrappers) -> dict:
     kernels = {}
     for wrapper in wrappers:
         for variable in wrapper.weights:
-            if _short_name(variable) == "kernel":
+            if variable_short_name(variable) == "kernel":
                 kernels[wrapper.layer.name] = variable.numpy()
     return kernels
 
