@@ -14,7 +14,7 @@ import numpy as np
 from compress.errors import ExportError, first_line
 from compress.export.int8_rewrite import inputs_rounded_as_fake_quant, reshapes_as_transposes, use_integer_kernels
 from compress.files import atomic_path
-from compress.kerasmodel import model_io
+from compress.kerasmodel import model_io, variable_short_name
 from compress.measure.sizes import count_zeros, onnx_constants, quantized_zero_points
 
 MIN_OPSET = 17
@@ -91,7 +91,7 @@ def input_fake_quant_range(model) -> tuple[float, float] | None:
     layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
     if not layers or type(layers[0]).__name__ != "QuantizeLayer":
         return None
-    values = {weight.name.split("/")[-1].split(":")[0]: weight for weight in layers[0].weights if weight.shape == ()}
+    values = {variable_short_name(weight): weight for weight in layers[0].weights if weight.shape == ()}
     low = next((float(value.numpy()) for name, value in values.items() if name.endswith("_min")), None)
     high = next((float(value.numpy()) for name, value in values.items() if name.endswith("_max")), None)
     return None if low is None or high is None else (low, high)
