@@ -66,6 +66,23 @@ def teacher(synthetic_data):
     return model
 
 
+def test_a_student_ending_in_softmax_is_distilled_on_its_log_probabilities(teacher, synthetic_data):
+    from compress.keras import keras
+    from compress.techniques.distill import make_distiller
+
+    keras.utils.set_random_seed(1)
+    student = keras.Sequential([keras.Input(synthetic_data.input_shape), keras.layers.Flatten(),
+                                keras.layers.Dense(synthetic_data.num_classes, activation="softmax")])
+    distiller = make_distiller(teacher, student, synthetic_data, alpha=0.5, temperature=4.0)
+    distiller.compile(optimizer="adam")
+    images, labels = synthetic_data.normalized("test")
+    images, labels = images[:32], labels[:32]
+    loss = distiller.evaluate(images, labels, batch_size=32, verbose=0, return_dict=True)["loss"]
+    student_log_probabilities = np.log(student.predict(images, verbose=0))
+    expected = distillation_loss(labels, student_log_probabilities, teacher.predict(images, verbose=0), 0.5, 4.0)
+    assert loss == pytest.approx(float(expected), rel=1e-4)
+
+
 def test_distill_trains_a_named_student_and_leaves_the_teacher_unchanged(teacher, synthetic_data, tmp_path):
     from compress.kerasmodel import load_model, save_model
     from compress.keras import keras

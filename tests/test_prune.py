@@ -237,6 +237,18 @@ def test_channel_pruning_refuses_a_layer_list():
         PruneConfig(structure="channels", layers=("conv1",))
 
 
+def test_channel_pruning_can_fine_tune_on_the_unpruned_models_outputs(tiny_cnn, synthetic_data):
+    config = PruneConfig(structure="channels", sparsity=0.5, epochs=0.5, batch_size=16, distill=True)
+    before = [weights.copy() for weights in tiny_cnn.get_weights()]
+    outcome = prune(tiny_cnn, config, synthetic_data, verbose=0)
+    assert outcome.stats["fine_tuning"] == "distilled from the unpruned model"
+    assert outcome.model.count_params() < 0.6 * tiny_cnn.count_params()
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(outcome.stats["history"])
+    assert all(np.array_equal(a, b) for a, b in zip(before, tiny_cnn.get_weights()))  # the teacher is left alone
+    with pytest.raises(ConfigError, match="structure channels only"):
+        PruneConfig(distill=True)
+
+
 def test_channel_pruned_model_goes_through_qat_to_an_int8_file(tiny_cnn, synthetic_data, tmp_path):
     from compress.export.exporter import export_model
     from compress.techniques.qat import QATConfig, qat

@@ -19,7 +19,12 @@ import numpy as np
 
 from compress.errors import ModelError
 from compress.students import STUDENTS
-from compress.techniques.finetune import MAX_BATCH_SIZE, MAX_FINE_TUNE_EPOCHS as MAX_EPOCHS
+from compress.techniques.finetune import (
+    DISTILL_ALPHA,
+    DISTILL_TEMPERATURE,
+    MAX_BATCH_SIZE,
+    MAX_FINE_TUNE_EPOCHS as MAX_EPOCHS,
+)
 
 # A default student: the widest up to the width the toolkit has always used, with at most this share of the teacher.
 AUTO_MAX_WIDTH = 16
@@ -37,9 +42,9 @@ class DistillConfig(TechniqueConfig):
     width: int = option(0, "filters of the first convolution of a named student (doubles twice with depth); 0: sized "
                         f"from the teacher, the widest up to {AUTO_MAX_WIDTH} with at most "
                         f"{AUTO_TEACHER_SHARE:.0%} of the teacher's parameters", parse=int)
-    alpha: float = option(0.5, "weight of the hard-label loss in [0, 1]; 1 - alpha weighs the teacher's soft targets",
+    alpha: float = option(DISTILL_ALPHA, "weight of the hard-label loss in [0, 1]; 1 - alpha weighs the teacher's soft targets",
                           parse=float)
-    temperature: float = option(4.0, "softmax temperature (> 0) for the soft targets", parse=float)
+    temperature: float = option(DISTILL_TEMPERATURE, "softmax temperature (> 0) for the soft targets", parse=float)
     epochs: int = option(10, "training epochs (each run, distilled and from scratch)", parse=int)
     learning_rate: float = option(1e-3, "Adam's initial learning rate (cosine decay to zero)", parse=float)
     batch_size: int = option(64, "training batch size", parse=int)
@@ -101,13 +106,15 @@ def _distiller_class():
     class Distiller(keras.Model):
         """Wraps teacher and student; `fit` trains the student's weights only, on the distillation loss."""
 
-        def __init__(self, teacher, student, *, alpha, temperature, teacher_gives_probabilities=False):
+        def __init__(self, teacher, student, *, alpha, temperature, teacher_gives_probabilities=False,
+                     student_gives_probabilities=False):
             super().__init__(name="distiller")
             self.teacher = teacher
             self.student = student
             self.alpha = float(alpha)
             self.temperature = float(temperature)
             self.teacher_gives_probabilities = teacher_gives_probabilities
+            self.student_gives_probabilities = student_gives_probabilities
             self.loss_tracker = keras.metrics.Mean(name="loss")
             self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
@@ -119,17 +126,17 @@ def _distiller_class():
             return self.student(images, training=training)
 
         def teacher_logits(self, images):
-            outputs = self.teacher(images, training=False)
-            if self.teacher_gives_probabilities:  # log-probabilities are logits: softmax(log p) = p
-                outputs = tf.math.log(tf.maximum(outputs, 1e-12))
-            return outputs
+            return _as_logits(self.teacher(images, training=False), self.teacher_gives_probabilities)
+
+        def student_logits(self, images, training):
+            return _as_logits(self.student(images, training=training), self.student_gives_probabilities)
 
         def train_step(self, batch):
             images, labels = batch
             teacher_logits = self.teacher_logits(images)
             variables = self.student.trainable_variables
             with tf.GradientTape() as tape:
-                student_logits = self.student(images, training=True)
+                student_logits = self.student_logits(images, training=True)
                 loss = distillation_loss(labels, student_logits, teacher_logits, self.alpha, self.temperature)
                 if self.student.losses:  # the student's own regularisers, if a user's model has any
                     loss += tf.add_n(self.student.losses)
@@ -140,13 +147,32 @@ def _distiller_class():
 
         def test_step(self, batch):
             images, labels = batch
-            student_logits = self.student(images, training=False)
+            student_logits = self.student_logits(images, training=False)
             loss = distillation_loss(labels, student_logits, self.teacher_logits(images), self.alpha, self.temperature)
             self.loss_tracker.update_state(loss)
             self.accuracy_tracker.update_state(labels, student_logits)
             return {metric.name: metric.result() for metric in self.metrics}
 
     return Distiller
+
+
+def _as_logits(outputs, gives_probabilities: bool):
+    """Log-probabilities are logits (softmax(log p) = p): a model ending in a softmax distils like any other."""
+    from compress.keras import tf
+
+    return tf.math.log(tf.maximum(outputs, 1e-12)) if gives_probabilities else outputs
+
+
+def make_distiller(teacher, student, data, *, alpha: float, temperature: float):
+    """A Distiller training `student` on `teacher`'s outputs, each model's softmax (if any) told from its outputs."""
+    from compress.checks import check_model_fits_data
+
+    def gives_probabilities(model, role):
+        return check_model_fits_data(model, data, role=role)["outputs"] != "logits"
+
+    return _distiller_class()(teacher, student, alpha=alpha, temperature=temperature,
+                              teacher_gives_probabilities=gives_probabilities(teacher, "teacher"),
+                              student_gives_probabilities=gives_probabilities(student, "student"))
 
 
 def distill(model, config: DistillConfig, data, *, out_dir=None, verbose: int = 1) -> Outcome:
@@ -156,18 +182,15 @@ def distill(model, config: DistillConfig, data, *, out_dir=None, verbose: int = 
     from compress.checks import check_model_fits_data
 
     teacher = model
-    teacher_gives_probabilities = check_model_fits_data(teacher, data, role="teacher")["outputs"] != "logits"
+    check_model_fits_data(teacher, data, role="teacher")
 
     keras.utils.set_random_seed(data.seed)
     student = _make_student(config, data, int(teacher.count_params()))
     initial_weights = student.get_weights()
 
     train_started = time.perf_counter()
+    distiller = make_distiller(teacher, student, data, alpha=config.alpha, temperature=config.temperature)
     keras.utils.set_random_seed(data.seed)
-    distiller = _distiller_class()(
-        teacher, student, alpha=config.alpha, temperature=config.temperature,
-        teacher_gives_probabilities=teacher_gives_probabilities,
-    )
     train = data.pipeline("train", config.batch_size, shuffle=True, augment=config.augment)
     distiller.compile(optimizer=_optimizer(config, int(train.cardinality())))
     history = distiller.fit(train, epochs=config.epochs, validation_data=data.pipeline("val", 256), verbose=verbose)

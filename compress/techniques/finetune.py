@@ -14,6 +14,9 @@ from compress.errors import ConfigError, ModelError
 WEIGHT_LAYER_TYPES = ("Conv2D", "Dense")
 MAX_FINE_TUNE_EPOCHS = 1000  # a bound that also refuses inf and nan
 MAX_BATCH_SIZE = 4096
+# Fine-tuning on a teacher's outputs uses distillation's own defaults (compress.techniques.distill).
+DISTILL_ALPHA = 0.5
+DISTILL_TEMPERATURE = 4.0
 
 
 class FrozenDict(dict):
@@ -150,18 +153,23 @@ def left_alone(model, chosen: list, what: str) -> dict[str, str]:
     return reasons
 
 
-def fine_tune(model, data, *, epochs: float, batch_size: int, learning_rate: float, verbose: int, callbacks=()) -> dict:
+def fine_tune(model, data, *, epochs: float, batch_size: int, learning_rate: float, verbose: int, callbacks=(),
+              teacher=None) -> dict:
     """Compile with Adam and sparse cross-entropy on logits, train on 'train' (validating on 'val').
 
-    `epochs` may be a fraction (see `training_plan`). Returns the per-epoch history as plain floats.
+    `epochs` may be a fraction (see `training_plan`). With a `teacher`, the loss is knowledge distillation's on the
+    teacher's outputs and the labels (DISTILL_ALPHA, DISTILL_TEMPERATURE). Returns the per-epoch history as floats.
     """
     from compress.keras import keras
 
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss=classification_loss(model),
-        metrics=["accuracy"],
-    )
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    if teacher is None:
+        model.compile(optimizer=optimizer, loss=classification_loss(model), metrics=["accuracy"])
+    else:
+        from compress.techniques.distill import make_distiller
+
+        model = make_distiller(teacher, model, data, alpha=DISTILL_ALPHA, temperature=DISTILL_TEMPERATURE)
+        model.compile(optimizer=optimizer)
     keras_epochs, steps = training_plan(data, epochs, batch_size)
     train = data.pipeline("train", batch_size, shuffle=True)
     part_epochs = steps != steps_per_epoch(data, batch_size)

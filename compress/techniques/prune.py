@@ -85,6 +85,8 @@ class PruneConfig(TechniqueConfig):
                             "classifier's outputs stay); or N:M: keep at most N non-zero weights in every M "
                             "consecutive input-channel weights (e.g. 2:4; replaces --sparsity/--schedule)",
                             parse=parse_structure, metavar="none|channels|N:M")
+    distill: bool = option(False, "structure channels: fine-tune on the unpruned model's outputs as well as the "
+                           "labels (knowledge distillation, alpha 0.5, temperature 4)")
     epochs: float = option(2, "fine-tuning epochs while pruning (0.5: half an epoch)")
     batch_size: int = option(64, "fine-tuning batch size")
     learning_rate: float = option(5e-4, "Adam learning rate for fine-tuning")
@@ -109,6 +111,9 @@ class PruneConfig(TechniqueConfig):
         require(self.structure != CHANNELS or not self.layers,
                 "layers does not apply with structure channels (every prunable layer takes part; per-layer shares go "
                 "in layer_sparsity)")
+        require(isinstance(self.distill, bool), f"distill must be true or false, got {self.distill!r}")
+        require(not self.distill or self.structure == CHANNELS,
+                "distill applies with structure channels only (the unpruned model teaches the smaller one)")
         require(pair is None or not self.layer_sparsity,
                 f"layer_sparsity does not apply with structure {self.structure} (N:M fixes every layer's sparsity)")
         check_training_settings(self)
@@ -195,9 +200,9 @@ def _prune_channels(model, config: PruneConfig, data, verbose: int) -> Outcome:
 
     smaller, info = remove_channels(copy_model(model), sparsity=config.sparsity, layer_sparsity=config.layer_sparsity)
     history = fine_tune(smaller, data, epochs=config.epochs, batch_size=config.batch_size,
-                        learning_rate=config.learning_rate, verbose=verbose)
+                        learning_rate=config.learning_rate, verbose=verbose, teacher=model if config.distill else None)
     stats = {"structure": CHANNELS, "target_sparsity": config.sparsity, "channels": info, **evaluate(smaller, data),
-             "history": history}
+             "fine_tuning": "distilled from the unpruned model" if config.distill else "labels", "history": history}
     return Outcome(model=smaller, stats=stats)
 
 
