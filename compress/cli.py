@@ -81,7 +81,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
     data_args = dict(source=args.data, data_dir=args.data_dir, seed=args.seed, val_fraction=args.val_fraction,
                      image_size=args.image_size)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
-    run_auto(args.model, data_args, args.out, config, unsafe=args.unsafe, input_range=args.input_range, log=log)
+    run_auto(args.model, data_args, args.out, config, unsafe=args.unsafe, input_range=args.input_range,
+             compare_recipe=args.compare_recipe, log=log)
     return 0
 
 

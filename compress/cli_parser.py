@@ -177,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         "auto",
         help="search chains and settings for the smallest or fastest file within an accuracy budget",
         description="An Optuna study (NSGA-II) over chains (ptq; prune -> qat; cluster -> qat; distill -> ptq; distill "
-        "-> prune -> qat; channel pruning -> ptq) and their settings, judged on each exported file's validation "
-        "accuracy, gzip size and batch-1 latency; the test split is measured at the end for the chosen files. "
-        "Writes DIR/auto.json, DIR/best/ and DIR/best.toml; a rerun continues the study.",
+        "-> prune -> qat; channel pruning -> ptq or qat; distill -> channel pruning -> qat) and their settings, "
+        "judged on each exported file's validation accuracy, gzip size and batch-1 latency; the first trials try "
+        "every chain once. The test split is measured at the end, for the chosen files. Writes DIR/auto.json, "
+        "DIR/best/, DIR/best.toml and the report of the best and Pareto files (DIR/report.md, results.json, "
+        "results.csv, plots); a rerun continues the study.",
     )
     auto.add_argument("model", metavar="MODEL", help="the trained model (.keras)")
     add_data_arguments(auto)
@@ -194,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--time-budget", type=float, metavar="MINUTES", help="no trial starts after this many minutes")
     auto.add_argument("--storage", metavar="URL",
                       help="Optuna storage URL that processes share (default: sqlite:///DIR/study.db)")
+    auto.add_argument("--compare-recipe", metavar="FILE.toml",
+                      help="also run this recipe's stages on MODEL and measure them beside the search's best and "
+                           "Pareto files in the report (its [export] table, if any, must keep onnx alone)")
     auto.add_argument("--quick", action="store_true", help="one epoch per stage and short latency timing")
     auto.add_argument("--sampler-seed", type=int, metavar="S",
                       help="seed the sampler, for a search that repeats itself (not for processes sharing a study)")

@@ -84,9 +84,31 @@ def test_a_missed_budget_still_leaves_the_best_file_and_says_by_how_much(setup, 
     assert sum("MISSES the budget by 100.00 points" in line for line in log) == 3  # two trials and the end
 
 
+def test_the_first_trials_try_each_chain_and_the_report_measures_the_best_beside_a_compare_recipe(setup):
+    compare = setup["tmp"] / "compare.toml"
+    compare.write_text('[measure]\nbatch_sizes = [1]\nmin_seconds = 0.05\n\n[[stage]]\nname = "halved"\n'
+                       'technique = "tweak"\ninput = "baseline"\nsettings = { factor = 0.5 }\n')
+    config = AutoConfig(max_drop=5.0, trials=3, quick=True, seed=0)
+    summary = run_auto(setup["model"], setup["data"], setup["out"], config, compare_recipe=compare, log=[].append)
+    starts = [(row["chain"], row["stages"][0]["settings"]["factor"]) for row in summary["trials"][:2]]
+    assert starts == [("keep", 0.5), ("flip", 0.5)]  # every chain at its first choices
+    results = json.loads((setup["out"] / "results.json").read_text())
+    measured = {variant["name"]: variant for variant in results["variants"]}
+    chosen = {Path(summary["trials"][number]["file"]).parent.name
+              for number in [*summary["pareto"], summary["best"]["number"]]}
+    assert set(measured) == {"baseline", "halved", *chosen}
+    assert results["latency"] == "measured in this run" and all(v["accuracy"] == 1.0 for v in measured.values())
+    assert all((setup["out"] / name).is_file() for name in ("report.md", "results.csv", "accuracy_vs_size.png"))
+    assert "halved" in (setup["out"] / "report.md").read_text()
+
+
 def test_bad_input_is_one_line_and_exit_2(setup, capsys):
     common = [str(setup["model"]), "--data", setup["data"]["source"], "--out", str(setup["out"])]
+    two_formats = setup["tmp"] / "two_formats.toml"
+    two_formats.write_text('[export]\nformats = ["onnx", "tflite"]\n')
     for extra, message in ((["--max-drop", "-1"], "--max-drop must be"),
+                           (["--max-drop", "1", "--compare-recipe", str(two_formats)], "differ from the search's"),
+                           (["--max-drop", "1", "--compare-recipe", "nope.toml"], "nope.toml does not exist"),
                            (["--max-drop", "1", "--trials", "0"], "--trials must be"),
                            (["--max-drop", "1", "--storage", "nosuchdb://x"], "--storage nosuchdb://x: cannot open")):
         assert main(["auto", *common, *extra]) == 2

@@ -16,22 +16,24 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from compress.auto.space import readable_names, recipe_text, sample, stage_names
+from compress.auto.space import readable_names, recipe_text, sample, stage_names, starting_points
 from compress.auto.study import STUDY_PREFIX, AutoConfig, counted_trials, open_study
 from compress.errors import CompressError, ConfigError, ModelError
 from compress.files import FileLock, atomic_path, check_output_dir, sha256_file, write_json, write_text
 from compress.pipeline.folders import RunOptions, digest_of, jsonable, read_manifest, stage_dir
-from compress.pipeline.recipe import BASELINE, parse_recipe
+from compress.pipeline.recipe import BASELINE, load_recipe, parse_recipe
 from compress.pipeline.runner import run_stages
 
 LATENCY = {False: {"min_seconds": 0.5}, True: {"min_seconds": 0.05, "warmup": 3, "min_repeats": 10}}
 
 
 def run_auto(model: str | Path, data_args: dict, out: str | Path, config: AutoConfig, *, unsafe: bool = False,
-             input_range: str = "auto", log=print) -> dict:
-    """Search until the study holds `config.trials` trials or the time budget is spent; returns auto.json's dict."""
+             input_range: str = "auto", compare_recipe: str | Path | None = None, log=print) -> dict:
+    """Search until the study holds `config.trials` trials or the time budget is spent, then measure the best and
+    Pareto files beside `compare_recipe`'s stages (if any) for the report; returns auto.json's dict."""
     from compress.checks import check_writable
     from compress.measure.accuracy import evaluate_file
 
@@ -39,17 +41,22 @@ def run_auto(model: str | Path, data_args: dict, out: str | Path, config: AutoCo
     model = Path(model)
     if not model.is_file():
         raise ConfigError(f"model file {model} does not exist")
+    compare_text = None if compare_recipe is None else read_compare_recipe(compare_recipe, config.quick)
     out.mkdir(parents=True, exist_ok=True)
     name = STUDY_PREFIX + digest_of({"model": sha256_file(model), "data": jsonable(data_args), "quick": config.quick,
                                      "max_drop": config.max_drop, "objective": config.objective})
     url = config.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     with FileLock(out / ".study.lock"):  # processes starting together would race to create the tables
         study = open_study(config, url, name)
+        if not study.trials:
+            for point in starting_points(config.quick)[: config.trials]:
+                study.enqueue_trial(point)
     options = RunOptions(out=out / "stages", data_args=data_args, model=model, unsafe=unsafe,
                          input_range=input_range, lock_stages=True, verbose=0, log=lambda _: None)
     data, _ = run_stages(parse_recipe(recipe_text([], [])), options)
     baseline_file, _ = final_file(options.out, BASELINE)
     search = Search(config, out, study, options, data, log)
+    search.compare_text = compare_text
     search.header = {"model": str(model), "data": jsonable(data_args), "study": name, "storage": url,
                      "objective": config.objective, "max_drop_points": config.max_drop,
                      "baseline": {"file": str(baseline_file.relative_to(out)),
@@ -58,6 +65,17 @@ def run_auto(model: str | Path, data_args: dict, out: str | Path, config: AutoCo
         f"{search.header['baseline']['val_accuracy']:.4f}, budget {config.max_drop} points")
     search.loop()
     return search.finish()
+
+
+def read_compare_recipe(path: str | Path, quick: bool) -> str:
+    """The text of a recipe whose stages the report measures beside the search's files, checked before the search.
+    Its [export] formats must be the search's: they are part of every stage's key, the baseline's included."""
+    recipe = load_recipe(path, quick=quick)
+    if recipe.baseline_export != parse_recipe("").baseline_export:
+        raise ConfigError(f"--compare-recipe {path}: its [export] formats ({', '.join(recipe.baseline_export)}) "
+                          f"differ from the search's ({', '.join(parse_recipe('').baseline_export)}); drop its "
+                          "[export] table")
+    return recipe.source
 
 
 def final_file(stages: Path, name: str) -> tuple[Path, bool]:
@@ -78,6 +96,7 @@ class Search:
         self.started = time.monotonic()
         self.gate = FileLock(out / ".trials.lock")
         self.header: dict = {}
+        self.compare_text: str | None = None  # a recipe whose stages the report measures beside the search's files
 
     def loop(self) -> None:
         """One trial at a time. Counting the study's trials and creating the next one happen under a lock shared
@@ -216,7 +235,34 @@ class Search:
             self.log(f"best: {describe_best(best)}, test accuracy {best['test_accuracy']:.4f} "
                      f"(baseline {summary['baseline']['test_accuracy']:.4f}); wrote {self.out / 'best'}, "
                      f"{self.out / 'best.toml'}, {self.out / 'auto.json'}")
+            written = self.report(summary)
+            self.log(f"wrote {', '.join(str(path) for path in written)}")
         return summary
+
+    def report(self, summary: dict) -> list[Path]:
+        """The best and Pareto files (with the stages of their chains) and the compare recipe's stages, measured
+        side by side as `compress run` measures: OUT/results.json, report.md, results.csv and the plots."""
+        from compress.pipeline.measure import measure_run
+        from compress.report import write_report
+
+        rows = {row["number"]: row for row in summary["trials"]}
+        text = self.compare_text or recipe_text([], [], min_seconds=LATENCY[self.config.quick]["min_seconds"])
+        written: set[str] = set()
+        for number in sorted({*summary["pareto"], summary["best"]["number"]}):
+            stages = [(stage["technique"], stage["settings"]) for stage in rows[number]["stages"]]
+            names = stage_names(stages)
+            text += "\n" + recipe_text(stages, names, skip=written)
+            written.update(names)
+        recipe = parse_recipe(text, quick=self.config.quick, where="the report's recipe")
+        self.log(f"report: the search's {len(written)} stage(s) and {len(recipe.stages) - len(written)} of the "
+                 "compare recipe, measured side by side")
+        options = replace(self.options, log=self.log, verbose=2)
+        started = time.perf_counter()
+        data, seconds = run_stages(recipe, options, started)
+        results = measure_run(recipe, options, data, [BASELINE, *(stage.name for stage in recipe.stages)], seconds,
+                              started)
+        write_json(self.out / "results.json", results)
+        return [self.out / "results.json", *write_report(results, self.out)]
 
 
 def trial_row(trial, baseline: float, test_accuracy: float | None) -> dict:

@@ -8,32 +8,48 @@ import json
 from compress.pipeline.folders import digest_of
 from compress.pipeline.recipe import BASELINE
 
-# chain name -> stages: (technique, fixed settings, sampled settings). PTQ makes one ONNX file, the one measured.
+# chain name -> stages: (technique, fixed settings, sampled parameters). PTQ makes one ONNX file, the one measured.
+# A parameter sets the setting of its own name, or the one PARAMETER_SETTING names.
 ONE_FILE_PTQ = ("ptq", {"formats": ["onnx-qdq"]}, ())
+DISTILL = ("distill", {"compare_scratch": False, "learning_rate": 0.005}, ("width", "distill_epochs"))
+CHANNELS = ("prune", {"structure": "channels", "distill": True}, ("channels", "epochs"))
 CHAINS: dict[str, tuple[tuple[str, dict, tuple[str, ...]], ...]] = {
     "ptq": (ONE_FILE_PTQ,),
     "prune-qat": (("prune", {}, ("sparsity", "epochs")), ("qat", {"preserve": "sparsity"}, ("epochs",))),
     "cluster-qat": (("cluster", {}, ("clusters", "epochs")), ("qat", {"preserve": "clusters"}, ("epochs",))),
-    "distill-ptq": (("distill", {"compare_scratch": False}, ("width", "epochs")), ONE_FILE_PTQ),
-    "distill-prune-qat": (("distill", {"compare_scratch": False}, ("width", "epochs")),
-                          ("prune", {}, ("sparsity", "epochs")), ("qat", {"preserve": "sparsity"}, ("epochs",))),
-    "channels-ptq": (("prune", {"structure": "channels"}, ("sparsity", "epochs")), ONE_FILE_PTQ),
+    "distill-ptq": (DISTILL, ONE_FILE_PTQ),
+    "distill-prune-qat": (DISTILL, ("prune", {}, ("sparsity", "epochs")),
+                          ("qat", {"preserve": "sparsity"}, ("epochs",))),
+    "channels-ptq": (CHANNELS, ONE_FILE_PTQ),
+    "channels-qat": (CHANNELS, ("qat", {}, ("epochs",))),
+    "distill-channels-qat": (DISTILL, CHANNELS, ("qat", {}, ("epochs",))),
 }
-CHOICES = {"sparsity": (0.5, 0.7, 0.8, 0.9), "clusters": (8, 16, 32), "width": (8, 16, 32), "epochs": (1, 2, 4)}
-QUICK_CHOICES = {**CHOICES, "epochs": (1,)}
+PARAMETER_SETTING = {"distill_epochs": "epochs", "channels": "sparsity"}
+# The first choice of each parameter is where the search starts: the first trials try every chain with it.
+CHOICES = {"sparsity": (0.8, 0.5, 0.7, 0.9), "channels": (0.5, 0.25, 0.4, 0.6), "clusters": (16, 8, 32),
+           "width": (32, 8, 16), "epochs": (2, 1, 4), "distill_epochs": (10, 5)}
+QUICK_CHOICES = {**CHOICES, "epochs": (1,), "distill_epochs": (1,)}
 
 
 def sample(trial, quick: bool) -> tuple[str, list[tuple[str, dict]]]:
-    """The trial's chain and each stage's settings. One `epochs` serves every stage, so prefixes are shared more."""
+    """The trial's chain and each stage's settings. One `epochs` serves every fine-tuning stage, so that prefixes
+    are shared more."""
     choices = QUICK_CHOICES if quick else CHOICES
     chain = trial.suggest_categorical("chain", list(CHAINS))
     stages = []
     for technique, fixed, sampled in CHAINS[chain]:
         settings = dict(fixed)
         for name in sampled:
-            settings[name] = trial.suggest_categorical(name, list(choices[name]))
+            settings[PARAMETER_SETTING.get(name, name)] = trial.suggest_categorical(name, list(choices[name]))
         stages.append((technique, settings))
     return chain, stages
+
+
+def starting_points(quick: bool) -> list[dict]:
+    """One trial per chain, every parameter at its first choice: the search sees each chain before it samples."""
+    choices = QUICK_CHOICES if quick else CHOICES
+    return [{"chain": chain, **{name: choices[name][0] for _, _, sampled in stages for name in sampled}}
+            for chain, stages in CHAINS.items()]
 
 
 def stage_names(stages: list[tuple[str, dict]]) -> list[str]:
@@ -47,13 +63,17 @@ def readable_names(stages: list[tuple[str, dict]]) -> list[str]:
 
 
 def recipe_text(stages: list[tuple[str, dict]], names: list[str], *, min_seconds: float | None = None,
-                comment: str = "") -> str:
-    """TOML of the chain, each stage reading the one before; `min_seconds` adds a batch-1-only [measure] table."""
+                comment: str = "", skip: set[str] = frozenset()) -> str:
+    """TOML of the chain, each stage reading the one before; `min_seconds` adds a batch-1-only [measure] table.
+    Stages named in `skip` (written already, for another chain with the same prefix) are left out."""
     lines = [f"# {line}" for line in comment.splitlines()]
     if min_seconds is not None:
         lines += ["[measure]", "batch_sizes = [1]", f"min_seconds = {min_seconds}", ""]
     previous = BASELINE
     for (technique, settings), name in zip(stages, names):
+        if name in skip:
+            previous = name
+            continue
         inline = ", ".join(f"{key} = {json.dumps(value)}" for key, value in settings.items())
         lines += ["[[stage]]", f"name = {json.dumps(name)}", f"technique = {json.dumps(technique)}",
                   f"input = {json.dumps(previous)}", f"settings = {{ {inline} }}", ""]
