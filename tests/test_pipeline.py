@@ -190,9 +190,12 @@ def test_run_resumes_and_redoes_only_what_changed(tiny_setup):
     assert any("interleaved rounds" in line for line in first_log)
     stamp = (out / "b" / "manifest.json").stat().st_mtime_ns
 
-    run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, second_log))
+    again = run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, second_log))
     assert sum("skipped" in line for line in second_log) == 4
     assert (out / "b" / "manifest.json").stat().st_mtime_ns == stamp
+    assert [stage["seconds"] for stage in again["stages"]] == [stage["seconds"] for stage in results["stages"]]
+    assert all(stage["skipped"] for stage in again["stages"])
+    assert "| **with the stages run earlier** |" in (out / "report.md").read_text()
 
     tiny_setup["recipe"].write_text(RECIPE.replace("factor = 0.5", "factor = 0.25"))
     run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, third_log))

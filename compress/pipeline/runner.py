@@ -132,7 +132,8 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
             if is_finished(folder, keys[name]):
                 options.log(f"[{position}/{len(names)}] {name} ({what}): finished earlier with the same settings, "
                             "skipped")
-                stage_seconds.append({"name": name, "seconds": 0.0, "skipped": True})
+                # the seconds it took when it ran, so that a resumed run still tells what the whole run cost
+                stage_seconds.append({"name": name, "seconds": read_manifest(folder).get("seconds"), "skipped": True})
                 if (reason := read_manifest(folder).get("refused")) is not None:
                     refused[name] = reason
                 continue

@@ -198,9 +198,12 @@ def render_markdown(results: dict, summary: dict, rows: list[dict]) -> str:
 
     lines += ["", "## Stage wall times", "", "| stage | seconds |", "|---|---|"]
     for stage in results["stages"]:
-        reused = " (reused from an earlier run)" if stage.get("skipped") else ""
+        reused = " (run earlier, reused)" if stage.get("skipped") else ""
         lines.append(f"| {_md(str(stage['name']))} | {_seconds(stage['seconds'])}{reused} |")
-    lines.append(f"| **total** | {_seconds(results['total_seconds'])} |")
+    lines.append(f"| **total of this run** (with measuring) | {_seconds(results['total_seconds'])} |")
+    if any(stage.get("skipped") for stage in results["stages"]):
+        earlier = sum(stage["seconds"] or 0.0 for stage in results["stages"] if stage.get("skipped"))
+        lines.append(f"| **with the stages run earlier** | {_seconds(results['total_seconds'] + earlier)} |")
 
     lines += ["", "## Summary", ""]
     lines += [f"- {_md(line)}" for line in format_summary(summary)]
