@@ -11,7 +11,9 @@ from compress.pipeline.recipe import BASELINE
 # chain name -> stages: (technique, fixed settings, sampled parameters). PTQ makes one ONNX file, the one measured.
 # A parameter sets the setting of its own name, or the one PARAMETER_SETTING names.
 ONE_FILE_PTQ = ("ptq", {"formats": ["onnx-qdq"]}, ())
-DISTILL = ("distill", {"compare_scratch": False, "learning_rate": 0.005}, ("width", "distill_epochs"))
+# The student and learning rate of recipes/cifar10.toml: pooling after every convolution keeps an epoch cheap.
+DISTILL = ("distill", {"student": "conv_pool_cnn", "compare_scratch": False, "learning_rate": 0.005},
+           ("width", "distill_epochs"))
 CHANNELS = ("prune", {"structure": "channels", "distill": True}, ("channels", "epochs"))
 CHAINS: dict[str, tuple[tuple[str, dict, tuple[str, ...]], ...]] = {
     "ptq": (ONE_FILE_PTQ,),
