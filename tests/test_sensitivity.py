@@ -114,3 +114,33 @@ def test_cli_refuses_bad_settings_in_one_line(tmp_path, capsys, option, value, w
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err
     assert not (tmp_path / "out").exists()
+
+
+def test_auto_turns_the_analysis_into_per_layer_prune_settings_and_reuses_it(tiny_cnn, synthetic_data, tmp_path):
+    import optuna
+
+    from compress.auto.space import CHOICES, layer_plans, sample
+    from compress.kerasmodel import save_model
+
+    path = save_model(tiny_cnn, tmp_path / "model.keras")
+    log = []
+    plans = layer_plans(path, synthetic_data, 1.0, tmp_path / "sensitivity", unsafe=False, log=log.append)
+    analysis = json.loads((tmp_path / "sensitivity" / "sensitivity.json").read_text())
+    assert len(log) == 1 and analysis["model_sha256"]
+    assert plans and set(plans) <= set(CHOICES["layer_plan"])
+    tried = {str(s) for s in analysis["settings"]["sparsities"]}
+    for scale, plan in plans.items():
+        assert set(plan["layers"]) == set(plan["layer_sparsity"]) <= {row["layer"] for row in analysis["layers"]}
+        for name, sparsity in plan["layer_sparsity"].items():  # each layer within its share of scale x the budget
+            row = next(row for row in analysis["layers"] if row["layer"] == name)
+            assert str(sparsity) in tried and row["drop_points"][str(sparsity)] <= scale / len(analysis["layers"])
+        PruneConfig.from_dict(plan)  # settings prune takes as they are
+    assert layer_plans(path, synthetic_data, 1.0, tmp_path / "sensitivity", unsafe=False, log=log.append) == plans
+    assert len(log) == 1  # the analysis was reused
+
+    scale = next(iter(plans))
+    trial = optuna.trial.FixedTrial({"chain": "sensitivity-prune-qat", "layer_plan": scale, "epochs": 2})
+    chain, stages = sample(trial, False, plans)
+    assert chain == "sensitivity-prune-qat" and stages[0] == ("prune", {**plans[scale], "epochs": 2})
+    with pytest.raises(ModelError, match="no layer keeps within"):
+        sample(trial, False, {})

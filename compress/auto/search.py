@@ -19,7 +19,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from compress.auto.space import readable_names, recipe_text, sample, stage_names, starting_points
+from compress.auto import space
+from compress.auto.space import (
+    layer_plans,
+    readable_names,
+    recipe_text,
+    sample,
+    stage_names,
+    starting_points,
+)
 from compress.auto.study import STUDY_PREFIX, AutoConfig, counted_trials, open_study
 from compress.errors import CompressError, ConfigError, ModelError
 from compress.files import FileLock, atomic_path, check_output_dir, sha256_file, write_json, write_text
@@ -57,8 +65,12 @@ def run_auto(model: str | Path, data_args: dict, out: str | Path, config: AutoCo
     baseline_file, _ = final_file(options.out, BASELINE)
     search = Search(config, out, study, options, data, log)
     search.compare_text = compare_text
+    if "sensitivity-prune-qat" in space.CHAINS:  # (tests put a space of their own in its place)
+        search.plans = layer_plans(stage_dir(options.out, BASELINE) / "model.keras", data, config.max_drop,
+                                   out / "sensitivity", unsafe=unsafe, log=log)
     search.header = {"model": str(model), "data": jsonable(data_args), "study": name, "storage": url,
                      "objective": config.objective, "max_drop_points": config.max_drop,
+                     "layer_plans": {str(scale): plan for scale, plan in search.plans.items()},
                      "baseline": {"file": str(baseline_file.relative_to(out)),
                                   "val_accuracy": evaluate_file(baseline_file, data, split="val")["accuracy"]}}
     log(f"study {name} in {url}: {counted_trials(study)} of {config.trials} trials so far; baseline val accuracy "
@@ -97,6 +109,7 @@ class Search:
         self.gate = FileLock(out / ".trials.lock")
         self.header: dict = {}
         self.compare_text: str | None = None  # a recipe whose stages the report measures beside the search's files
+        self.plans: dict = {}  # budget multiple -> per-layer prune settings (space.layer_plans)
 
     def loop(self) -> None:
         """One trial at a time. Counting the study's trials and creating the next one happen under a lock shared
@@ -119,7 +132,11 @@ class Search:
 
         self.gate.release()  # the trial exists now: other processes may count it and start theirs
         started = time.perf_counter()
-        chain, stages = sample(trial, self.config.quick)
+        try:
+            chain, stages = sample(trial, self.config.quick, self.plans)
+        except CompressError as exc:
+            self.log(f"trial {trial.number}: failed: {exc}")
+            raise
         trial.set_user_attr("chain", chain)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("stages", [{"technique": technique, "settings": settings}

@@ -3,8 +3,12 @@ a sampled chain. Stage names are hashes of the chain up to them, so that trials 
 
 from __future__ import annotations
 
+import copy
 import json
+from pathlib import Path
 
+from compress.errors import ModelError
+from compress.files import sha256_file, write_json
 from compress.pipeline.folders import digest_of
 from compress.pipeline.recipe import BASELINE
 
@@ -25,26 +29,62 @@ CHAINS: dict[str, tuple[tuple[str, dict, tuple[str, ...]], ...]] = {
     "channels-ptq": (CHANNELS, ONE_FILE_PTQ),
     "channels-qat": (CHANNELS, ("qat", {}, ("epochs",))),
     "distill-channels-qat": (DISTILL, CHANNELS, ("qat", {}, ("epochs",))),
+    # per-layer sparsities from the sensitivity analysis (`layer_plans`), for the budget times `layer_plan`
+    "sensitivity-prune-qat": (("prune", {}, ("layer_plan", "epochs")), ("qat", {"preserve": "sparsity"}, ("epochs",))),
 }
 PARAMETER_SETTING = {"distill_epochs": "epochs", "channels": "sparsity"}
 # The first choice of each parameter is where the search starts: the first trials try every chain with it.
+# layer_plan: the sensitivity analysis prunes one layer at a time without fine-tuning, which overstates the loss
+# after fine-tuning, so its proposals are asked for at multiples of the budget.
 CHOICES = {"sparsity": (0.8, 0.5, 0.7, 0.9), "channels": (0.5, 0.25, 0.4, 0.6), "clusters": (16, 8, 32),
-           "width": (32, 8, 16), "epochs": (2, 1, 4), "distill_epochs": (10, 5)}
+           "width": (32, 8, 16), "epochs": (2, 1, 4), "distill_epochs": (10, 5), "layer_plan": (3, 1, 10)}
 QUICK_CHOICES = {**CHOICES, "epochs": (1,), "distill_epochs": (1,)}
 
 
-def sample(trial, quick: bool) -> tuple[str, list[tuple[str, dict]]]:
+def sample(trial, quick: bool, plans: dict | None = None) -> tuple[str, list[tuple[str, dict]]]:
     """The trial's chain and each stage's settings. One `epochs` serves every fine-tuning stage, so that prefixes
-    are shared more."""
+    are shared more. `plans`: `layer_plans`' result, for the layer_plan parameter."""
     choices = QUICK_CHOICES if quick else CHOICES
     chain = trial.suggest_categorical("chain", list(CHAINS))
     stages = []
     for technique, fixed, sampled in CHAINS[chain]:
         settings = dict(fixed)
         for name in sampled:
-            settings[PARAMETER_SETTING.get(name, name)] = trial.suggest_categorical(name, list(choices[name]))
+            value = trial.suggest_categorical(name, list(choices[name]))
+            if name == "layer_plan":
+                if value not in (plans or {}):
+                    raise ModelError(f"no layer keeps within {value} x the budget at any sparsity the sensitivity "
+                                     "analysis tried")
+                settings.update(plans[value])
+            else:
+                settings[PARAMETER_SETTING.get(name, name)] = value
         stages.append((technique, settings))
     return chain, stages
+
+
+def layer_plans(model_path: Path, data, max_drop: float, folder: Path, *, unsafe: bool, log) -> dict:
+    """budget multiple -> prune settings (the layers and sparsities `compress sensitivity` proposes for that many
+    points on the validation split). The analysis is kept in `folder` and reused for the same model file."""
+    from compress.kerasmodel import load_model
+    from compress.sensitivity import SensitivityConfig, analyse, propose
+
+    digest = sha256_file(model_path)
+    try:
+        result = json.loads((folder / "sensitivity.json").read_text())
+    except (OSError, ValueError):
+        result = {}
+    if result.get("model_sha256") != digest:
+        log(f"sensitivity of each layer of {model_path.name} (validation split), for per-layer pruning plans ...")
+        result = analyse(load_model(model_path, unsafe=unsafe), data, SensitivityConfig(max_drop=max_drop),
+                         out_dir=folder, log=lambda _: None)
+        write_json(folder / "sensitivity.json", {**result, "model_sha256": digest})
+    plans = {}
+    for scale in CHOICES["layer_plan"]:
+        proposal = propose(copy.deepcopy(result["layers"]), SensitivityConfig(max_drop=max_drop * scale))
+        chosen = {name: value for name, value in proposal["layer_sparsity"].items() if value > 0}
+        if chosen:
+            plans[scale] = {"layers": list(chosen), "layer_sparsity": chosen}
+    return plans
 
 
 def starting_points(quick: bool) -> list[dict]:
