@@ -102,6 +102,13 @@ def test_the_first_trials_try_each_chain_and_the_report_measures_the_best_beside
     assert "halved" in (setup["out"] / "report.md").read_text()
 
 
+def test_a_study_of_fewer_trials_than_chains_runs_its_first_trials(setup):
+    log = []
+    summary = _auto(setup, trials=1, log=log)
+    assert [(row["chain"], row["state"]) for row in summary["trials"]] == [("keep", "COMPLETE")]
+    assert log[1].endswith("| 0 trial(s) left")
+
+
 def test_bad_input_is_one_line_and_exit_2(setup, capsys):
     common = [str(setup["model"]), "--data", setup["data"]["source"], "--out", str(setup["out"])]
     two_formats = setup["tmp"] / "two_formats.toml"

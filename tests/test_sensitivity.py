@@ -119,7 +119,8 @@ def test_cli_refuses_bad_settings_in_one_line(tmp_path, capsys, option, value, w
 def test_auto_turns_the_analysis_into_per_layer_prune_settings_and_reuses_it(tiny_cnn, synthetic_data, tmp_path):
     import optuna
 
-    from compress.auto.space import CHOICES, layer_plans, sample
+    from compress.auto.space import CHOICES, layer_plans, recipe_text, sample, stage_names
+    from compress.pipeline.recipe import parse_recipe
     from compress.kerasmodel import save_model
 
     path = save_model(tiny_cnn, tmp_path / "model.keras")
@@ -142,5 +143,7 @@ def test_auto_turns_the_analysis_into_per_layer_prune_settings_and_reuses_it(tin
     trial = optuna.trial.FixedTrial({"chain": "sensitivity-prune-qat", "layer_plan": scale, "epochs": 2})
     chain, stages = sample(trial, False, plans)
     assert chain == "sensitivity-prune-qat" and stages[0] == ("prune", {**plans[scale], "epochs": 2})
+    [stage, _] = parse_recipe(recipe_text(stages, stage_names(stages))).stages  # the plan goes into a recipe whole
+    assert dict(stage.config.layer_sparsity) == plans[scale]["layer_sparsity"]
     with pytest.raises(ModelError, match="no layer keeps within"):
         sample(trial, False, {})

@@ -28,7 +28,13 @@ from compress.auto.space import (
     stage_names,
     starting_points,
 )
-from compress.auto.study import STUDY_PREFIX, AutoConfig, counted_trials, open_study
+from compress.auto.study import (
+    STUDY_PREFIX,
+    AutoConfig,
+    finished_trials,
+    open_study,
+    study_is_done,
+)
 from compress.errors import CompressError, ConfigError, ModelError
 from compress.files import FileLock, atomic_path, check_output_dir, sha256_file, write_json, write_text
 from compress.pipeline.folders import RunOptions, digest_of, jsonable, read_manifest, stage_dir
@@ -73,7 +79,7 @@ def run_auto(model: str | Path, data_args: dict, out: str | Path, config: AutoCo
                      "layer_plans": {str(scale): plan for scale, plan in search.plans.items()},
                      "baseline": {"file": str(baseline_file.relative_to(out)),
                                   "val_accuracy": evaluate_file(baseline_file, data, split="val")["accuracy"]}}
-    log(f"study {name} in {url}: {counted_trials(study)} of {config.trials} trials so far; baseline val accuracy "
+    log(f"study {name} in {url}: {finished_trials(study)} of {config.trials} trials so far; baseline val accuracy "
         f"{search.header['baseline']['val_accuracy']:.4f}, budget {config.max_drop} points")
     search.loop()
     return search.finish()
@@ -116,7 +122,7 @@ class Search:
         by every process on OUT (the objective releases it), so together they stop at exactly --trials."""
         while self.seconds_left() is None or self.seconds_left() > 0:
             with self.gate:
-                if counted_trials(self.study) >= self.config.trials:
+                if study_is_done(self.study, self.config.trials):
                     break
                 self.study.optimize(self.objective, n_trials=1, catch=(CompressError,), callbacks=[self.record])
 
@@ -170,7 +176,7 @@ class Search:
         row = next(row for row in summary["trials"] if row["number"] == trial.number)
         left = self.seconds_left()
         if left is None:
-            left = f"{max(self.config.trials - counted_trials(study), 0)} trial(s) left"
+            left = f"{max(self.config.trials - finished_trials(study), 0)} trial(s) left"
         else:
             left = f"{left / 60:.1f} min left" if left > 0 else "time budget spent"
         self.log(f"trial {trial.number} {describe(row)}, parity {'ok' if row['parity_ok'] else 'FAILED'}, "

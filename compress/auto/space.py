@@ -116,8 +116,15 @@ def recipe_text(stages: list[tuple[str, dict]], names: list[str], *, min_seconds
         if name in skip:
             previous = name
             continue
-        inline = ", ".join(f"{key} = {json.dumps(value)}" for key, value in settings.items())
+        inline = ", ".join(f"{key} = {toml_value(value)}" for key, value in settings.items())
         lines += ["[[stage]]", f"name = {json.dumps(name)}", f"technique = {json.dumps(technique)}",
                   f"input = {json.dumps(previous)}", f"settings = {{ {inline} }}", ""]
         previous = name
     return "\n".join(lines)
+
+
+def toml_value(value) -> str:
+    """A setting as TOML: JSON's form for strings, numbers, booleans and lists; an inline table for a mapping."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(key))} = {toml_value(item)}" for key, item in value.items()) + " }"
+    return json.dumps(value)

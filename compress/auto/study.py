@@ -50,7 +50,7 @@ def open_study(config: AutoConfig, url: str, name: str):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is said in one line of ours, no traceback
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5: said once here, not per run
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -74,3 +74,16 @@ def counted_trials(study) -> int:
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING,
                                                         TrialState.WAITING, TrialState.PRUNED)))
+
+
+def study_is_done(study, trials: int) -> bool:
+    """--trials reached and no trial queued: queued ones (the first trials, retries) count and still have to run."""
+    from optuna.trial import TrialState
+
+    return counted_trials(study) >= trials and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+
+
+def finished_trials(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
