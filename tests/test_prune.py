@@ -247,6 +247,8 @@ def test_channel_pruning_can_fine_tune_on_the_unpruned_models_outputs(tiny_cnn, 
     assert all(np.array_equal(a, b) for a, b in zip(before, tiny_cnn.get_weights()))  # the teacher is left alone
     with pytest.raises(ConfigError, match="structure channels only"):
         PruneConfig(distill=True)
+    with pytest.raises(ConfigError, match="channel_multiple applies with structure channels only"):
+        PruneConfig(channel_multiple=8)
 
 
 def test_channel_pruned_model_goes_through_qat_to_an_int8_file(tiny_cnn, synthetic_data, tmp_path):

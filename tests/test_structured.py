@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from compress.errors import ConfigError, ModelError
-from compress.techniques.structured import count_macs, remove_channels
+from compress.techniques.structured import count_macs, kept_count, remove_channels
 
 
 def randomize(model, seed=0):
@@ -206,6 +206,33 @@ def test_sparsity_zero_returns_an_equivalent_model():
 def test_at_least_one_channel_stays():
     _, info = remove_channels(chain_model(), sparsity=0.99)
     assert info["layers"]["c1"]["channels_after"] == 1 and info["layers"]["c2"]["channels_after"] == 1
+
+
+@pytest.mark.parametrize("width, share, multiple, kept", [
+    (32, 0.35, 1, 21), (32, 0.35, 16, 16), (64, 0.35, 16, 48), (128, 0.35, 16, 80), (128, 0.35, 8, 88),
+    (64, 0.1, 16, 64), (32, 0.9, 16, 16), (24, 0.5, 16, 12), (40, 0.99, 8, 8), (256, 0.5, 16, 128),
+])
+def test_kept_channels_round_to_the_nearest_multiple(width, share, multiple, kept):
+    # 32 x 0.65 = 20.8 -> 21 -> 16 (nearest); 24 < 2 x 16: not rounded; 40 x 0.01 -> 1 -> 8 (at least one multiple)
+    assert kept_count(width, share, multiple) == kept
+
+
+def test_a_channel_multiple_rounds_the_pruned_model_and_keeps_its_outputs():
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="c2")(x)
+    outputs = keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D()(x))
+    model = randomize(keras.Model(inputs, outputs))
+    pruned, info = remove_channels(model, sparsity=0.35, multiple=16)
+    assert info["channel_multiple"] == 16
+    assert [pruned.get_layer(name).get_weights()[0].shape[-1] for name in ("c1", "c2", "logits")] == [16, 48, 3]
+    masked = outputs_of(masked_copy(model, info), (8, 8, 3))
+    np.testing.assert_allclose(outputs_of(pruned, (8, 8, 3)), masked, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="channel multiple must be an integer from 1 to 256"):
+        remove_channels(model, sparsity=0.5, multiple=0)
 
 
 def test_count_macs_matches_a_hand_count():

@@ -38,10 +38,11 @@ SUPPORTED = PRUNABLE + FIXED_OUTPUT + JOINS + PASS_THROUGH + ("DepthwiseConv2D",
 CROSS_CHANNEL_ACTIVATIONS = ("softmax", "log_softmax")
 # floor(sparsity * channels) without 0.29 * 100 = 28.999... rounding one channel away.
 ROUNDING_SLACK = 1e-9
+MAX_MULTIPLE = 256
 
 
 def remove_channels(model, *, sparsity: float, layer_sparsity: Mapping[str, float] | None = None,
-                    score: str = "l1") -> tuple:
+                    score: str = "l1", multiple: int = 1) -> tuple:
     """Remove the share `sparsity` of each prunable layer's output channels; return (smaller model, info).
 
     Prunable: Conv2D filters and Dense units, except those reaching a model output (the classifier) or joined
@@ -50,6 +51,7 @@ def remove_channels(model, *, sparsity: float, layer_sparsity: Mapping[str, floa
     Channels are ranked by the `l1` or `l2` norm of their filter weights (summed over a group): a norm needs
     no data, is the standard criterion (Li et al. 2017, "Pruning Filters for Efficient ConvNets") and is
     deterministic, so the same model always loses the same channels. At least one channel per layer stays.
+    With `multiple` > 1, each group keeps the nearest multiple of it (see `kept_count`).
     `model` is left untouched; the new one has the same layer names, inputs and output shapes.
     """
     from compress.keras import keras
@@ -57,20 +59,22 @@ def remove_channels(model, *, sparsity: float, layer_sparsity: Mapping[str, floa
     _check_fraction(sparsity, "sparsity")
     if score not in SCORES:
         raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    if not (isinstance(multiple, int) and not isinstance(multiple, bool) and 1 <= multiple <= MAX_MULTIPLE):
+        raise ConfigError(f"channel multiple must be an integer from 1 to {MAX_MULTIPLE}, got {multiple!r}")
     if not isinstance(model, keras.Model) or not getattr(model, "_is_graph_network", False):
         raise ModelError(
             f"structured pruning takes a built Sequential or functional tf_keras model, got {type(model).__name__}"
         )
     targets = _layer_targets(model, sparsity, layer_sparsity)
     trace = _Trace(model)
-    keep = _choose_channels(model, trace, targets, score)
+    keep = _choose_channels(model, trace, targets, score, multiple)
     if not any(keep[root] is not None for root in trace.groups.roots()):
         raise ModelError(
             f"model {model.name!r} has no layer whose channels can be removed: "
             + "; ".join(f"{name}: {reason}" for name, reason in _left_alone(trace).items())
         )
     new_model = _rebuild(model, trace, keep)
-    return new_model, _info(model, new_model, trace, keep, targets, score)
+    return new_model, {**_info(model, new_model, trace, keep, targets, score), "channel_multiple": multiple}
 
 
 def _check_fraction(value, what: str) -> None:
@@ -251,7 +255,8 @@ def _unsupported_reason(layer, inputs, outputs, descs, calls: int) -> str | None
     return None
 
 
-def _choose_channels(model, trace: _Trace, targets: dict[str, float], score: str) -> dict[int, list | None]:
+def _choose_channels(model, trace: _Trace, targets: dict[str, float], score: str,
+                     multiple: int) -> dict[int, list | None]:
     """Kept channels of each group root, highest score first then lowest index; None: keep all."""
     import numpy as np
 
@@ -259,15 +264,26 @@ def _choose_channels(model, trace: _Trace, targets: dict[str, float], score: str
     keep: dict[int, list | None] = {}
     for root in groups.roots():
         members = groups.members[root]
-        if not members or groups.reasons[root]:
+        width = groups.width[root]
+        count = None if not members or groups.reasons[root] else kept_count(
+            width, min(targets[name] for name in members), multiple)
+        if count is None or count == width:
             keep[root] = None
             continue
-        width = groups.width[root]
-        share = min(targets[name] for name in members)
-        removed = min(width - 1, math.floor(share * width + ROUNDING_SLACK))
         scores = sum(_channel_scores(model.get_layer(name), score) for name in members)
-        keep[root] = sorted(int(i) for i in np.argsort(-scores, kind="stable")[: width - removed])
+        keep[root] = sorted(int(i) for i in np.argsort(-scores, kind="stable")[:count])
     return keep
+
+
+def kept_count(width: int, share: float, multiple: int = 1) -> int:
+    """Channels that stay of `width` when the share `share` goes, at least one. CPU kernels work on blocks of
+    channels (onnxruntime's: 8 with AVX2, 16 with AVX-512), and a layer of 21 channels ran slower than one of 32, so
+    with `multiple` > 1 the count is the nearest multiple of it (never 0 nor more than `width`); layers narrower than
+    two multiples keep the unrounded count."""
+    count = width - min(width - 1, math.floor(share * width + ROUNDING_SLACK))
+    if multiple <= 1 or width < 2 * multiple:
+        return count
+    return min(width, max(multiple, multiple * math.floor(count / multiple + 0.5)))
 
 
 def _channel_scores(layer, score: str):
