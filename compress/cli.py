@@ -208,7 +208,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from compress.checks import check_writable
     from compress.sensitivity import SensitivityConfig, analyse
 
-    config = SensitivityConfig(sparsities=args.sparsities, max_drop=args.max_drop)
+    config = SensitivityConfig(sparsities=args.sparsities, max_drop=args.max_drop, structure=args.structure)
     out = check_writable(args.out)
     model, data, _ = _user_model(args, load_data_from_args(args))
     analyse(model, data, config, out_dir=out, log=lambda message: info(args, message))

@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity = commands.add_parser(
         "sensitivity",
         help="per-layer sensitivity to pruning and int8 on the validation split, and a proposal within a budget",
-        description="For every Conv2D/Dense layer alone: validation accuracy after zeroing its smallest weights at "
-        "each sparsity (one-shot, no fine-tune), and the drop of quantizing it alone / keeping it alone float in an "
+        description="For every Conv2D/Dense layer alone: validation accuracy after zeroing its smallest weights "
+        "(or removing that share of its channels) at each sparsity (one-shot, no fine-tune), and the drop of quantizing it alone / keeping it alone float in an "
         "onnxruntime int8 file; proposes --layer-sparsity for prune and --float-layers for ptq within --max-drop. "
         "Writes OUT/sensitivity.json, .csv and .png.",
     )
@@ -266,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
                              help="validation-accuracy points the proposal may lose, shared evenly by the layers "
                                   "(default: 1.0)")
+    sensitivity.add_argument("--structure", choices=("none", "channels"), default="none",
+                             help="none: zero a layer's smallest weights; channels: remove its channels with the "
+                                  "smallest L1 norm (and the same ones of layers joined with it), as prune "
+                                  "--structure channels does (default: none)")
     sensitivity.add_argument("--unsafe", action="store_true", help="allow model files holding Lambda layers")
     sensitivity.add_argument("--quiet", action="store_true", help="no progress output")
     sensitivity.set_defaults(handler="cmd_sensitivity")

@@ -1,7 +1,8 @@
 """Per-layer sensitivity: how much validation accuracy each Conv2D/Dense layer loses to pruning and to int8, alone.
 
-Pruning is one-shot magnitude pruning with no fine-tune: a layer's smallest weights are zeroed, the validation split
-measured, the weights restored. So the figures rank layers (a fine-tune recovers much of the loss); they are not
+Pruning is one-shot with no fine-tune: a layer's smallest weights are zeroed (or, with structure channels, the share
+of its channels with the smallest L1 norm removed, the layers joined with it losing the same ones, as `compress prune
+--structure channels` removes them), the validation split measured, the weights restored. So the figures rank layers (a fine-tune recovers much of the loss); they are not
 the accuracy `compress prune` reaches. int8 is measured on the real files: the float model is converted to ONNX
 once and quantized with onnxruntime (QDQ, as `compress ptq` does) with one layer alone quantized, and with one
 layer alone kept float, each file run in onnxruntime. The validation split is used throughout, so that choosing
@@ -24,6 +25,7 @@ DEFAULT_SPARSITIES = (0.5, 0.7, 0.9, 0.95)
 CALIBRATION_IMAGES = 256  # at most this many training images calibrate the int8 activation ranges
 BATCH = 256
 PRUNING_METHOD = "one-shot, no fine-tune"
+STRUCTURES = ("none", "channels")
 
 
 def parse_sparsities(text: str) -> tuple[float, ...]:
@@ -38,6 +40,7 @@ def parse_sparsities(text: str) -> tuple[float, ...]:
 class SensitivityConfig:
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
     max_drop: float = 1.0  # validation-accuracy points the proposal may lose, over all layers together
+    structure: str = "none"  # none: single weights zeroed; channels: whole channels removed
 
     def __post_init__(self):
         object.__setattr__(self, "sparsities", tuple(sorted(set(self.sparsities))))
@@ -45,9 +48,14 @@ class SensitivityConfig:
             raise ConfigError(f"sparsities must be numbers in (0, 1), got {','.join(map(str, self.sparsities))}")
         if not (_number(self.max_drop) and 0 <= self.max_drop < math.inf):
             raise ConfigError(f"max_drop must be a number of accuracy points >= 0, got {self.max_drop!r}")
+        if self.structure not in STRUCTURES:
+            raise ConfigError(f"structure must be one of {', '.join(STRUCTURES)}, got {self.structure!r}")
 
     def to_dict(self) -> dict:
-        return {"sparsities": list(self.sparsities), "max_drop": self.max_drop}
+        return {"sparsities": list(self.sparsities), "max_drop": self.max_drop, "structure": self.structure}
+
+    def method(self) -> str:
+        return PRUNING_METHOD + (", whole channels (L1 norm)" if self.structure == "channels" else "")
 
 
 def _number(value) -> bool:
@@ -68,13 +76,17 @@ def analyse(model, data, config: SensitivityConfig, *, out_dir, log=print) -> di
     val_images, val_labels = data.normalized("val")
     baseline = _accuracy(_keras_predict(model, val_images), val_labels)
     log(f"sensitivity: {len(layers)} layers, {len(val_labels)} validation images, baseline validation accuracy "
-        f"{baseline:.4f}; pruning {PRUNING_METHOD}")
+        f"{baseline:.4f}; pruning {config.method()}")
     weights = {layer.name: int(layer.kernel.shape.num_elements()) for layer in layers}
     macs, total_macs = layer_macs(model), count_macs(model)
     int8 = _int8_drops(model, [layer.name for layer in layers], data, val_images, val_labels, log)
+    channel_groups = _channel_groups(model) if config.structure == "channels" else {}
     rows = []
     for layer in layers:
-        curve = _prune_curve(model, layer, config.sparsities, val_images, val_labels)
+        if config.structure == "channels":
+            curve = _channel_curve(model, channel_groups.get(layer.name), config.sparsities, val_images, val_labels)
+        else:
+            curve = _prune_curve(model, layer, config.sparsities, val_images, val_labels)
         row = {
             "layer": layer.name,
             "type": type(layer).__name__,
@@ -88,12 +100,13 @@ def analyse(model, data, config: SensitivityConfig, *, out_dir, log=print) -> di
         }
         rows.append(row)
         log(f"  {layer.name}: {row['weight_share']:.1%} of weights, {row['mac_share']:.1%} of multiply-adds; "
-            + ", ".join(f"{s:g}: {acc:.4f}" for s, acc in curve.items())
+            + (", ".join(f"{s:g}: {acc:.4f}" for s, acc in curve.items()) or "channels stay (classifier or joined "
+               "with channels that cannot change)")
             + f"; int8 alone drop {_show(row['int8_alone_drop'])}, float alone drop {_show(row['float_alone_drop'])}")
     proposal = propose(rows, config)
     result = {
         "model": model.name,
-        "settings": {**config.to_dict(), "split": "val", "pruning": PRUNING_METHOD,
+        "settings": {**config.to_dict(), "split": "val", "pruning": config.method(),
                      "calibration_images": int8["calibration_images"]},
         "data": data.describe(),
         "baseline_val_accuracy": baseline,
@@ -142,6 +155,31 @@ def _prune_curve(model, layer, sparsities, images, labels) -> dict[float, float]
             curve[sparsity] = _accuracy(_keras_predict(model, images), labels)
     finally:
         layer.kernel.assign(kernel)
+    return curve
+
+
+def _channel_groups(model) -> dict[str, list[str]]:
+    """Layer name -> the layers that lose the same channels with it, for every layer whose channels can go."""
+    from compress.techniques.structured import remove_channels
+
+    try:
+        _, info = remove_channels(model, sparsity=0.5)
+    except ModelError:  # no layer of this model can lose channels
+        return {}
+    return {name: group["layers"] for group in info["groups"] if group["pruned"] for name in group["layers"]}
+
+
+def _channel_curve(model, group: list[str] | None, sparsities, images, labels) -> dict[float, float]:
+    """Validation accuracy with the share s of the group's channels removed (by `compress prune`'s rule and channel
+    multiple), one share at a time; empty for a layer whose channels stay."""
+    from compress.techniques.prune import CHANNEL_MULTIPLE
+    from compress.techniques.structured import remove_channels
+
+    curve = {}
+    for sparsity in sparsities if group else ():
+        smaller, _ = remove_channels(model, sparsity=0.0, layer_sparsity={name: sparsity for name in group},
+                                     multiple=CHANNEL_MULTIPLE)
+        curve[sparsity] = _accuracy(_keras_predict(smaller, images), labels)
     return curve
 
 
@@ -204,13 +242,18 @@ def propose(rows: list[dict], config: SensitivityConfig) -> dict:
         row["proposed_sparsity"] = sparsity[row["layer"]]
         row["keep_float"] = row["int8_alone_drop"] is not None and row["int8_alone_drop"] > share
     chosen = {name: s for name, s in sparsity.items() if s > 0}
-    layers_text = ",".join(chosen)
-    layer_sparsity = ",".join(f"{name}={s:g}" for name, s in chosen.items())
+    channels = config.structure == "channels"
+    # channels: every layer named (0: whole), since unnamed ones would take prune's --sparsity; else --layers
+    named = sparsity if channels else chosen
+    layers_text = "" if channels else ",".join(chosen)
+    layer_sparsity = ",".join(f"{name}={s:g}" for name, s in named.items())
     float_layers = ",".join(row["layer"] for row in rows if row["keep_float"])
-    toml = ("settings = { layers = " + json.dumps(layers_text) + ", layer_sparsity = { "
-            + ", ".join(f"{json.dumps(name)} = {s:g}" for name, s in chosen.items()) + " } }")
-    lines = [f"proposal for a budget of {config.max_drop:g} points ({share:.3g} per layer, {PRUNING_METHOD}):"]
-    lines.append(f"  compress prune MODEL --layers {layers_text} --layer-sparsity {layer_sparsity}" if chosen
+    which = 'structure = "channels"' if channels else f"layers = {json.dumps(layers_text)}"
+    toml = (f"settings = {{ {which}, layer_sparsity = {{ "
+            + ", ".join(f"{json.dumps(name)} = {s:g}" for name, s in named.items()) + " } }")
+    lines = [f"proposal for a budget of {config.max_drop:g} points ({share:.3g} per layer, {config.method()}):"]
+    which = "--structure channels" if channels else f"--layers {layers_text}"
+    lines.append(f"  compress prune MODEL {which} --layer-sparsity {layer_sparsity}" if chosen
                  else "  prune: no layer stays within its share at the tested sparsities")
     lines.append(f"  recipe: {toml}" if chosen else "")
     lines.append(f"  compress ptq MODEL --float-layers {float_layers}" if float_layers
@@ -239,8 +282,13 @@ def _csv(rows: list[dict], sparsities) -> str:
     writer.writerow(columns)
     for row in rows:
         writer.writerow([row["layer"], row["type"], row["weights"], f"{row['weight_share']:.6f}", row["macs"],
-                         f"{row['mac_share']:.6f}", *(f"{row['val_accuracy'][str(s)]:.6f}" for s in sparsities),
+                         f"{row['mac_share']:.6f}", *(_csv_number(row["val_accuracy"].get(str(s))) for s in sparsities),
                          "" if row["int8_alone_drop"] is None else row["int8_alone_drop"],
                          "" if row["float_alone_drop"] is None else row["float_alone_drop"],
                          row["proposed_sparsity"], row["keep_float"]])
     return buffer.getvalue()
+
+
+def _csv_number(value: float | None) -> str:
+    """Blank where a layer has no figure (its channels stay)."""
+    return "" if value is None else f"{value:.6f}"

@@ -67,6 +67,38 @@ def test_analyse_measures_every_layer_on_the_validation_split(tiny_cnn, syntheti
     assert PTQConfig.from_dict({"float_layers": "conv2,logits"}).float_layers == ("conv2", "logits")
 
 
+def test_channel_sensitivity_removes_whole_channels_and_proposes_a_channels_prune(synthetic_data, tmp_path):
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(synthetic_data.input_shape)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", name="c2")(x)
+    x = keras.layers.ReLU()(keras.layers.Add()([x, keras.layers.Conv2D(8, 1, name="skip")(inputs)]))
+    outputs = keras.layers.Dense(synthetic_data.num_classes, name="logits")(keras.layers.GlobalAveragePooling2D()(x))
+    model = _train(keras.Model(inputs, outputs), synthetic_data)
+    config = SensitivityConfig(sparsities=(0.25, 0.5, 0.875), max_drop=30.0, structure="channels")
+    result = analyse(model, synthetic_data, config, out_dir=tmp_path, log=[].append)
+    rows = {row["layer"]: row for row in result["layers"]}
+    assert result["settings"]["pruning"] == "one-shot, no fine-tune, whole channels (L1 norm)"
+    assert rows["c2"]["val_accuracy"] == rows["skip"]["val_accuracy"]  # joined by the Add: one curve
+    assert rows["logits"]["val_accuracy"] == {} and rows["logits"]["proposed_sparsity"] == 0.0
+    # the last share leaves one channel of c1: it computes what prune --structure channels would make
+    from compress.techniques.structured import remove_channels
+    smaller, _ = remove_channels(model, sparsity=0.0, layer_sparsity={"c1": 0.875})
+    images, labels = synthetic_data.normalized("val")
+    expected = float(np.mean(np.argmax(smaller.predict(images, verbose=0), axis=-1) == labels))
+    assert rows["c1"]["val_accuracy"]["0.875"] == pytest.approx(expected)
+    proposal = result["proposal"]
+    settings = tomllib.loads(proposal["prune_toml"])["settings"]
+    config = PruneConfig.from_dict(settings)
+    assert config.structure == "channels" and set(config.layer_sparsity) == set(rows)
+    assert "--structure channels --layer-sparsity" in "\n".join(proposal["lines"])
+    with open(tmp_path / "sensitivity.csv") as handle:
+        assert next(row for row in csv.DictReader(handle) if row["layer"] == "logits")["val_accuracy@0.5"] == ""
+    assert (tmp_path / "sensitivity.png").is_file()
+
+
 def test_proposal_spends_the_budget_evenly():
     from compress.sensitivity import propose
 

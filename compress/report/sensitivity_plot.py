@@ -17,12 +17,13 @@ def plot_sensitivity(result: dict, target: str | os.PathLike) -> Path:
     figure = Figure(figsize=(12, 5), dpi=110)
     FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2)
-    for row in rows:
+    for row in (row for row in rows if row["val_accuracy"]):  # (a layer whose channels stay has no curve)
         left.plot([0.0, *sparsities], [result["baseline_val_accuracy"] * 100.0,
                                        *(row["val_accuracy"][str(s)] * 100.0 for s in sparsities)],
                   marker="o", label=f"{row['layer']} ({row['weight_share']:.0%} of weights)")
     left.axhline(result["baseline_val_accuracy"] * 100.0, color="gray", linestyle=":", linewidth=1, label="baseline")
-    left.set_xlabel("sparsity of the layer alone")
+    channels = result["settings"].get("structure") == "channels"
+    left.set_xlabel("share of the layer's channels removed" if channels else "sparsity of the layer alone")
     left.set_ylabel("validation accuracy (%)")
     left.set_title(f"Pruning one layer ({result['settings']['pruning']})", fontsize=10)
     left.grid(True, alpha=0.3)

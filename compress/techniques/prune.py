@@ -111,8 +111,9 @@ class PruneConfig(TechniqueConfig):
         require(_is_fraction(self.sparsity), f"sparsity must be in (0, 1), got {self.sparsity!r}")
         require(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         require_names(self.layers, "layers")
-        for name, value in self.layer_sparsity.items():
-            require(_is_fraction(value), f"layer_sparsity for {name} must be in (0, 1), got {value!r}")
+        for name, value in self.layer_sparsity.items():  # channels: 0 keeps a layer whole
+            require(_is_fraction(value) or (self.structure == CHANNELS and value == 0),
+                    f"layer_sparsity for {name} must be in (0, 1), got {value!r}")
         require(isinstance(self.structure, str), f"structure must be N:M text such as 2:4, got {self.structure!r}")
         pair = structure_pair(self.structure)
         require(self.structure != CHANNELS or not self.layers,
