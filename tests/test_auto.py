@@ -106,7 +106,8 @@ def test_a_study_of_fewer_trials_than_chains_runs_its_first_trials(setup):
     log = []
     summary = _auto(setup, trials=1, log=log)
     assert [(row["chain"], row["state"]) for row in summary["trials"]] == [("keep", "COMPLETE")]
-    assert log[1].endswith("| 0 trial(s) left")
+    assert [line for line in log if line.startswith("trial ")][0].endswith("| 0 trial(s) left")
+    assert any(line.startswith("    [2/2] tweak-") and line.endswith(" ...") for line in log)  # a trial's stage
 
 
 def test_bad_input_is_one_line_and_exit_2(setup, capsys):

@@ -66,7 +66,7 @@ def run_auto(model: str | Path, data_args: dict, out: str | Path, config: AutoCo
             for point in starting_points(config.quick)[: config.trials]:
                 study.enqueue_trial(point)
     options = RunOptions(out=out / "stages", data_args=data_args, model=model, unsafe=unsafe,
-                         input_range=input_range, lock_stages=True, verbose=0, log=lambda _: None)
+                         input_range=input_range, lock_stages=True, verbose=0, log=stage_progress(log))
     data, _ = run_stages(parse_recipe(recipe_text([], [])), options)
     baseline_file, _ = final_file(options.out, BASELINE)
     search = Search(config, out, study, options, data, log)
@@ -83,6 +83,15 @@ def run_auto(model: str | Path, data_args: dict, out: str | Path, config: AutoCo
         f"{search.header['baseline']['val_accuracy']:.4f}, budget {config.max_drop} points")
     search.loop()
     return search.finish()
+
+
+def stage_progress(log):
+    """The pipeline's lines as a trial's stages start and end, indented, so that a long trial shows where it is;
+    the rest (skipped stages, the checks every trial repeats) left out."""
+    def progress(message: str) -> None:
+        if message.endswith(" ...") or message.lstrip().startswith(("done in", "refused:")):
+            log(f"    {message.strip()}")
+    return progress
 
 
 def read_compare_recipe(path: str | Path, quick: bool) -> str:
