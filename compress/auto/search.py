@@ -309,9 +309,11 @@ def trial_row(trial, baseline: float, test_accuracy: float | None) -> dict:
 
 
 def describe(row: dict) -> str:
-    shown = {key: value for stage in row["stages"] for key, value in stage["settings"].items()
-             if key not in ("formats", "compare_scratch")}
-    settings = " ".join(f"{key}={value}" for key, value in shown.items())
+    """chain [technique: settings; ...]: figures. Each stage's settings apart: two stages may both set epochs."""
+    settings = "; ".join(
+        f"{stage['technique']}: " + " ".join(f"{key}={value}" for key, value in stage["settings"].items()
+                                             if key not in ("formats", "compare_scratch"))
+        for stage in row["stages"])
     change = 0.0 - row["drop_points"] + 0.0  # + 0.0: no "-0.00"
     return (f"{row['chain']} [{settings}]: val {row['val_accuracy']:.4f} ({change:+.2f} points), "
             f"{row['gzip_bytes']:,} B gzip, {row['latency_ms']:.3f} ms")
