@@ -42,7 +42,8 @@ class DistillConfig(TechniqueConfig):
     width: int = option(0, "filters of the first convolution of a named student (doubles twice with depth); 0: sized "
                         f"from the teacher, the widest up to {AUTO_MAX_WIDTH} with at most "
                         f"{AUTO_TEACHER_SHARE:.0%} of the teacher's parameters", parse=int)
-    alpha: float = option(DISTILL_ALPHA, "weight of the hard-label loss in [0, 1]; 1 - alpha weighs the teacher's soft targets",
+    alpha: float = option(DISTILL_ALPHA,
+                          "weight of the hard-label loss in [0, 1]; 1 - alpha weighs the teacher's soft targets",
                           parse=float)
     temperature: float = option(DISTILL_TEMPERATURE, "softmax temperature (> 0) for the soft targets", parse=float)
     epochs: int = option(10, "training epochs (each run, distilled and from scratch)", parse=int)
