@@ -179,3 +179,44 @@ def test_auto_turns_the_analysis_into_per_layer_prune_settings_and_reuses_it(tin
     assert dict(stage.config.layer_sparsity) == plans[scale]["layer_sparsity"]
     with pytest.raises(ModelError, match="no layer keeps within"):
         sample(trial, False, {})
+
+
+def test_auto_plans_channel_shares_on_the_model_the_chain_prefix_ends_in(tiny_cnn, synthetic_data, tmp_path):
+    import optuna
+
+    from compress.auto.space import layer_plans, recipe_text, resolve_channel_plans, sample, stage_names
+    from compress.kerasmodel import save_model
+    from compress.pipeline.recipe import parse_recipe
+
+    (tmp_path / "student").mkdir()
+    path = save_model(tiny_cnn, tmp_path / "student" / "model.keras")  # stands in for the distilled student
+    trained, log = [], []
+
+    def run_prefix(prefix):
+        trained.append(list(prefix))
+        return path
+
+    def plans_of(model_path, name):
+        return layer_plans(model_path, synthetic_data, 100.0, tmp_path / "sensitivity" / name, unsafe=False,
+                           log=log.append, structure="channels")
+
+    trial = optuna.trial.FixedTrial({"chain": "distill-channelplan-qat", "width": 8, "distill_epochs": 10,
+                                     "channel_plan": 3, "epochs": 2})
+    chain, stages = sample(trial, False)
+    assert stages[1] == ("prune", {"structure": "channels", "distill": True, "channel_plan": 3, "epochs": 2})
+    resolved = resolve_channel_plans(stages, run_prefix, plans_of)
+    assert trained == [stages[:1]]  # the student is trained before its channels are analysed
+    assert resolved[0] == stages[0] and resolved[2] == stages[2]
+    [folder] = (tmp_path / "sensitivity").iterdir()
+    assert folder.name == stage_names(stages[:1])[0]
+    analysis = json.loads((folder / "sensitivity.json").read_text())
+    assert analysis["settings"]["structure"] == "channels" and analysis["settings"]["sparsities"] == [0.25, 0.5, 0.75]
+    # 300 points over four layers: every layer whose channels can go loses the most the analysis tried
+    assert resolved[1] == ("prune", {"structure": "channels", "distill": True, "epochs": 2,
+                                     "layer_sparsity": {"conv1": 0.75, "conv2": 0.75, "dense1": 0.75, "logits": 0.0}})
+    assert PruneConfig.from_dict(resolved[1][1]).structure == "channels"
+    [_, stage, _] = parse_recipe(recipe_text(resolved, stage_names(resolved))).stages
+    assert dict(stage.config.layer_sparsity)["conv1"] == 0.75
+    assert resolve_channel_plans(stages, run_prefix, plans_of) == resolved and len(log) == 1  # analysis reused
+    with pytest.raises(ModelError, match="no layer of student keeps within 3 x the budget"):
+        resolve_channel_plans(stages, run_prefix, lambda model_path, name: {})

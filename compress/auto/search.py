@@ -24,6 +24,7 @@ from compress.auto.space import (
     layer_plans,
     readable_names,
     recipe_text,
+    resolve_channel_plans,
     sample,
     stage_names,
     starting_points,
@@ -154,10 +155,11 @@ class Search:
             raise
         trial.set_user_attr("chain", chain)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        trial.set_user_attr("stages", [{"technique": technique, "settings": settings}
-                                       for technique, settings in stages])
-        names = stage_names(stages)
         try:
+            stages = resolve_channel_plans(stages, self.run_prefix, self.channel_plans)
+            trial.set_user_attr("stages", [{"technique": technique, "settings": settings}
+                                           for technique, settings in stages])
+            names = stage_names(stages)
             run_stages(parse_recipe(recipe_text(stages, names), where=f"trial {trial.number}'s recipe"), self.options)
             path, parity_ok = final_file(self.options.out, names[-1])
             figures = {"val_accuracy": evaluate_file(path, self.data, split="val")["accuracy"],
@@ -176,6 +178,19 @@ class Search:
         return [figures["val_accuracy"],
                 *([figures["gzip_bytes"]] if self.config.objective in ("size", "both") else []),
                 *([figures["latency_ms"]] if self.config.objective in ("latency", "both") else [])]
+
+    def run_prefix(self, stages: list[tuple[str, dict]]) -> Path:
+        """Train `stages` (a chain's first stages) and return the model file they end in."""
+        names = stage_names(stages)
+        run_stages(parse_recipe(recipe_text(stages, names), where="a chain's first stages"), self.options)
+        return stage_dir(self.options.out, names[-1] if names else BASELINE) / "model.keras"
+
+    def channel_plans(self, model_path: Path, stage_name: str) -> dict:
+        """Per-layer channel shares for multiples of the budget, from the channel sensitivity of a stage's model
+        (kept in OUT/sensitivity/channels-STAGE)."""
+        folder = self.out / "sensitivity" / f"channels-{stage_name}"
+        return layer_plans(model_path, self.data, self.config.max_drop, folder, unsafe=self.options.unsafe,
+                           log=self.log, structure="channels")
 
     def record(self, study, trial) -> None:
         """After every trial: auto.json, best/ and best.toml brought up to date, and one progress line."""

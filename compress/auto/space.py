@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from compress.errors import ModelError
-from compress.files import sha256_file, write_json
+from compress.files import FileLock, sha256_file, write_json
 from compress.pipeline.folders import digest_of
 from compress.pipeline.recipe import BASELINE
 
@@ -19,31 +20,41 @@ ONE_FILE_PTQ = ("ptq", {"formats": ["onnx-qdq"]}, ())
 DISTILL = ("distill", {"student": "conv_pool_cnn", "compare_scratch": False, "learning_rate": 0.005},
            ("width", "distill_epochs"))
 CHANNELS = ("prune", {"structure": "channels", "distill": True}, ("channels", "epochs"))
+# per-layer channel shares from the channel sensitivity of the stage's input model (`resolve_channel_plans`)
+CHANNEL_PLAN = ("prune", {"structure": "channels", "distill": True}, ("channel_plan", "epochs"))
+# The starting points run in this order: cheap chains and those reusing a prefix trained before them first, the
+# chains that fine-tune the whole model longest (clustering trains slowest) last.
 CHAINS: dict[str, tuple[tuple[str, dict, tuple[str, ...]], ...]] = {
     "ptq": (ONE_FILE_PTQ,),
-    "prune-qat": (("prune", {}, ("sparsity", "epochs")), ("qat", {"preserve": "sparsity"}, ("epochs",))),
-    "cluster-qat": (("cluster", {}, ("clusters", "epochs")), ("qat", {"preserve": "clusters"}, ("epochs",))),
     "distill-ptq": (DISTILL, ONE_FILE_PTQ),
+    "distill-channelplan-qat": (DISTILL, CHANNEL_PLAN, ("qat", {}, ("epochs",))),
+    "distill-channels-qat": (DISTILL, CHANNELS, ("qat", {}, ("epochs",))),
     "distill-prune-qat": (DISTILL, ("prune", {}, ("sparsity", "epochs")),
                           ("qat", {"preserve": "sparsity"}, ("epochs",))),
     "channels-ptq": (CHANNELS, ONE_FILE_PTQ),
     "channels-qat": (CHANNELS, ("qat", {}, ("epochs",))),
-    "distill-channels-qat": (DISTILL, CHANNELS, ("qat", {}, ("epochs",))),
+    "channelplan-qat": (CHANNEL_PLAN, ("qat", {}, ("epochs",))),
+    "prune-qat": (("prune", {}, ("sparsity", "epochs")), ("qat", {"preserve": "sparsity"}, ("epochs",))),
     # per-layer sparsities from the sensitivity analysis (`layer_plans`), for the budget times `layer_plan`
     "sensitivity-prune-qat": (("prune", {}, ("layer_plan", "epochs")), ("qat", {"preserve": "sparsity"}, ("epochs",))),
+    "cluster-qat": (("cluster", {}, ("clusters", "epochs")), ("qat", {"preserve": "clusters"}, ("epochs",))),
 }
 PARAMETER_SETTING = {"distill_epochs": "epochs", "channels": "sparsity"}
 # The first choice of each parameter is where the search starts: the first trials try every chain with it.
-# layer_plan: the sensitivity analysis prunes one layer at a time without fine-tuning, which overstates the loss
-# after fine-tuning, so its proposals are asked for at multiples of the budget.
+# layer_plan, channel_plan: the sensitivity analysis prunes one layer at a time without fine-tuning, which overstates
+# the loss after fine-tuning, so its proposals are asked for at multiples of the budget.
 CHOICES = {"sparsity": (0.8, 0.5, 0.7, 0.9), "channels": (0.5, 0.25, 0.4, 0.6), "clusters": (16, 8, 32),
-           "width": (32, 8, 16), "epochs": (2, 1, 4), "distill_epochs": (10, 5), "layer_plan": (3, 1, 10)}
+           "width": (32, 8, 16), "epochs": (2, 1, 4), "distill_epochs": (10, 5), "layer_plan": (3, 1, 10),
+           "channel_plan": (3, 1, 10)}
+# the channel shares the channel sensitivity analysis tries per layer
+CHANNEL_SHARES = (0.25, 0.5, 0.75)
 QUICK_CHOICES = {**CHOICES, "epochs": (1,), "distill_epochs": (1,)}
 
 
 def sample(trial, quick: bool, plans: dict | None = None) -> tuple[str, list[tuple[str, dict]]]:
     """The trial's chain and each stage's settings. One `epochs` serves every fine-tuning stage, so that prefixes
-    are shared more. `plans`: `layer_plans`' result, for the layer_plan parameter."""
+    are shared more. `plans`: `layer_plans`' result, for the layer_plan parameter. A channel_plan stays a setting
+    until `resolve_channel_plans` replaces it."""
     choices = QUICK_CHOICES if quick else CHOICES
     chain = trial.suggest_categorical("chain", list(CHAINS))
     stages = []
@@ -62,29 +73,56 @@ def sample(trial, quick: bool, plans: dict | None = None) -> tuple[str, list[tup
     return chain, stages
 
 
-def layer_plans(model_path: Path, data, max_drop: float, folder: Path, *, unsafe: bool, log) -> dict:
-    """budget multiple -> prune settings (the layers and sparsities `compress sensitivity` proposes for that many
-    points on the validation split). The analysis is kept in `folder` and reused for the same model file."""
+def layer_plans(model_path: Path, data, max_drop: float, folder: Path, *, unsafe: bool, log,
+                structure: str = "none") -> dict:
+    """budget multiple -> prune settings (the layers and sparsities, or with structure channels the channel shares,
+    that `compress sensitivity` proposes for that many points on the validation split). The analysis is kept in
+    `folder` and reused for the same model file."""
     from compress.kerasmodel import load_model
-    from compress.sensitivity import SensitivityConfig, analyse, propose
+    from compress.sensitivity import DEFAULT_SPARSITIES, SensitivityConfig, analyse, propose
 
+    channels = structure == "channels"
+    config = SensitivityConfig(max_drop=max_drop, structure=structure,
+                               sparsities=CHANNEL_SHARES if channels else DEFAULT_SPARSITIES)
     digest = sha256_file(model_path)
-    try:
-        result = json.loads((folder / "sensitivity.json").read_text())
-    except (OSError, ValueError):
-        result = {}
-    if result.get("model_sha256") != digest:
-        log(f"sensitivity of each layer of {model_path.name} (validation split), for per-layer pruning plans ...")
-        result = analyse(load_model(model_path, unsafe=unsafe), data, SensitivityConfig(max_drop=max_drop),
-                         out_dir=folder, log=lambda _: None)
-        write_json(folder / "sensitivity.json", {**result, "model_sha256": digest})
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder / ".lock"):  # processes sharing the study analyse a model once
+        try:
+            result = json.loads((folder / "sensitivity.json").read_text())
+        except (OSError, ValueError):
+            result = {}
+        if result.get("model_sha256") != digest:
+            log(f"sensitivity of each layer{' to channel removal' if channels else ''} of {model_path.parent.name}/"
+                f"{model_path.name} (validation split), for per-layer pruning plans ...")
+            result = analyse(load_model(model_path, unsafe=unsafe), data, config, out_dir=folder, log=lambda _: None)
+            write_json(folder / "sensitivity.json", {**result, "model_sha256": digest})
     plans = {}
-    for scale in CHOICES["layer_plan"]:
-        proposal = propose(copy.deepcopy(result["layers"]), SensitivityConfig(max_drop=max_drop * scale))
+    for scale in CHOICES["channel_plan" if channels else "layer_plan"]:
+        proposal = propose(copy.deepcopy(result["layers"]), replace(config, max_drop=max_drop * scale))
         chosen = {name: value for name, value in proposal["layer_sparsity"].items() if value > 0}
-        if chosen:
+        if chosen and channels:  # every layer named, 0 keeping it whole: an unnamed one would take --sparsity
+            plans[scale] = {"layer_sparsity": proposal["layer_sparsity"]}
+        elif chosen:
             plans[scale] = {"layers": list(chosen), "layer_sparsity": chosen}
     return plans
+
+
+def resolve_channel_plans(stages: list[tuple[str, dict]], run_prefix, plans_of) -> list[tuple[str, dict]]:
+    """The stages with each `channel_plan` (a budget multiple) replaced by the channel shares the analysis of that
+    stage's input model proposes: `run_prefix(stages)` trains the stages before it and returns the path of the
+    model they end in, `plans_of(path, prefix_name)` is `layer_plans` for it."""
+    resolved: list[tuple[str, dict]] = []
+    for technique, settings in stages:
+        if "channel_plan" in settings:
+            scale = settings["channel_plan"]
+            model_path = run_prefix(resolved)
+            plans = plans_of(model_path, stage_names(resolved)[-1] if resolved else BASELINE)
+            if scale not in plans:
+                raise ModelError(f"no layer of {model_path.parent.name} keeps within {scale} x the budget at any "
+                                 "channel share the sensitivity analysis tried")
+            settings = {**{key: value for key, value in settings.items() if key != "channel_plan"}, **plans[scale]}
+        resolved.append((technique, settings))
+    return resolved
 
 
 def starting_points(quick: bool) -> list[dict]:
