@@ -192,12 +192,22 @@ def test_default_student_is_sized_from_the_teacher(synthetic_data):
     from compress.errors import ModelError
     from compress.techniques.distill import AUTO_TEACHER_SHARE, _make_student
 
+    from compress.kerasmodel import count_macs
+    from compress.students import build_student
+
     config = DistillConfig()
     assert config.width == 0
-    wide = _make_student(config, synthetic_data, 10_000_000)
+    wide = _make_student(config, synthetic_data, 10_000_000, None)
     assert wide.name.endswith("_w16")
-    small = _make_student(config, synthetic_data, 8_000)
+    small = _make_student(config, synthetic_data, 8_000, None)
     assert small.count_params() <= AUTO_TEACHER_SHARE * 8_000 and not small.name.endswith("_w16")
     with pytest.raises(ModelError, match="would not make this model smaller"):
-        _make_student(config, synthetic_data, 50)
+        _make_student(config, synthetic_data, 50, None)
     assert small.output_shape == (None, 3) and small.input_shape == (None, 8, 8, 3)
+    # a teacher with many parameters but few multiply-adds (most of them in one Dense layer) gets a student that
+    # computes no more than it does
+    budget = count_macs(build_student(config.student, (8, 8, 3), 3, 6)) + 1
+    cheap = _make_student(config, synthetic_data, 10_000_000, budget)
+    assert cheap.name.endswith("_w6") and count_macs(cheap) <= budget
+    with pytest.raises(ModelError, match="multiply-adds"):
+        _make_student(config, synthetic_data, 10_000_000, 10)

@@ -26,10 +26,12 @@ from compress.techniques.finetune import (
     MAX_FINE_TUNE_EPOCHS as MAX_EPOCHS,
 )
 
-# A default student: the widest up to the width the toolkit has always used, with at most this share of the teacher.
+from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, require
+
+# A default student: the widest up to the width the toolkit has always used, with at most this share of the teacher's
+# parameters and no more multiply-adds than the teacher.
 AUTO_MAX_WIDTH = 16
 AUTO_TEACHER_SHARE = 0.25
-from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, require
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,8 @@ class DistillConfig(TechniqueConfig):
     )
     width: int = option(0, "filters of the first convolution of a named student (doubles twice with depth); 0: sized "
                         f"from the teacher, the widest up to {AUTO_MAX_WIDTH} with at most "
-                        f"{AUTO_TEACHER_SHARE:.0%} of the teacher's parameters", parse=int)
+                        f"{AUTO_TEACHER_SHARE:.0%} of the teacher's parameters and no more of its multiply-adds",
+                        parse=int)
     alpha: float = option(DISTILL_ALPHA,
                           "weight of the hard-label loss in [0, 1]; 1 - alpha weighs the teacher's soft targets",
                           parse=float)
@@ -186,7 +189,8 @@ def distill(model, config: DistillConfig, data, *, out_dir=None, verbose: int = 
     check_model_fits_data(teacher, data, role="teacher")
 
     keras.utils.set_random_seed(data.seed)
-    student = _make_student(config, data, int(teacher.count_params()))
+    teacher_macs = _macs_or_none(teacher)
+    student = _make_student(config, data, int(teacher.count_params()), teacher_macs)
     initial_weights = student.get_weights()
 
     train_started = time.perf_counter()
@@ -205,6 +209,8 @@ def distill(model, config: DistillConfig, data, *, out_dir=None, verbose: int = 
         "student_params": student_params,
         "teacher_params": teacher_params,
         "param_ratio": round(teacher_params / student_params, 2),
+        "student_macs": _macs_or_none(student),
+        "teacher_macs": teacher_macs,
         "teacher_test_accuracy": _test_accuracy(teacher, data),
         "student_test_accuracy": _test_accuracy(student, data),
         "epochs": config.epochs,
@@ -219,13 +225,13 @@ def distill(model, config: DistillConfig, data, *, out_dir=None, verbose: int = 
     return Outcome(model=student, stats=stats)
 
 
-def _make_student(config: DistillConfig, data, teacher_params: int):
+def _make_student(config: DistillConfig, data, teacher_params: int, teacher_macs: int | None):
     if config.student in STUDENTS:
         from compress.students import build_student
 
         if config.width:
             return build_student(config.student, data.input_shape, data.num_classes, config.width)
-        return _sized_student(config.student, data, teacher_params)
+        return _sized_student(config.student, data, teacher_params, teacher_macs)
     from compress.kerasmodel import load_model
 
     from compress.checks import check_model_fits_data
@@ -238,18 +244,33 @@ def _make_student(config: DistillConfig, data, teacher_params: int):
     return student
 
 
-def _sized_student(name: str, data, teacher_params: int):
-    """The widest named student, up to AUTO_MAX_WIDTH, with at most AUTO_TEACHER_SHARE of the teacher's parameters:
-    distillation is there to make the model smaller, so a student is never larger than its teacher."""
+def _macs_or_none(model) -> int | None:
+    """Multiply-adds per image; None for a model whose graph cannot be read (then only parameters bound a student)."""
+    from compress.kerasmodel import count_macs
+
+    try:
+        return count_macs(model)
+    except ModelError:
+        return None
+
+
+def _sized_student(name: str, data, teacher_params: int, teacher_macs: int | None):
+    """The widest named student, up to AUTO_MAX_WIDTH, with at most AUTO_TEACHER_SHARE of the teacher's parameters
+    and at most its multiply-adds: distillation is there to make the model smaller and cheaper to run, so a student
+    is never larger or slower than its teacher."""
+    from compress.kerasmodel import count_macs
     from compress.students import build_student
 
     for width in range(AUTO_MAX_WIDTH, 0, -1):
         student = build_student(name, data.input_shape, data.num_classes, width)
-        if student.count_params() <= AUTO_TEACHER_SHARE * teacher_params:
+        if student.count_params() <= AUTO_TEACHER_SHARE * teacher_params and (
+                teacher_macs is None or count_macs(student) <= teacher_macs):
             return student
-    raise ModelError(f"the teacher has {teacher_params:,} parameters and the smallest {name} student "
-                     f"{student.count_params():,}: more than {AUTO_TEACHER_SHARE:.0%} of it; distillation would not "
-                     "make this model smaller (pass --width to force one, or leave distill out)")
+    raise ModelError(f"the smallest {name} student has {student.count_params():,} parameters and "
+                     f"{count_macs(student):,} multiply-adds, the teacher {teacher_params:,} and "
+                     f"{'?' if teacher_macs is None else f'{teacher_macs:,}'}: more than {AUTO_TEACHER_SHARE:.0%} "
+                     "of its parameters or all its multiply-adds; distillation would not make this model smaller "
+                     "(pass --width to force one, or leave distill out)")
 
 
 def _train_from_scratch(student, initial_weights, config: DistillConfig, data, verbose: int):
