@@ -12,13 +12,23 @@ from compress.cli_parser import CONFIG_PREFIX, DEBUG_ENV, build_parser
 from compress.errors import MAX_MESSAGE_CHARS, CompressError, ConfigError
 
 
+def data_arguments(args: argparse.Namespace) -> dict:
+    """compress.data.load_data's keyword arguments. The full set's folder, named by --data-dir or by
+    $COMPRESS_CIFAR10_DIR, is written in as an absolute path: run folders are keyed by these arguments, so a rerun
+    resumes whichever of the two names the folder."""
+    from compress.data import CIFAR10_DIR_ENV
+
+    data_dir = args.data_dir
+    if data_dir is None and args.data == "cifar10":
+        data_dir = os.environ.get(CIFAR10_DIR_ENV) or None
+    return dict(source=args.data, data_dir=None if data_dir is None else str(Path(data_dir).resolve()),
+                seed=args.seed, val_fraction=args.val_fraction, image_size=args.image_size)
+
 
 def load_data_from_args(args: argparse.Namespace):
     from compress.data import load_data
 
-    return load_data(
-        args.data, data_dir=args.data_dir, seed=args.seed, val_fraction=args.val_fraction, image_size=args.image_size
-    )
+    return load_data(**data_arguments(args))
 
 
 def keras_verbosity(args: argparse.Namespace) -> int:
@@ -52,8 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = args.out or default_run_dir(args)
     options = RunOptions(
         out=Path(out),
-        data_args=dict(source=args.data, data_dir=args.data_dir, seed=args.seed, val_fraction=args.val_fraction,
-                       image_size=args.image_size),
+        data_args=data_arguments(args),
         model=Path(args.model) if args.model else None,
         unsafe=args.unsafe,
         remeasure=args.remeasure,
@@ -78,10 +87,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
     config = AutoConfig(max_drop=args.max_drop, objective=args.objective, trials=args.trials,
                         time_budget=args.time_budget, storage=args.storage, quick=args.quick,
                         seed=args.sampler_seed)
-    data_args = dict(source=args.data, data_dir=args.data_dir, seed=args.seed, val_fraction=args.val_fraction,
-                     image_size=args.image_size)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
-    run_auto(args.model, data_args, args.out, config, unsafe=args.unsafe, input_range=args.input_range,
+    run_auto(args.model, data_arguments(args), args.out, config, unsafe=args.unsafe, input_range=args.input_range,
              compare_recipe=args.compare_recipe, log=log)
     return 0
 

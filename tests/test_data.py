@@ -172,3 +172,19 @@ def test_cache_folder_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "envcache"))
     load_data("cifar10-mini")
     assert list((tmp_path / "envcache").glob("images-*.npz"))
+
+
+def test_a_run_is_keyed_by_the_cifar10_folder_however_it_was_named(tmp_path, monkeypatch):
+    """--data-dir and $COMPRESS_CIFAR10_DIR naming the same folder give the same data arguments, so that a run folder
+    made with one resumes with the other."""
+    from compress.cli import data_arguments
+    from compress.cli_parser import build_parser
+
+    parser = build_parser()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "copy").mkdir()
+    given = data_arguments(parser.parse_args(["run", "--data", "cifar10", "--data-dir", "copy"]))
+    monkeypatch.setenv("COMPRESS_CIFAR10_DIR", str(tmp_path / "copy"))
+    from_environment = data_arguments(parser.parse_args(["run", "--data", "cifar10"]))
+    assert given == from_environment and given["data_dir"] == str((tmp_path / "copy").resolve())
+    assert data_arguments(parser.parse_args(["run"]))["data_dir"] is None  # the shipped subset needs no folder
