@@ -29,6 +29,8 @@ CHAINS: dict[str, tuple[tuple[str, dict, tuple[str, ...]], ...]] = {
     "distill-ptq": (DISTILL, ONE_FILE_PTQ),
     "distill-channelplan-qat": (DISTILL, CHANNEL_PLAN, ("qat", {}, ("epochs",))),
     "distill-channels-qat": (DISTILL, CHANNELS, ("qat", {}, ("epochs",))),
+    "distill-channelplan-cluster-qat": (DISTILL, CHANNEL_PLAN, ("cluster", {}, ("clusters", "epochs")),
+                                        ("qat", {"preserve": "clusters"}, ("epochs",))),
     "distill-prune-qat": (DISTILL, ("prune", {}, ("sparsity", "epochs")),
                           ("qat", {"preserve": "sparsity"}, ("epochs",))),
     "channels-ptq": (CHANNELS, ONE_FILE_PTQ),
