@@ -3,8 +3,8 @@
 Pruning is one-shot with no fine-tune: a layer's smallest weights are zeroed (or, with structure channels, the share
 of its channels with the smallest L1 norm removed, the layers joined with it losing the same ones, as `compress prune
 --structure channels` removes them), the validation split measured, the weights restored. So the figures rank
-layers (a fine-tune recovers much of the loss); they are not the accuracy `compress prune` reaches. int8 is measured on the real files: the float model is converted to ONNX
-once and quantized with onnxruntime (QDQ, as `compress ptq` does) with one layer alone quantized, and with one
+layers (a fine-tune recovers much of the loss); they are not the accuracy `compress prune` reaches. int8 is
+measured on the real files: the float model is converted to ONNX once and quantized with onnxruntime (QDQ, as `compress ptq` does) with one layer alone quantized, and with one
 layer alone kept float, each file run in onnxruntime. The validation split is used throughout, so that choosing
 settings from these figures leaves the test split unseen. The proposal spends a drop budget evenly over the layers.
 """
@@ -268,6 +268,35 @@ def propose(rows: list[dict], config: SensitivityConfig) -> dict:
         "ptq_float_layers": float_layers,
         "lines": [line for line in lines if line],
     }
+
+
+def allocate_channel_shares(rows: list[dict], target: float) -> dict[str, float]:
+    """Per-layer channel shares, from those the analysis tried, that remove at least `target` of the analysed
+    layers' weights at the least one-shot accuracy loss: each step raises the layer whose next share costs the
+    fewest points per weight removed, until the target is reached or every layer is at its largest share. A fixed
+    budget of points does not suit channels: removed one-shot, a quarter of a convolution's channels can cost tens
+    of points that a fine-tune wins back. Counted are each layer's own weights (not the next layer's inputs that go
+    with them), and the drops are taken to add up: a ranking of where to cut, not a prediction."""
+    shares = {row["layer"]: 0.0 for row in rows}
+    total = sum(row["weights"] for row in rows)
+    curves = {row["layer"]: {float(s): drop for s, drop in row["drop_points"].items()} for row in rows}
+    weights = {row["layer"]: row["weights"] for row in rows}
+    removed = 0.0
+    while removed < target * total:
+        steps = []
+        for name, curve in curves.items():
+            share = shares[name]
+            higher = sorted(s for s in curve if s > share)
+            if higher:
+                gained = (higher[0] - share) * weights[name]
+                cost = max(curve[higher[0]] - curve.get(share, 0.0), 0.0)
+                steps.append((cost / gained, name, higher[0], gained))
+        if not steps:
+            break
+        _, name, share, gained = min(steps)
+        shares[name] = share
+        removed += gained
+    return shares
 
 
 def _csv(rows: list[dict], sparsities) -> str:

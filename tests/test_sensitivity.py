@@ -181,10 +181,22 @@ def test_auto_turns_the_analysis_into_per_layer_prune_settings_and_reuses_it(tin
         sample(trial, False, {})
 
 
+def test_channel_shares_go_where_each_removed_weight_costs_least():
+    from compress.sensitivity import allocate_channel_shares
+
+    rows = [{"layer": "a", "weights": 100, "drop_points": {"0.25": 0.0, "0.5": 10.0}},
+            {"layer": "b", "weights": 1000, "drop_points": {"0.25": 5.0, "0.5": 6.0}},
+            {"layer": "classifier", "weights": 50, "drop_points": {}}]
+    # a's first quarter is free, then b's (0.02 points per weight) and b's second quarter (0.004) before a's (0.4)
+    assert allocate_channel_shares(rows, 0.3) == {"a": 0.25, "b": 0.5, "classifier": 0.0}
+    assert allocate_channel_shares(rows, 0.01) == {"a": 0.25, "b": 0.0, "classifier": 0.0}
+    assert allocate_channel_shares(rows, 0.99) == {"a": 0.5, "b": 0.5, "classifier": 0.0}  # all it can
+
+
 def test_auto_plans_channel_shares_on_the_model_the_chain_prefix_ends_in(tiny_cnn, synthetic_data, tmp_path):
     import optuna
 
-    from compress.auto.space import layer_plans, recipe_text, resolve_channel_plans, sample, stage_names
+    from compress.auto.space import CHANNEL_SHARES, layer_plans, recipe_text, resolve_channel_plans, sample, stage_names
     from compress.kerasmodel import save_model
     from compress.pipeline.recipe import parse_recipe
 
@@ -197,26 +209,31 @@ def test_auto_plans_channel_shares_on_the_model_the_chain_prefix_ends_in(tiny_cn
         return path
 
     def plans_of(model_path, name):
-        return layer_plans(model_path, synthetic_data, 100.0, tmp_path / "sensitivity" / name, unsafe=False,
+        return layer_plans(model_path, synthetic_data, 1.0, tmp_path / "sensitivity" / name, unsafe=False,
                            log=log.append, structure="channels")
 
     trial = optuna.trial.FixedTrial({"chain": "distill-channelplan-qat", "width": 8, "distill_epochs": 10,
-                                     "channel_plan": 3, "epochs": 2})
+                                     "channel_plan": 0.35, "epochs": 2})
     chain, stages = sample(trial, False)
-    assert stages[1] == ("prune", {"structure": "channels", "distill": True, "channel_plan": 3, "epochs": 2})
+    assert stages[1] == ("prune", {"structure": "channels", "distill": True, "channel_plan": 0.35, "epochs": 2})
     resolved = resolve_channel_plans(stages, run_prefix, plans_of)
     assert trained == [stages[:1]]  # the student is trained before its channels are analysed
     assert resolved[0] == stages[0] and resolved[2] == stages[2]
     [folder] = (tmp_path / "sensitivity").iterdir()
     assert folder.name == stage_names(stages[:1])[0]
     analysis = json.loads((folder / "sensitivity.json").read_text())
-    assert analysis["settings"]["structure"] == "channels" and analysis["settings"]["sparsities"] == [0.25, 0.5, 0.75]
-    # 300 points over four layers: every layer whose channels can go loses the most the analysis tried
-    assert resolved[1] == ("prune", {"structure": "channels", "distill": True, "epochs": 2,
-                                     "layer_sparsity": {"conv1": 0.75, "conv2": 0.75, "dense1": 0.75, "logits": 0.0}})
-    assert PruneConfig.from_dict(resolved[1][1]).structure == "channels"
+    assert analysis["settings"]["structure"] == "channels"
+    assert analysis["settings"]["sparsities"] == list(CHANNEL_SHARES)
+    technique, settings = resolved[1]
+    assert technique == "prune" and "channel_plan" not in settings
+    shares = settings["layer_sparsity"]
+    assert set(shares) == {"conv1", "conv2", "dense1", "logits"} and shares["logits"] == 0.0  # every layer named
+    assert set(shares.values()) <= {0.0, *CHANNEL_SHARES}
+    weights = {row["layer"]: row["weights"] for row in analysis["layers"]}
+    assert sum(shares[name] * weights[name] for name in shares) >= 0.35 * sum(weights.values())
+    assert PruneConfig.from_dict(settings).structure == "channels"
     [_, stage, _] = parse_recipe(recipe_text(resolved, stage_names(resolved))).stages
-    assert dict(stage.config.layer_sparsity)["conv1"] == 0.75
+    assert dict(stage.config.layer_sparsity) == shares
     assert resolve_channel_plans(stages, run_prefix, plans_of) == resolved and len(log) == 1  # analysis reused
-    with pytest.raises(ModelError, match="no layer of student keeps within 3 x the budget"):
+    with pytest.raises(ModelError, match="no layer of student has channels to remove"):
         resolve_channel_plans(stages, run_prefix, lambda model_path, name: {})

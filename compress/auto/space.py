@@ -43,13 +43,14 @@ CHAINS: dict[str, tuple[tuple[str, dict, tuple[str, ...]], ...]] = {
 }
 PARAMETER_SETTING = {"distill_epochs": "epochs", "channels": "sparsity"}
 # The first choice of each parameter is where the search starts: the first trials try every chain with it.
-# layer_plan, channel_plan: the sensitivity analysis prunes one layer at a time without fine-tuning, which overstates
-# the loss after fine-tuning, so its proposals are asked for at multiples of the budget.
+# layer_plan: the sensitivity analysis prunes one layer at a time without fine-tuning, which overstates the loss
+# after fine-tuning, so its proposals are asked for at multiples of the budget. channel_plan: the share of the
+# weights to remove, spread over the layers by their channel sensitivity (allocate_channel_shares).
 CHOICES = {"sparsity": (0.8, 0.5, 0.7, 0.9), "channels": (0.5, 0.25, 0.4, 0.6), "clusters": (16, 8, 32),
            "width": (32, 8, 16), "epochs": (2, 1, 4), "distill_epochs": (10, 5), "layer_plan": (3, 1, 10),
-           "channel_plan": (3, 1, 10)}
+           "channel_plan": (0.35, 0.25, 0.5)}
 # the channel shares the channel sensitivity analysis tries per layer
-CHANNEL_SHARES = (0.25, 0.5, 0.75)
+CHANNEL_SHARES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 QUICK_CHOICES = {**CHOICES, "epochs": (1,), "distill_epochs": (1,)}
 
 
@@ -77,11 +78,12 @@ def sample(trial, quick: bool, plans: dict | None = None) -> tuple[str, list[tup
 
 def layer_plans(model_path: Path, data, max_drop: float, folder: Path, *, unsafe: bool, log,
                 structure: str = "none") -> dict:
-    """budget multiple -> prune settings (the layers and sparsities, or with structure channels the channel shares,
-    that `compress sensitivity` proposes for that many points on the validation split). The analysis is kept in
-    `folder` and reused for the same model file."""
+    """Per-layer prune settings from `compress sensitivity` on the validation split: budget multiple -> the layers
+    and sparsities it proposes for that many points; with structure channels, share of the weights -> the channel
+    shares `allocate_channel_shares` spreads it into. The analysis is kept in `folder` and reused for the same
+    model file."""
     from compress.kerasmodel import load_model
-    from compress.sensitivity import DEFAULT_SPARSITIES, SensitivityConfig, analyse, propose
+    from compress.sensitivity import DEFAULT_SPARSITIES, SensitivityConfig, allocate_channel_shares, analyse, propose
 
     channels = structure == "channels"
     config = SensitivityConfig(max_drop=max_drop, structure=structure,
@@ -93,36 +95,39 @@ def layer_plans(model_path: Path, data, max_drop: float, folder: Path, *, unsafe
             result = json.loads((folder / "sensitivity.json").read_text())
         except (OSError, ValueError):
             result = {}
-        if result.get("model_sha256") != digest:
+        if result.get("model_sha256") != digest or result["settings"]["sparsities"] != list(config.sparsities):
             log(f"sensitivity of each layer{' to channel removal' if channels else ''} of {model_path.parent.name}/"
                 f"{model_path.name} (validation split), for per-layer pruning plans ...")
             result = analyse(load_model(model_path, unsafe=unsafe), data, config, out_dir=folder, log=lambda _: None)
             write_json(folder / "sensitivity.json", {**result, "model_sha256": digest})
     plans = {}
-    for scale in CHOICES["channel_plan" if channels else "layer_plan"]:
-        proposal = propose(copy.deepcopy(result["layers"]), replace(config, max_drop=max_drop * scale))
+    for choice in CHOICES["channel_plan" if channels else "layer_plan"]:
+        if channels:  # every layer named, 0 keeping it whole: an unnamed one would take --sparsity
+            shares = allocate_channel_shares(result["layers"], choice)
+            if any(shares.values()):
+                plans[choice] = {"layer_sparsity": shares}
+            continue
+        proposal = propose(copy.deepcopy(result["layers"]), replace(config, max_drop=max_drop * choice))
         chosen = {name: value for name, value in proposal["layer_sparsity"].items() if value > 0}
-        if chosen and channels:  # every layer named, 0 keeping it whole: an unnamed one would take --sparsity
-            plans[scale] = {"layer_sparsity": proposal["layer_sparsity"]}
-        elif chosen:
-            plans[scale] = {"layers": list(chosen), "layer_sparsity": chosen}
+        if chosen:
+            plans[choice] = {"layers": list(chosen), "layer_sparsity": chosen}
     return plans
 
 
 def resolve_channel_plans(stages: list[tuple[str, dict]], run_prefix, plans_of) -> list[tuple[str, dict]]:
-    """The stages with each `channel_plan` (a budget multiple) replaced by the channel shares the analysis of that
-    stage's input model proposes: `run_prefix(stages)` trains the stages before it and returns the path of the
-    model they end in, `plans_of(path, prefix_name)` is `layer_plans` for it."""
+    """The stages with each `channel_plan` (a share of the weights) replaced by the per-layer channel shares the
+    analysis of that stage's input model gives: `run_prefix(stages)` trains the stages before it and returns the
+    path of the model they end in, `plans_of(path, prefix_name)` is `layer_plans` for it."""
     resolved: list[tuple[str, dict]] = []
     for technique, settings in stages:
         if "channel_plan" in settings:
-            scale = settings["channel_plan"]
+            share = settings["channel_plan"]
             model_path = run_prefix(resolved)
             plans = plans_of(model_path, stage_names(resolved)[-1] if resolved else BASELINE)
-            if scale not in plans:
-                raise ModelError(f"no layer of {model_path.parent.name} keeps within {scale} x the budget at any "
-                                 "channel share the sensitivity analysis tried")
-            settings = {**{key: value for key, value in settings.items() if key != "channel_plan"}, **plans[scale]}
+            if share not in plans:
+                raise ModelError(f"no layer of {model_path.parent.name} has channels to remove (the classifier's "
+                                 "outputs stay, and so do channels joined with them)")
+            settings = {**{key: value for key, value in settings.items() if key != "channel_plan"}, **plans[share]}
         resolved.append((technique, settings))
     return resolved
 
