@@ -4,7 +4,8 @@ Pruning is one-shot with no fine-tune: a layer's smallest weights are zeroed (or
 of its channels with the smallest L1 norm removed, the layers joined with it losing the same ones, as `compress prune
 --structure channels` removes them), the validation split measured, the weights restored. So the figures rank
 layers (a fine-tune recovers much of the loss); they are not the accuracy `compress prune` reaches. int8 is
-measured on the real files: the float model is converted to ONNX once and quantized with onnxruntime (QDQ, as `compress ptq` does) with one layer alone quantized, and with one
+measured on the real files: the float model is converted to ONNX once and quantized with onnxruntime (QDQ, as
+`compress ptq` does) with one layer alone quantized, and with one
 layer alone kept float, each file run in onnxruntime. The validation split is used throughout, so that choosing
 settings from these figures leaves the test split unseen. The proposal spends a drop budget evenly over the layers.
 """

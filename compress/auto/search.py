@@ -186,8 +186,8 @@ class Search:
         return stage_dir(self.options.out, names[-1] if names else BASELINE) / "model.keras"
 
     def channel_plans(self, model_path: Path, stage_name: str) -> dict:
-        """Per-layer channel shares for multiples of the budget, from the channel sensitivity of a stage's model
-        (kept in OUT/sensitivity/channels-STAGE)."""
+        """Per-layer channel shares for each planned share of the weights, from the channel sensitivity of a stage's
+        model (kept in OUT/sensitivity/channels-STAGE)."""
         folder = self.out / "sensitivity" / f"channels-{stage_name}"
         return layer_plans(model_path, self.data, self.config.max_drop, folder, unsafe=self.options.unsafe,
                            log=self.log, structure="channels")
