@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The model zoo benchmark: models users bring (scripts/zoo_models.py), each through `compress run --quick` with the
+# The model zoo benchmark: models users bring (scripts/zoo_models.py: trained on the full CIFAR-10 less cifar10-mini's
+# images when $COMPRESS_CIFAR10_DIR names it, else on cifar10-mini), each through `compress run --quick` with the
 # default recipe on the shipped CIFAR-10 subset (cifar10-mini: 4,500 training, 500 validation, 1,000 test images),
 # and the article's CNN beside them. Results go to benchmarks/zoo/<model>/ and benchmarks/zoo/summary.md.
 # Usage: scripts/benchmark_zoo.sh [RUN_DIR] (default runs/zoo; a rerun resumes every run folder)
@@ -22,6 +23,6 @@ for name in article tfmot_example mobilenetv2 keras3_resnet rescaling_cnn; do
   cp "$run_dir/$name"/{report.md,results.json,results.csv,accuracy_vs_size.png} "$target/$name"/
   printf '%s\n' "${command[*]}" > "$target/$name/command.txt"
 done
-python3 scripts/zoo_summary.py "$target" "$(( $(date +%s) - started ))" > "$target/summary.md"
 cp "$run_dir.models.log" "$target/models.log" 2>/dev/null || true
+python3 scripts/zoo_summary.py "$target" "$(( $(date +%s) - started ))" > "$target/summary.md"
 echo "wrote $target/summary.md"

@@ -1,4 +1,5 @@
-"""The zoo benchmark's summary table, from each model's results.json: python3 scripts/zoo_summary.py DIR [SECONDS]."""
+"""The zoo benchmark's summary table, from each model's results.json (and DIR/models.log, how the models trained):
+python3 scripts/zoo_summary.py DIR [SECONDS]."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def row(name: str, results: dict) -> list[str]:
                  if fastest_int8 else "no int8 file")
     not_slower = fastest_int8 is not None and fastest_int8["latency_ms_b1"] <= base["latency_ms_b1"]
     pruned = by_name.get("pruned")
-    pruned_text = f"{base['gzip_bytes'] / pruned['gzip_bytes']:.1f}×" if pruned else "refused"
+    pruned_text = (f"{base['gzip_bytes'] / pruned['gzip_bytes']:.1f}× "
+                   f"({(pruned['accuracy'] - base['accuracy']) * 100:+.1f} points)" if pruned else "refused")
     failed = [v["name"] for v in results["variants"] if not v["parity_ok"]]
     refused = results.get("refused") or {}
     return [
@@ -55,6 +57,10 @@ def main() -> None:
     if machine:
         print(f"\nCPU: {machine.get('cpu')}, instruction sets {', '.join(machine.get('instruction_sets', []))}; "
               f"latency {machine.get('latency_threads')} thread, medians of interleaved rounds.")
+    models_log = root / "models.log"
+    if models_log.is_file():  # how scripts/zoo_models.py trained the models users bring
+        print("Zoo models: " + "; ".join(sorted({line for line in models_log.read_text().splitlines()
+                                                 if line.startswith("training on")})) + ".")
     if seconds:
         print(f"Whole benchmark (training the zoo models included): {int(seconds)} s.")
 
