@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 run_dir=${1:-runs/zoo}
 target=benchmarks/zoo
 started=$(date +%s)
+mkdir -p "$run_dir"
 [ -f "$run_dir/models/mobilenetv2.keras" ] || python3 scripts/zoo_models.py "$run_dir/models" | tee "$run_dir.models.log"
 declare -A extra=([article]="" [tfmot_example]="" [mobilenetv2]="--input-range symmetric" [keras3_resnet]=""
                   [rescaling_cnn]="")
