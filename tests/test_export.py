@@ -13,6 +13,8 @@ import pytest
 
 from compress.cli import main
 from compress.errors import ConfigError, ExportError
+from compress.techniques.qat import QATConfig
+from compress.techniques.qat import qat as quantization_aware_training
 
 SHAPE = (16, 16, 3)
 
@@ -98,6 +100,8 @@ def models(data):
     clustered = clustering.strip_clustering(
         _fit(clustering.cluster_weights(_copy(float_model), number_of_clusters=8), data)
     )
+    cqat = quantization_aware_training(
+        clustered, QATConfig(preserve="clusters", epochs=1, batch_size=32), data, verbose=0).model
     layers = keras.layers
     student = _fit(  # a distilled student is any small CNN; this one has BatchNorm and pooling for the converter
         keras.Sequential([
@@ -108,7 +112,7 @@ def models(data):
         data,
     )
     return {"float": float_model, "pruned": pruned, "pruned_wrapped": pruned_wrapped, "qat": qat, "pqat": pqat,
-            "clustered": clustered, "student": student}
+            "clustered": clustered, "cqat": cqat, "student": student}
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +126,7 @@ def exports(models, data, tmp_path_factory):
         "pruned": export_model(models["pruned"], root / "pruned", data=data, chain=["prune"]),
         "pqat": export_model(models["pqat"], root / "pqat", data=data, chain=["prune", "pqat"]),
         "clustered": export_model(models["clustered"], root / "clustered", data=data, chain=["cluster"]),
+        "cqat": export_model(models["cqat"], root / "cqat", data=data, chain=["cluster", "qat"]),
         "student": export_model(models["student"], root / "student", formats=("onnx", "tflite"), data=data,
                                 chain=["distill"]),
     }
@@ -182,13 +187,33 @@ def test_export_writes_parity_and_manifest(exports):
     assert sorted(p.name for p in folder.iterdir()) == ["export.json", "model.onnx", "model.tflite", "parity.json"]
 
 
-@pytest.mark.parametrize("variant", ["float", "pruned", "qat", "pqat", "clustered", "student"])
+@pytest.mark.parametrize("variant", ["float", "pruned", "qat", "pqat", "clustered", "cqat", "student"])
 def test_parity_passes_for_every_variant(exports, variant):
     result = exports[variant]
     assert result["parity_ok"] is True
     for name, check in result["parity"]["files"].items():
         assert check["ok"] and check["top1_agreement"] >= check["threshold"], (variant, name, check)
         assert abs(check["accuracy"] - check["reference_accuracy"]) <= 0.005, (variant, name, check)
+
+
+def test_clustered_kernels_are_stored_as_indices_into_their_values(exports, tmp_path):
+    """The float clustered model's dense kernel (8 values, 100k weights) is stored as uint8 indices and a table: a
+    third of the float file's bytes, the same weights read back. The cluster-preserving QAT file's dense kernel is
+    int8 with one scale, so its 8 int8 levels already are the indices and it stays as it is; that file still runs on
+    integer kernels. (Per-channel tables, where indices do pay for int8: test_codebook.py.)"""
+    from helpers import optimized_ops
+
+    from compress.measure.sizes import onnx_weight_stats
+
+    float_file, clustered = exports["float"]["files"]["onnx"], exports["clustered"]["files"]["onnx"]
+    assert float_file["codebook_weights"] == []
+    assert len(clustered["codebook_weights"]) == 1, clustered["codebook_weights"]  # conv (216), logits (640): small
+    assert onnx_weight_stats(clustered["path"])["params"] == onnx_weight_stats(float_file["path"])["params"]
+    assert clustered["bytes"] < 0.35 * float_file["bytes"]
+    cqat = exports["cqat"]["files"]["onnx"]
+    assert cqat["codebook_weights"] == [] and cqat["int8_weight_fraction"] == 1.0
+    ops = optimized_ops(cqat["path"], tmp_path, "ORT_ENABLE_EXTENDED")
+    assert ops.count("QLinearConv") == 1 and ops.count("QGemm") == 2, ops
 
 
 def test_qat_onnx_stores_int8_weights_with_learned_scales(exports, models):

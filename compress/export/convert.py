@@ -15,7 +15,7 @@ from compress.errors import ExportError, first_line
 from compress.export.int8_rewrite import inputs_rounded_as_fake_quant, reshapes_as_transposes, use_integer_kernels
 from compress.files import atomic_path
 from compress.kerasmodel import model_io, variable_short_name
-from compress.measure.sizes import count_zeros, onnx_constants, quantized_zero_points
+from compress.measure.sizes import count_zeros, graph_weights
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 17
@@ -184,18 +184,15 @@ def save_onnx(proto, target: str | os.PathLike) -> Path:
 def describe_onnx(proto) -> dict:
     """Opset, input, metadata and weight statistics of an ONNX model (weights: float/int tensors of rank >= 2)."""
     import onnx
-    from onnx import numpy_helper
 
     opset = max((item.version for item in proto.opset_import if item.domain in ("", "ai.onnx")), default=0)
     value = proto.graph.input[0]
     dims = [dim.dim_param or dim.dim_value for dim in value.type.tensor_type.shape.dim]
-    zero_points = quantized_zero_points(proto.graph)
-    weights = [(tensor.name, numpy_helper.to_array(tensor)) for tensor in onnx_constants(proto.graph)]
-    weights = [(name, array) for name, array in weights
+    weights = [(array, zero_point) for _, array, zero_point in graph_weights(proto.graph)
                if array.ndim >= 2 and array.dtype.kind in "fiu" and array.dtype != np.int64]
-    total = sum(array.size for _, array in weights)
-    int8 = sum(array.size for _, array in weights if array.dtype in (np.int8, np.uint8))
-    zeros = sum(count_zeros(array, zero_points.get(name)) for name, array in weights)
+    total = sum(array.size for array, _ in weights)
+    int8 = sum(array.size for array, _ in weights if array.dtype in (np.int8, np.uint8))
+    zeros = sum(count_zeros(array, zero_point) for array, zero_point in weights)
     return {
         "opset": int(opset),
         "input": {"name": value.name, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(

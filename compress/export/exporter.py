@@ -12,6 +12,8 @@ How each variant is exported:
   zero point (QuantizeLinear rounds values halfway between two levels, such as every [-1, 1] pixel, otherwise). With
   `int8_weights="uint8"` (auto: where this CPU is x86 without VNNI, whose uint8 x int8 kernels saturate 16-bit sums)
   the weights are stored as uint8 with zero point 128, the same numbers.
+- every ONNX file: a weight with few distinct values (a clustered kernel) is stored as uint8 indices into a table of
+  its values (`codebook.store_as_codebooks`), which onnxruntime turns back into the weight when it loads the file.
 - `onnx-fp16`: float models only; model.onnx converted to model.fp16.onnx by `fp16.to_fp16` (float16 weights and
   arithmetic, float32 inputs and outputs), checked against the Keras model with the float16 threshold.
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from compress.errors import ConfigError, ExportError, ModelError
+from compress.export.codebook import store_as_codebooks
 from compress.export.convert import DEFAULT_OPSET, MIN_OPSET, describe_onnx, onnx_proto, save_onnx, to_tflite
 from compress.export.fp16 import to_fp16
 from compress.export.parity import (
@@ -160,8 +163,10 @@ def export_model(
             unsigned = quantized and _unsigned_weights_wanted(config.int8_weights)
             proto = onnx_proto(model, opset=config.opset, metadata=metadata,
                                int8_tflite=tflite_bytes if quantized else None, unsigned_weights=unsigned)
+            codebook_weights = store_as_codebooks(proto.graph)
             save_onnx(proto, target)
             entry = describe_onnx(proto)
+            entry["codebook_weights"] = codebook_weights
             entry["converter"] = "tf2onnx from int8 TFLite" if quantized else "tf2onnx from Keras"
             if quantized:
                 entry["int8_weights"] = "uint8, zero point 128" if unsigned else "int8"

@@ -15,7 +15,7 @@ import numpy as np
 
 from compress.errors import ExportError, ModelError, first_line
 from compress.files import atomic_path
-from compress.measure.sizes import _dtype_name, _graphs
+from compress.measure.sizes import _dtype_name, _graphs, weight_arrays
 from compress.runtimes import CPU, open_session
 
 # Ops that mean a file is already quantized: float16 conversion would not touch its integer arithmetic.
@@ -143,7 +143,10 @@ def _refuse_unconvertible(model, source: Path) -> None:
             raise ExportError(
                 f"{source} is already quantized ({', '.join(quantized)}); float16 applies to float32 files"
             )
+        weights = weight_arrays(graph)
         for tensor in graph.initializer:
+            if tensor.name not in weights:  # uint8 indices into a table of float weights (export/codebook.py)
+                continue
             if names(tensor.data_type) in _INTEGER_WEIGHT_TYPES:
                 raise ExportError(f"{source} is already quantized ({names(tensor.data_type).lower()} weight "
                                   f"{tensor.name!r}); float16 applies to float32 files")

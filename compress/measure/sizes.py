@@ -19,10 +19,10 @@ def file_size(path: str | os.PathLike) -> dict:
 def onnx_weight_stats(path: str | os.PathLike) -> dict:
     """Weight elements, nonzero weight elements and stored bytes per data type of an ONNX file's constants.
 
-    Weights are the graph's initializers and Constant nodes (subgraphs included), except int64 tensors
-    (shapes, axes, indices) and the scales and zero points of Quantize/DequantizeLinear, which are
-    counted apart as ``quant_params``. ``bytes_by_dtype`` (stored bytes per data type) covers every constant,
-    whatever its role.
+    Weights are the graph's constants as its nodes read them (`weight_arrays`: weights stored as a codebook count as
+    the weights they decode to), except int64 tensors (shapes, axes, indices) and the scales and zero points of
+    Quantize/DequantizeLinear, which are counted apart as ``quant_params``. ``bytes_by_dtype`` (stored bytes per data
+    type) covers every constant as stored, whatever its role.
     """
     import onnx
     from onnx import numpy_helper
@@ -34,25 +34,21 @@ def onnx_weight_stats(path: str | os.PathLike) -> dict:
     except Exception as exc:  # protobuf's DecodeError and onnx's own errors both mean "not an ONNX file"
         raise ModelError(f"cannot read ONNX file {path}: {first_line(exc)}") from exc
 
-    tensors = list(onnx_constants(model.graph))
     quant_names = {name for graph in _graphs(model.graph) for node in graph.node
                    if node.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
                    for name in node.input[1:]}
-
-    zero_points = {}
-    for graph in _graphs(model.graph):
-        zero_points.update(quantized_zero_points(graph))
-    params = nonzero = quant_params = 0
     bytes_by_dtype: dict[str, int] = {}
-    for tensor in tensors:
+    for tensor in onnx_constants(model.graph):
         array = numpy_helper.to_array(tensor)
         dtype = _dtype_name(tensor.data_type, array)
         bytes_by_dtype[dtype] = bytes_by_dtype.get(dtype, 0) + int(array.nbytes)
-        if tensor.name in quant_names:
+    params = nonzero = quant_params = 0
+    for name, array, zero_point in graph_weights(model.graph):
+        if name in quant_names:
             quant_params += int(array.size)
-        elif dtype != "int64":
+        elif array.dtype != np.int64:
             params += int(array.size)
-            nonzero += int(array.size) - count_zeros(array, zero_points.get(tensor.name))
+            nonzero += int(array.size) - count_zeros(array, zero_point)
     return {
         "params": params,
         "nonzero_params": nonzero,
@@ -64,36 +60,75 @@ def onnx_weight_stats(path: str | os.PathLike) -> dict:
 
 def onnx_constants(graph):
     """Every constant tensor of a graph and its subgraphs: initializers and Constant nodes (named by their output)."""
+    for sub in _graphs(graph):
+        yield from _own_constants(sub)
+
+
+def graph_weights(graph):
+    """(name, array, zero point or None) of every constant of a graph and its subgraphs, as `weight_arrays` gives
+    them; the zero point is that of the DequantizeLinear reading it (see `quantized_zero_points`)."""
+    for sub in _graphs(graph):
+        arrays = weight_arrays(sub)
+        zero_points = quantized_zero_points(sub, arrays)
+        for name, array in arrays.items():
+            yield name, array, zero_points.get(name)
+
+
+def weight_arrays(graph) -> dict[str, np.ndarray]:
+    """A graph's constants (not its subgraphs') as its other nodes read them: initializers and Constant nodes, where
+    Cast, Add and Gather nodes that read only constants (how export/codebook.py stores clustered weights: indices
+    into a table) stand in for what they read by what they compute."""
+    from onnx import helper, numpy_helper
+
+    values = {tensor.name: numpy_helper.to_array(tensor) for tensor in _own_constants(graph)}
+    folded_inputs = set()
+    for node in graph.node:  # nodes are in topological order
+        if node.op_type not in ("Cast", "Add", "Gather") or not all(name in values for name in node.input):
+            continue
+        inputs = [values[name] for name in node.input]
+        if node.op_type == "Cast":
+            to = next(attribute.i for attribute in node.attribute if attribute.name == "to")
+            values[node.output[0]] = inputs[0].astype(helper.tensor_dtype_to_np_dtype(to))
+        elif node.op_type == "Add":
+            values[node.output[0]] = inputs[0] + inputs[1]
+        else:
+            axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 0)
+            values[node.output[0]] = np.take(inputs[0], inputs[1], axis=axis)
+        folded_inputs.update(node.input)
+    read_elsewhere = {name for node in graph.node if node.op_type not in ("Cast", "Add", "Gather")
+                      for name in node.input} | {value.name for value in graph.output}
+    return {name: array for name, array in values.items() if name not in folded_inputs or name in read_elsewhere}
+
+
+def _own_constants(graph):
     import onnx
 
-    for sub in _graphs(graph):
-        yield from sub.initializer
-        for node in sub.node:
-            if node.op_type != "Constant":
-                continue
-            for attribute in node.attribute:
-                if attribute.name == "value" and attribute.type == onnx.AttributeProto.TENSOR:
-                    tensor = onnx.TensorProto()
-                    tensor.CopyFrom(attribute.t)
-                    tensor.name = node.output[0]
-                    yield tensor
+    yield from graph.initializer
+    for node in graph.node:
+        if node.op_type != "Constant":
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "value" and attribute.type == onnx.AttributeProto.TENSOR:
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(attribute.t)
+                tensor.name = node.output[0]
+                yield tensor
 
 
-def quantized_zero_points(graph) -> dict:
+def quantized_zero_points(graph, arrays: dict[str, np.ndarray] | None = None) -> dict:
     """{constant name: its zero point, shaped to broadcast against it} for constants read by DequantizeLinear.
 
     A stored integer stands for 0.0 when it equals its zero point: 0 for int8, but 128 for the uint8 weights an
-    export makes for CPUs without VNNI, so zeros are counted against the zero point, not against 0.
+    export makes for CPUs without VNNI, so zeros are counted against the zero point, not against 0. `arrays`: the
+    graph's `weight_arrays`, when the caller has them.
     """
-    from onnx import numpy_helper
-
-    constants = {tensor.name: tensor for tensor in graph.initializer}
+    constants = weight_arrays(graph) if arrays is None else arrays
     found = {}
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or len(node.input) < 3 or not set(node.input[::2]) <= set(constants):
             continue
-        zero_point = numpy_helper.to_array(constants[node.input[2]])
-        rank = len(constants[node.input[0]].dims)
+        zero_point = constants[node.input[2]]
+        rank = constants[node.input[0]].ndim
         if zero_point.ndim == 1 and rank > 1:  # per-axis: along the node's axis (default 1)
             axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1) % rank
             zero_point = zero_point.reshape([-1 if dim == axis else 1 for dim in range(rank)])
