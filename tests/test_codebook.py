@@ -84,10 +84,10 @@ def test_per_channel_clustered_int8_weights_keep_outputs_and_integer_kernels(tmp
     assert store_as_codebooks(stored.graph) == ["w"]
     onnx.checker.check_model(stored, full_check=True)
     codes = {tensor.name: numpy_helper.to_array(tensor) for tensor in stored.graph.initializer}
-    assert codes["w_codes"].dtype == np.uint8 and codes["w_codes"].max() < 8
+    assert codes["w_codes"].dtype == np.uint8 and codes["w_codes"].size == weights.size // 2  # 4-bit indices
     assert codes["w_codebook"].size == 8 * CHANNELS
     np.testing.assert_array_equal(weight_arrays(stored.graph)["w"], weights)
-    assert not {"w_codes", "w_codebook", "w_code_offsets"} & set(weight_arrays(stored.graph))
+    assert set(weight_arrays(stored.graph)) == {tensor.name for tensor in original.graph.initializer}
 
     x = RNG.normal(size=(1, IN_CHANNELS, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(_run(stored, x, tmp_path=tmp_path), _run(original, x))
@@ -104,12 +104,25 @@ def test_per_tensor_clustered_float_weights_shrink_on_disk():
     stored = _copy(original)
     assert store_as_codebooks(stored.graph) == ["w"]
     names = {tensor.name for tensor in stored.graph.initializer}
-    assert names == {"w_codes", "w_codebook"}  # one table for the whole tensor: no per-channel offsets
+    # one table for the whole tensor (no per-channel offsets), two 4-bit indices to a byte
+    assert names == {"w_codes", "w_code_shifts", "w_code_modulus", "w_code_shape", "w_codebook"}
     np.testing.assert_array_equal(weight_arrays(stored.graph)["w"], weights)
     x = RNG.normal(size=(2, 256)).astype(np.float32)
     np.testing.assert_array_equal(_run(stored, x), _run(original, x))
     assert len(stored.SerializeToString()) < 0.3 * len(original.SerializeToString())
     assert _gzip(stored) < _gzip(original)
+
+
+def test_four_values_pack_four_indices_to_a_byte_and_odd_counts_stay_unpacked():
+    for rows, packed_size in ((256, 256 * 64 // 4), (257, 257 * 64 // 4), (255, None)):
+        weights = RNG.normal(size=4).astype(np.float32)[RNG.integers(0, 4, (rows, 63 if packed_size is None else 64))]
+        model = _gemm_graph(weights)
+        assert store_as_codebooks(model.graph) == ["w"]
+        codes = next(tensor for tensor in model.graph.initializer if tensor.name == "w_codes")
+        assert numpy_helper.to_array(codes).size == (packed_size or weights.size)
+        np.testing.assert_array_equal(weight_arrays(model.graph)["w"], weights)
+        x = RNG.normal(size=(2, rows)).astype(np.float32)
+        np.testing.assert_array_equal(_run(model, x), _run(_gemm_graph(weights), x))
 
 
 def test_weights_that_are_not_clustered_stay_as_they_are():

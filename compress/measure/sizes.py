@@ -76,28 +76,47 @@ def graph_weights(graph):
 
 def weight_arrays(graph) -> dict[str, np.ndarray]:
     """A graph's constants (not its subgraphs') as its other nodes read them: initializers and Constant nodes, where
-    Cast, Add and Gather nodes that read only constants (how export/codebook.py stores clustered weights: indices
+    nodes of _DECODING_OPS that read only constants (how export/codebook.py stores clustered weights: packed indices
     into a table) stand in for what they read by what they compute."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     values = {tensor.name: numpy_helper.to_array(tensor) for tensor in _own_constants(graph)}
     folded_inputs = set()
     for node in graph.node:  # nodes are in topological order
-        if node.op_type not in ("Cast", "Add", "Gather") or not all(name in values for name in node.input):
-            continue
-        inputs = [values[name] for name in node.input]
-        if node.op_type == "Cast":
-            to = next(attribute.i for attribute in node.attribute if attribute.name == "to")
-            values[node.output[0]] = inputs[0].astype(helper.tensor_dtype_to_np_dtype(to))
-        elif node.op_type == "Add":
-            values[node.output[0]] = inputs[0] + inputs[1]
-        else:
-            axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 0)
-            values[node.output[0]] = np.take(inputs[0], inputs[1], axis=axis)
-        folded_inputs.update(node.input)
-    read_elsewhere = {name for node in graph.node if node.op_type not in ("Cast", "Add", "Gather")
-                      for name in node.input} | {value.name for value in graph.output}
+        if node.op_type in _DECODING_OPS and node.input and all(name in values for name in node.input):
+            attributes = {attribute.name: attribute for attribute in node.attribute}
+            values[node.output[0]] = _DECODING_OPS[node.op_type](attributes, *(values[name] for name in node.input))
+            folded_inputs.update(node.input)
+    read_elsewhere = {name for node in graph.node if node.op_type not in _DECODING_OPS for name in node.input}
+    read_elsewhere |= {value.name for value in graph.output}
     return {name: array for name, array in values.items() if name not in folded_inputs or name in read_elsewhere}
+
+
+def _reshape(attributes, array, shape):
+    dims = [array.shape[i] if size == 0 and not _attribute(attributes, "allowzero", 0) else size
+            for i, size in enumerate(shape.tolist())]
+    return array.reshape(dims)
+
+
+def _cast(attributes, array):
+    from onnx import helper
+
+    return array.astype(helper.tensor_dtype_to_np_dtype(_attribute(attributes, "to", None)))
+
+
+def _attribute(attributes, name, default):
+    return attributes[name].i if name in attributes else default
+
+
+_DECODING_OPS = {
+    "Cast": _cast,
+    "Add": lambda attributes, a, b: a + b,
+    "Gather": lambda attributes, data, indices: np.take(data, indices, axis=_attribute(attributes, "axis", 0)),
+    "BitShift": lambda attributes, a, b: (np.right_shift(a, b) if attributes["direction"].s == b"RIGHT"
+                                          else np.left_shift(a, b)).astype(a.dtype),
+    "Mod": lambda attributes, a, b: np.fmod(a, b) if _attribute(attributes, "fmod", 0) else np.mod(a, b),
+    "Reshape": _reshape,
+}
 
 
 def _own_constants(graph):
