@@ -36,7 +36,7 @@ PATIENCE = 2  # epochs without a better validation accuracy before training stop
 
 
 def _training_data(cifar10_dir: str | None):
-    """(train, validation, test) Datasets' splits: the test split is always cifar10-mini's, which the benchmark uses."""
+    """The Dataset to train on: its test split is always cifar10-mini's, the one the benchmark tests with."""
     from compress.data import load_data
 
     mini = load_data("cifar10-mini")

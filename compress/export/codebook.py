@@ -1,4 +1,4 @@
-"""Weights with few distinct values stored as a table of those values and one uint8 index per weight.
+"""Weights with few distinct values stored as a table of those values and packed indices into it.
 
 A clustered kernel holds k distinct values: per tensor, or per output channel after cluster-preserving QAT (tfmot
 trains a Conv2D's centroids per channel, and its int8 scales are per channel too). Stored as they are, each weight
@@ -6,10 +6,10 @@ takes 4 bytes (float32) or 1 (int8), and gzip meets every channel's own k int8 l
 k x channels symbols (8 clusters came to about 4 bits per weight). As indices into a table, packed 2, 4 or 8 to a byte
 (4, 2 or 1 bits each), the file holds little more than the log2(k) bits per weight that clustering left: gzip's one
 Huffman table per block codes a byte of four 2-bit indices far closer to their entropy than four bytes of one index
-each (1.79 bits of entropy per index took 2.16 bits unpacked). The graph rebuilds each weight from constants only
-(BitShift -> Mod -> Reshape -> Cast -> [Add the channel's table offset] -> Gather), which onnxruntime folds when it
-loads the file: the kernels that run, and what they compute, stay the same (measure/sizes.py `weight_arrays` reads
-the weights back the same way). Pure functions of an onnx GraphProto.
+each (indices with 1.79 bits of entropy took 2.16 bits each unpacked, 1.77 packed). The graph rebuilds each weight
+from constants only (BitShift -> Mod -> Reshape -> Cast -> [Add the channel's table offset] -> Gather), which
+onnxruntime folds when it loads the file: the kernels that run, and what they compute, stay the same
+(measure/sizes.py `weight_arrays` reads the weights back the same way). Pure functions of an onnx GraphProto.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def store_as_codebooks(graph) -> list[str]:
         if _gzip_bytes(*arrays.values()) >= _gzip_bytes(array):
             continue
         graph.initializer.remove(tensor)
-        graph.initializer.extend(numpy_helper.from_array(value, tensor.name + suffix) for suffix, value in arrays.items())
+        graph.initializer.extend(numpy_helper.from_array(value, tensor.name + suffix)
+                                 for suffix, value in arrays.items())
         nodes.extend(_decode_nodes(tensor.name, set(arrays)))
         stored.append(tensor.name)
     for node in reversed(nodes):  # their inputs are all constants: first in the graph keeps it sorted

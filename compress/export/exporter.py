@@ -12,8 +12,9 @@ How each variant is exported:
   zero point (QuantizeLinear rounds values halfway between two levels, such as every [-1, 1] pixel, otherwise). With
   `int8_weights="uint8"` (auto: where this CPU is x86 without VNNI, whose uint8 x int8 kernels saturate 16-bit sums)
   the weights are stored as uint8 with zero point 128, the same numbers.
-- every ONNX file: a weight with few distinct values (a clustered kernel) is stored as uint8 indices into a table of
-  its values (`codebook.store_as_codebooks`), which onnxruntime turns back into the weight when it loads the file.
+- every ONNX file: a weight with few distinct values (a clustered kernel) is stored as indices packed into bytes and a
+  table of its values (`codebook.store_as_codebooks`), which onnxruntime turns back into the weight when it loads
+  the file.
 - `onnx-fp16`: float models only; model.onnx converted to model.fp16.onnx by `fp16.to_fp16` (float16 weights and
   arithmetic, float32 inputs and outputs), checked against the Keras model with the float16 threshold.
 

@@ -134,14 +134,13 @@ def _own_constants(graph):
                 yield tensor
 
 
-def quantized_zero_points(graph, arrays: dict[str, np.ndarray] | None = None) -> dict:
+def quantized_zero_points(graph, constants: dict[str, np.ndarray]) -> dict:
     """{constant name: its zero point, shaped to broadcast against it} for constants read by DequantizeLinear.
 
     A stored integer stands for 0.0 when it equals its zero point: 0 for int8, but 128 for the uint8 weights an
-    export makes for CPUs without VNNI, so zeros are counted against the zero point, not against 0. `arrays`: the
-    graph's `weight_arrays`, when the caller has them.
+    export makes for CPUs without VNNI, so zeros are counted against the zero point, not against 0. `constants`:
+    the graph's `weight_arrays`.
     """
-    constants = weight_arrays(graph) if arrays is None else arrays
     found = {}
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or len(node.input) < 3 or not set(node.input[::2]) <= set(constants):
