@@ -95,21 +95,48 @@ def file_input_range(path, choice: str = "auto", *, unsafe: bool = False,
     metadata, what a Keras model's first layer says, else [0, 1]."""
     path = Path(path)
     if choice == "auto" and path.suffix in (".keras", ".h5"):
-        from compress.kerasmodel import load_model
+        from compress.kerasmodel import load_model_with_source, translation_note
 
-        return decide_input_range(load_model(path, unsafe=unsafe), choice, log)
-    if choice == "auto" and path.suffix == ".onnx" and path.is_file():
-        import onnx
-
-        try:
-            recorded = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        except Exception:  # a damaged file is named by the runtime that loads it next
-            recorded = {}
+        model, source = load_model_with_source(path, unsafe=unsafe)
+        if log is not None and translation_note(source):
+            log(translation_note(source))
+        return decide_input_range(model, choice, log)
+    if choice == "auto" and path.suffix in (".onnx", ".tflite") and path.is_file():
+        recorded = file_metadata(path)
         if recorded.get("input_range"):
             if log is not None:
                 log(f"input range: {recorded['input_range']} (recorded in {path.name})")
             return decide_input_range(None, recorded["input_range"])
+        if choice == "auto":
+            if log is not None:
+                log(f"input range: unit ({path.name} records none, so pixels scaled to [0, 1], the common case); "
+                    "--input-range raw|unit|symmetric sets it")
+            return "unit"
     return decide_input_range(None, "unit" if choice == "auto" else choice, log)
+
+
+def near_chance_note(what: str, accuracy: float, data) -> str | None:
+    """A warning for an accuracy near chance, which most often means pixels in the wrong range; None otherwise."""
+    chance = 1.0 / data.num_classes
+    if accuracy > 1.5 * chance:
+        return None
+    return (f"{what} scores {accuracy:.1%}, near chance ({chance:.1%}) for {data.num_classes} classes; its images "
+            f"were given in the {data.input_range!r} range: if the model expects another, pass "
+            "--input-range raw|unit|symmetric")
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    """The metadata an .onnx or .tflite file records ({} if none or unreadable: the runtime names a damaged file)."""
+    if path.suffix == ".tflite":
+        from compress.export.convert import tflite_metadata
+
+        return tflite_metadata(path)
+    import onnx
+
+    try:
+        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # a damaged file is named by the runtime that loads it next
+        return {}
 
 
 def outputs_probabilities(model, data=None) -> bool:

@@ -136,14 +136,13 @@ def _user_model(args: argparse.Namespace, data):
     against each other before any work, and where the model came from (a Keras 3 file is translated to tf_keras
     and must reproduce the original on the first test images)."""
     from compress.checks import check_model_fits_data, decide_input_range
-    from compress.kerasmodel import load_model_with_source
+    from compress.kerasmodel import load_model_with_source, translation_note
 
     log = lambda message: info(args, message)  # noqa: E731
     samples = data.normalized("test")[0][:256] if data is not None else None
     model, source = load_model_with_source(args.model, unsafe=args.unsafe, sample_images=samples)
-    if source.get("translated_to_tf_keras"):
-        log(f"{source['file']}: written by {source['keras']}, translated to tf_keras; on {source['images']} test images "
-            f"top-1 agreement {source['top1_agreement']:.2%}, max |diff| {source['max_abs_diff']:.2g}")
+    if translation_note(source):
+        log(translation_note(source))
     if data is not None:
         data = data.with_input_range(decide_input_range(model, args.input_range, log))
         check_model_fits_data(model, data, log=log)
@@ -191,7 +190,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Accuracy of a .onnx / .tflite / .keras file on the test split, measured in the file's own runtime."""
-    from compress.checks import check_writable, file_input_range
+    from compress.checks import check_writable, file_input_range, near_chance_note
     from compress.files import write_json
     from compress.measure.accuracy import evaluate_file
 
@@ -205,6 +204,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_file(args.file, data, batch_size=args.batch_size, unsafe=args.unsafe, limit=args.limit)
     print(f"{result['file']}: accuracy {result['accuracy']:.4f} on {result['images']} {data.source} test images "
           f"({result['runtime']}, {result['device']})", flush=True)
+    note = near_chance_note("the file", result["accuracy"], data)
+    if note is not None:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     if args.json:
         write_json(args.json, result)
     return 0

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import unicodedata
 import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,8 @@ TEST_SPLIT_SEED = 1234
 # How 0-255 pixels become a model's input: (scale, offset). "raw" is for models that rescale inside themselves.
 INPUT_RANGES = {"unit": (1 / 255, 0.0), "raw": (1.0, 0.0), "symmetric": (2 / 255, -1.0)}
 MAX_IMAGE_SIDE = 4096  # --image-size beyond this asks for more memory than any image classifier here needs
+# Part of the decoded-image cache key: raise it when decoding changes, so that no cache holds the old decoding.
+DECODER_VERSION = 2  # 2: 16-bit images scaled to 8 bits (they were clipped)
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,6 +97,16 @@ class Dataset:
             "seed": self.seed,
             "input_range": self.input_range,
         }
+
+    def fingerprint(self) -> str:
+        """A digest of the class names, images and labels of every split: run folders are keyed on it, so that a
+        rerun after the images changed (same folder, other contents) redoes the work instead of reusing it."""
+        digest = hashlib.sha256("\n".join(self.class_names).encode())
+        for name in ("train", "val", "test"):
+            for array in self.split(name):
+                digest.update(f"{name}|{array.dtype}|{array.shape}".encode())
+                digest.update(np.ascontiguousarray(array).data)
+        return digest.hexdigest()[:16]
 
     def pipeline(self, name: str, batch_size: int = 64, *, shuffle: bool = False, augment: bool = False):
         """A tf.data pipeline of (normalised images, labels): shuffled and augmented on request, prefetched."""
@@ -176,6 +189,8 @@ def load_data(
         else:
             raw = _download_cifar10(image_size)
     elif source.startswith("folder:"):
+        if not source[len("folder:"):].strip():
+            raise DataError("folder: needs the path of your image folder, e.g. --data folder:/data/flowers")
         if data_dir is not None:
             raise DataError("--data-dir applies to the cifar10 source; for folder:PATH the path is in the name")
         raw = _decode_cached(_folder_tree(Path(source[len("folder:"):]), test_fraction), image_size, cache)
@@ -251,17 +266,28 @@ def _folder_tree(root: Path, test_fraction: float) -> Tree:
 
 
 def _class_folders(root: Path) -> dict[str, list[Entry]]:
-    classes = {}
+    """{class name: its images} of the class folders in `root`. Hidden files and folders are skipped (macOS copies
+    carry a "._name.jpg" beside each image); names are compared in Unicode NFC form, since macOS writes "café" in
+    the decomposed form another system does not."""
+    classes, empty = {}, []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         entries = []
         for path in sorted(class_dir.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file():
                 stat = path.stat()
                 entries.append((str(path), stat.st_size, stat.st_mtime, path.read_bytes))
+        name = unicodedata.normalize("NFC", class_dir.name)
+        if name in classes:
+            raise DataError(f"{root} holds two folders named {name!r} (in different Unicode forms); merge them")
         if entries:
-            classes[class_dir.name] = entries
+            classes[name] = entries
+        else:
+            empty.append(name)
     if not classes:
         raise DataError(f"no images found in {root}: expected class folders holding {'/'.join(IMAGE_SUFFIXES)} files")
+    if empty:  # a class the data would silently lack: the model's outputs would no longer line up with the folders
+        raise DataError(f"class folder(s) {', '.join(empty)} in {root} hold no {'/'.join(IMAGE_SUFFIXES)} images; "
+                        "add images or remove the folder")
     return classes
 
 
@@ -278,7 +304,7 @@ def _zip_tree(archive_path) -> Tree:
 
 def _decode_cached(tree: Tree, image_size, cache_dir: Path):
     class_names = tuple(sorted(tree["train"]))
-    listing = hashlib.sha256(repr(image_size).encode())
+    listing = hashlib.sha256(f"{DECODER_VERSION}|{image_size!r}".encode())
     for split in ("train", "test"):
         for class_name in class_names:
             for name, size, mtime, _ in tree[split][class_name]:
@@ -333,7 +359,10 @@ def _decode_image(entry: Entry, image_size) -> np.ndarray:
         raise DataError(f"cannot read image {name}: the file is empty")
     try:
         with Image.open(io.BytesIO(content)) as image:
-            image = image.convert("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+            if image.mode.startswith(("I;16", "I")):  # 16-bit grey (PNG, TIFF): PIL's convert("L") would clip it
+                image = Image.fromarray(np.round(np.asarray(image, dtype=np.float64) / 257).clip(0, 255)
+                                        .astype(np.uint8), "L")
+            image = image.convert("L" if image.mode in ("1", "L", "F") else "RGB")
             if image_size is not None and image.size != (image_size[1], image_size[0]):
                 image = image.resize((image_size[1], image_size[0]), Image.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)

@@ -8,8 +8,10 @@ tensorflow-model-optimization works only with Keras 2 (the `tf_keras` package), 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 
 from compress.errors import CompressError
 
@@ -28,6 +30,10 @@ def configure(*, quiet: bool = True) -> None:
     if quiet:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+        # tfmot writes notes to the root logger ("... so apply CQAT instead") and as UserWarnings with its source
+        # lines; what they say that matters (layers left alone, clusters kept) is in our stats and report.
+        logging.getLogger().setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module="tensorflow_model_optimization")
 
 
 def _choose_keras2() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import ModelError, first_line
-from compress.keras3_layers import MODEL_CLASSES, Builder, check_layer
+from compress.keras3_layers import MODEL_CLASSES, Builder, check_layers
 
 WORKER_TIMEOUT_S = 600  # loading, serialising and running a large model in Keras 3; a hung child is killed after it
 SAMPLE_COUNT = 16  # seeded random images used for the output check when the caller gives none
@@ -62,8 +62,7 @@ def translate_keras3(path: str | os.PathLike, *, safe_mode: bool = True, sample_
             raise ModelError("sample_images must be a non-empty array of images (NHWC)")
     stored = file_config(path)
     if stored is not None:  # refuse early, before a child process spends seconds loading the file
-        for name, class_name in layers_in(stored):
-            check_layer(path, name, class_name, safe_mode)
+        check_layers(path, list(layers_in(stored)))
     with tempfile.TemporaryDirectory(prefix="compress-keras3-") as workdir:
         workdir = Path(workdir)
         _run_worker(path, workdir, safe_mode, sample_images)
@@ -74,7 +73,7 @@ def translate_keras3(path: str | os.PathLike, *, safe_mode: bool = True, sample_
             inputs = [saved[key] for key in saved.files]
         with np.load(workdir / "outputs.npz") as saved:
             expected = [saved[key] for key in saved.files]
-    model = Builder(path, safe_mode).build(config, weights)
+    model = Builder(path).build(config, weights)
     info = {"keras_version": file_keras_version(path)}
     info.update(_compare(path, model, inputs, expected))
     return model, info
@@ -121,7 +120,8 @@ def layers_in(config: dict):
         if not isinstance(layer, dict):
             continue
         layer_config = layer.get("config") if isinstance(layer.get("config"), dict) else {}
-        yield layer_config.get("name", layer.get("name", "?")), layer.get("class_name", "?")
+        yield (layer_config.get("name", layer.get("name", "?")), layer.get("class_name", "?"),
+               str(layer.get("module", "")))
         if layer.get("class_name") in MODEL_CLASSES:
             yield from layers_in(layer)
 

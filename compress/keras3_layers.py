@@ -14,8 +14,23 @@ SUPPORTED_LAYERS = frozenset(
     "Conv2D Conv1D DepthwiseConv2D SeparableConv2D Conv2DTranspose Dense BatchNormalization LayerNormalization "
     "Activation ReLU LeakyReLU Softmax ELU PReLU MaxPooling2D AveragePooling2D GlobalAveragePooling2D "
     "GlobalMaxPooling2D Add Subtract Multiply Concatenate Average Maximum Dropout SpatialDropout2D Reshape Flatten "
-    "ZeroPadding2D Cropping2D UpSampling2D Rescaling Normalization InputLayer Identity".split()
+    "ZeroPadding2D Cropping2D UpSampling2D Rescaling Normalization InputLayer Identity GroupNormalization "
+    "UnitNormalization GaussianNoise GaussianDropout AlphaDropout ActivityRegularization".split()
 )
+# Keras 3 saves arithmetic on tensors (x + 3.0, x * (1/6), keras.ops.relu6(x)) as layers of these modules.
+OPERATION_MODULES = ("keras.src.ops.", "keras.ops.")
+# A keras.ops call on one tensor and one number, as the affine map Rescaling computes: x * scale + offset.
+_AFFINE = {
+    "Add": lambda c, first: (1.0, c),
+    "Subtract": lambda c, first: (1.0, -c) if first else (-1.0, c),
+    "Multiply": lambda c, first: (c, 0.0),
+    "Divide": lambda c, first: (1.0 / c, 0.0) if first and c != 0 else None,
+    "TrueDivide": lambda c, first: (1.0 / c, 0.0) if first and c != 0 else None,
+}
+_MERGES = {"Add": "Add", "Subtract": "Subtract", "Multiply": "Multiply", "Maximum": "Maximum", "Minimum": "Minimum"}
+_UNARY = {"Relu": ("ReLU", {}), "Relu6": ("ReLU", {"max_value": 6.0}), "Sigmoid": ("Activation", {"activation": "sigmoid"}),
+          "Silu": ("Activation", {"activation": "swish"}), "Swish": ("Activation", {"activation": "swish"}),
+          "Tanh": ("Activation", {"activation": "tanh"}), "Negative": ("Rescaling", {"scale": -1.0})}
 MODEL_CLASSES = frozenset({"Functional", "Sequential"})
 
 # Keras 3 activation names that mean the same function in tf_keras, under the tf_keras name.
@@ -34,28 +49,34 @@ _RENAMED = {"LeakyReLU": {"negative_slope": "alpha"}, "InputLayer": {"batch_shap
 _BASE_LAYER_KWARGS = frozenset({"input_dim", "input_shape", "batch_input_shape", "batch_size", "weights", "autocast"})
 
 
-def check_layer(path: Path, name: str, class_name: str, safe_mode: bool) -> None:
-    if class_name == "Lambda" and safe_mode:
-        raise ModelError(
-            f"{path}: layer '{name}' is a Lambda layer (arbitrary Python code), refused in safe mode; "
-            "rebuild the model from built-in layers"
-        )
-    if class_name not in SUPPORTED_LAYERS and class_name not in MODEL_CLASSES:
-        raise ModelError(
-            f"{path}: layer '{name}' ({class_name}) has no tf_keras translation; rebuild the model from the layers "
-            "in compress.keras3_layers.SUPPORTED_LAYERS or save it with tf_keras"
-        )
+def check_layers(path: Path, layers: list[tuple[str, str, str]]) -> None:
+    """Refuse, in one line naming them all, the layers ((name, class name, module) of a Keras 3 model) that have
+    no tf_keras translation. A Lambda layer's Python code was written for Keras 3, so --unsafe cannot help it."""
+    lambdas = [f"'{name}'" for name, class_name, _ in layers if class_name == "Lambda"]
+    others = [f"'{name}' ({class_name})" for name, class_name, module in layers
+              if class_name not in SUPPORTED_LAYERS and class_name not in MODEL_CLASSES and class_name != "Lambda"
+              and not module.startswith(OPERATION_MODULES)]
+    if lambdas:
+        raise ModelError(f"{path}: layer(s) {_listed(lambdas)} are Lambda layers, Python code written for Keras 3, "
+                         "which cannot run on tf_keras (even with --unsafe); rebuild them from built-in layers or "
+                         "save the model with tf_keras")
+    if others:
+        raise ModelError(f"{path}: layer(s) {_listed(others)} have no tf_keras translation; rebuild the model from "
+                         "the layers in compress.keras3_layers.SUPPORTED_LAYERS or save it with tf_keras")
+
+
+def _listed(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 class Builder:
     """Builds tf_keras models from Keras 3 model configs, remembering each weighted layer by its path."""
 
-    def __init__(self, path: Path, safe_mode: bool):
+    def __init__(self, path: Path):
         from compress.keras import keras
 
         self.keras = keras
         self.path = path
-        self.safe_mode = safe_mode
         self.layers: dict[str, object] = {}  # "<outer model>/<layer>" -> tf_keras layer, for copying weights
         self.activations: dict[str, tuple] = {}  # layer name -> its activation's layers, reused by a shared layer
 
@@ -135,8 +156,10 @@ class Builder:
         """Calls the tf_keras twin of `layer` (made on its first call) on translated arguments."""
         name = layer["config"]["name"]
         callables = {} if callables is None else callables
+        if str(layer.get("module", "")).startswith(OPERATION_MODULES):
+            return self._operation(layer, args, kwargs)
         if name not in callables:
-            check_layer(self.path, name, layer["class_name"], self.safe_mode)
+            check_layers(self.path, [(name, layer["class_name"], str(layer.get("module", "")))])
             if layer["class_name"] in MODEL_CLASSES:
                 callables[name] = (self._model(layer, prefix=f"{prefix}{name}/"), None)
             else:
@@ -158,6 +181,28 @@ class Builder:
             raise self._refuse(config["name"], problem) from exc
         self.layers[f"{prefix}{config['name']}"] = built
         return built, activation
+
+    def _operation(self, layer: dict, args: list, kwargs: dict):
+        """A keras.ops call saved as a layer, as the tf_keras layer computing the same: a tensor and a number as
+        Rescaling (x + 3 -> x * 1 + 3), two tensors as the merge layer, relu6 and its kind as activation layers."""
+        layers = self.keras.layers
+        name, operation = layer["config"]["name"], layer["class_name"]
+        numbers = [isinstance(arg, (int, float)) and not isinstance(arg, bool) for arg in args]
+        built = None
+        if not kwargs and len(args) == 2 and numbers.count(True) == 1 and operation in _AFFINE:
+            tensor, number = (args[0], args[1]) if numbers[1] else (args[1], args[0])
+            affine = _AFFINE[operation](float(number), numbers[1])
+            if affine is not None:
+                return layers.Rescaling(affine[0], offset=affine[1], name=name)(tensor)
+        elif not kwargs and len(args) == 2 and not any(numbers) and operation in _MERGES:
+            built = getattr(layers, _MERGES[operation])(name=name)
+            return built(list(args))
+        elif not kwargs and len(args) == 1 and not numbers[0] and operation in _UNARY:
+            class_name, options = _UNARY[operation]
+            return getattr(layers, class_name)(name=name, **options)(args[0])
+        shown = ", ".join("a tensor" if not number else repr(arg) for arg, number in zip(args, numbers))
+        raise self._refuse(name, f"is the Keras 3 operation {layer.get('module')}.{operation}({shown}), which has no "
+                                 "tf_keras translation; use a layer instead, or save the model with tf_keras")
 
     def _activation(self, name: str, activation: str, x):
         """hard_sigmoid(x) = clip(x/6 + 1/2, 0, 1) as Keras 3 defines it; hard_silu(x) = x * hard_sigmoid(x)."""

@@ -32,7 +32,12 @@ def _leaf_weights(model, prefix: str = "") -> dict[str, np.ndarray]:
 def _inputs(model, workdir: Path, use_samples: bool, count: int, seed: int) -> list[np.ndarray]:
     """The parent's sample images when given, else seeded random values in [0, 1] of each input's shape."""
     if use_samples:
-        return [np.load(workdir / "samples.npy")]
+        samples = np.load(workdir / "samples.npy")
+        wanted = model.inputs[0].shape[1:] if len(model.inputs) == 1 else None
+        if wanted is not None and len(wanted) == samples.ndim - 1 and all(
+                dim is None or dim == size for dim, size in zip(wanted, samples.shape[1:])):
+            return [samples]
+        # images the model cannot take: the translation is proven on random ones, the size check refuses the data
     rng = np.random.default_rng(seed)
     arrays = []
     for tensor in model.inputs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def load_model_with_source(path: str | os.PathLike, *, unsafe: bool = False,
         return model, {"file": path.name, "keras": f"Keras {info['keras_version']}", "translated_to_tf_keras": True,
                        **{key: info[key] for key in ("max_abs_diff", "top1_agreement", "images")}}
     if path.suffix == ".h5" and not unsafe:  # tf_keras ignores safe_mode for .h5 files
-        lambdas = [name for name, kind in layers_in(file_config(path) or {}) if kind == "Lambda"]
+        lambdas = [name for name, kind, _ in layers_in(file_config(path) or {}) if kind == "Lambda"]
         if lambdas:
             raise ModelError(f"{path} holds a Lambda layer ({lambdas[0]}: arbitrary Python code); pass --unsafe if "
                              "you trust the file")
@@ -71,6 +72,14 @@ def load_model_with_source(path: str | os.PathLike, *, unsafe: bool = False,
         return model, {"file": path.name, "keras": "Keras 3", "translated_to_tf_keras": True,
                        **{key: info[key] for key in ("max_abs_diff", "top1_agreement", "images")}}
     return model, {"file": path.name, "keras": f"tf_keras {version}".strip(), "translated_to_tf_keras": False}
+
+
+def translation_note(source: dict) -> str | None:
+    """The line that says a Keras 3 file was translated and how closely (None for a tf_keras file)."""
+    if not source.get("translated_to_tf_keras"):
+        return None
+    return (f"{source['file']}: written by {source['keras']}, translated to tf_keras; on {source['images']} images "
+            f"top-1 agreement {source['top1_agreement']:.2%}, max |diff| {source['max_abs_diff']:.2g}")
 
 
 def _load_tf_keras(path: Path, unsafe: bool):
@@ -92,6 +101,9 @@ def _load_tf_keras(path: Path, unsafe: bool):
                 ) from exc
             raise ModelError(f"cannot load {path}: {first_line(exc)}") from exc
         except Exception as exc:  # zip, h5 and deserialisation errors all mean "not a usable model file"
+            if not zipfile.is_zipfile(path) and path.read_bytes()[:8] != b"\x89HDF\r\n\x1a\n":
+                raise ModelError(f"{path} is not a Keras model file (neither a .keras archive nor HDF5): damaged, "
+                                 "or another format; save the model with model.save('model.keras')") from exc
             raise ModelError(f"cannot load {path}: {first_line(exc)}") from exc
 
 

@@ -141,14 +141,52 @@ def test_cifar10_offline_without_a_copy_says_how_to_provide_it(monkeypatch, tmp_
         (lambda root: (root / "empty").mkdir() or root / "empty", "no images"),
         (lambda root: _drop_test_class(make_folder_set(root / "s"), "fox"), "fox"),
         (lambda root: _corrupt_image(make_folder_set(root / "s")), "broken.png"),
+        (lambda root: _empty_class(make_folder_set(root / "s"), "owl"), "owl in .* hold no"),
     ],
-    ids=["missing-folder", "no-images", "class-missing-in-test", "unreadable-image"],
+    ids=["missing-folder", "no-images", "class-missing-in-test", "unreadable-image", "empty-class-folder"],
 )
 def test_bad_folders_are_refused_in_one_line(tmp_path, prepare, message):
     path = prepare(tmp_path)
     with pytest.raises(DataError, match=message) as caught:
         load_data(f"folder:{path}", cache_dir=tmp_path / "c")
     assert "\n" not in str(caught.value)
+
+
+def test_folder_source_needs_a_path():
+    with pytest.raises(DataError, match="needs the path"):
+        load_data("folder:")
+
+
+def test_hidden_files_are_skipped_and_class_names_match_in_any_unicode_form(tmp_path):
+    import unicodedata
+
+    root = make_folder_set(tmp_path / "s", classes=("café", "thé"))
+    (root / "train" / "café" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS's resource fork
+    (root / "test" / "café").rename(root / "test" / unicodedata.normalize("NFD", "café"))  # a Mac's copy
+    data = load_data(f"folder:{root}", cache_dir=tmp_path / "c")
+    assert data.class_names == ("café", "thé") and np.bincount(data.y_test).tolist() == [3, 3]
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 8, 8), dtype=np.uint16)
+    for kind, scale in (("eight", 1), ("sixteen", 257)):
+        for split in ("train", "test"):
+            for name in ("a", "b"):
+                folder = tmp_path / kind / split / name
+                folder.mkdir(parents=True)
+                for i, image in enumerate(pixels):
+                    array = image * scale
+                    Image.fromarray(array.astype(np.uint8) if scale == 1 else array).save(folder / f"{i}.png")
+    eight, sixteen = (load_data(f"folder:{tmp_path / kind}", cache_dir=tmp_path / "c") for kind in ("eight", "sixteen"))
+    assert np.array_equal(eight.x_test, sixteen.x_test) and sixteen.input_shape == (8, 8, 1)
+
+
+def test_fingerprint_follows_the_images_not_the_folder_name(tmp_path):
+    root = make_folder_set(tmp_path / "s")
+    before = load_data(f"folder:{root}", cache_dir=tmp_path / "c").fingerprint()
+    assert load_data(f"folder:{root}", cache_dir=tmp_path / "c").fingerprint() == before
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(root / "test" / "dog" / "000.png")  # one image changed
+    assert load_data(f"folder:{root}", cache_dir=tmp_path / "c").fingerprint() != before
 
 
 def test_unknown_source_lists_known_ones():
@@ -160,6 +198,12 @@ def _drop_test_class(root, name):
     for path in (root / "test" / name).iterdir():
         path.unlink()
     (root / "test" / name).rmdir()
+    return root
+
+
+def _empty_class(root, name):
+    for split in ("train", "test"):
+        (root / split / name).mkdir()
     return root
 
 

@@ -692,3 +692,26 @@ def test_export_settings_are_validated(models, tmp_path):
     with pytest.raises(ConfigError, match="int8 weights must be one of auto, int8, uint8"):
         ExportConfig(int8_weights="int4")
     assert ExportConfig(formats=("onnx", "tflite", "onnx")).formats == ("onnx", "tflite")
+
+
+def test_parity_counts_a_tie_at_the_files_resolution_as_agreement():
+    from compress.export.parity import top1_agreeing
+
+    reference = np.array([[0.30, 0.31, 0.39], [0.50, 0.20, 0.30], [0.1, 0.6, 0.3]], dtype=np.float32)
+    # an int8 softmax's levels: row 0 ties classes 1 and 2 (argmax says 1, the reference 2); row 2 really differs
+    file_outputs = np.array([[77, 100, 100], [128, 51, 77], [26, 77, 153]], dtype=np.float32) / 256
+    agreeing, ties = top1_agreeing(file_outputs, reference)
+    assert agreeing.tolist() == [True, True, False] and ties == 1
+
+
+def test_gelu_exports_to_onnx_through_erf(tmp_path):
+    from compress.export.exporter import export_model
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3), layers.Activation("gelu"),
+                              layers.Flatten(), layers.Dense(3)])  # TensorFlow's GELU is written with Erfc
+    result = export_model(model, tmp_path, formats=("onnx",))
+    assert result["parity_ok"] and "Erf" in {node.op_type for node in _onnx(result).graph.node}
+    assert result["parity"]["files"]["model.onnx"]["max_abs_diff"] < 1e-4

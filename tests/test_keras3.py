@@ -101,6 +101,18 @@ class Scale(L.Layer):
 
 keras.Sequential([keras.Input((4,)), Scale(name="twice"), L.Dense(2)]).save(out / "custom.keras")
 keras.Sequential([keras.Input((4,)), L.Lambda(lambda t: t * 2, name="double"), L.Dense(2)]).save(out / "lambda.keras")
+
+# Arithmetic on tensors, which Keras 3 saves as keras.ops layers (MobileNetV3's hard sigmoid is written this way).
+inputs = keras.Input((16, 16, 3))
+x = L.Conv2D(8, 3, name="conv")(inputs)
+x = x * (keras.ops.relu6(x + 3.0) * (1.0 / 6.0))
+x = 1.0 - x / 2.0
+x = L.GaussianNoise(0.1, name="noise")(x)
+x = L.GroupNormalization(groups=2, name="groups")(x)
+x = L.GlobalAveragePooling2D()(x)
+keras.Model(inputs, L.Dense(5, name="logits")(x)).save(out / "arithmetic.keras")
+inputs = keras.Input((16, 16, 3))
+keras.Model(inputs, L.Dense(2)(L.Flatten()(keras.ops.square(inputs)))).save(out / "square.keras")
 """
 
 
@@ -156,20 +168,33 @@ def test_a_translation_that_differs_is_refused(keras3_files, monkeypatch):
     _assert_one_line(str(caught.value), "does not reproduce")
 
 
-@pytest.mark.parametrize(("file", "name", "class_name"), [("lstm", "memory", "LSTM"), ("custom", "twice", "Scale")])
+def test_arithmetic_on_tensors_translates(keras3_files):
+    model, info = translate_keras3(keras3_files / "arithmetic.keras")
+    assert info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-4
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds.count("Rescaling") == 4 and "Multiply" in kinds and "ReLU" in kinds  # x + 3, x / 6, x / 2, 1 - x
+    assert {"noise", "groups"} <= {layer.name for layer in model.layers}
+
+
+def test_images_the_model_cannot_take_leave_the_size_check_to_the_caller(keras3_files):
+    images = np.random.default_rng(1).uniform(0, 255, (12, 32, 32, 3)).astype(np.float32)  # the model takes 16x16
+    model, info = translate_keras3(keras3_files / "small.keras", sample_images=images)
+    assert info["top1_agreement"] == 1.0 and model.input_shape[1:] == (16, 16, 3)  # proven on random 16x16 images
+
+
+@pytest.mark.parametrize(("file", "name", "class_name"),
+                         [("lstm", "memory", "LSTM"), ("custom", "twice", "Scale"), ("square", "square", "Square")])
 def test_untranslatable_layer_is_refused_in_one_line(keras3_files, file, name, class_name):
     with pytest.raises(ModelError) as caught:
         translate_keras3(keras3_files / f"{file}.keras")
     _assert_one_line(str(caught.value), f"'{name}'", class_name, "tf_keras")
 
 
-def test_lambda_is_refused_in_safe_mode_and_untranslatable_outside_it(keras3_files):
-    with pytest.raises(ModelError) as caught:
-        translate_keras3(keras3_files / "lambda.keras")
-    _assert_one_line(str(caught.value), "'double'", "Lambda", "safe mode")
-    with pytest.raises(ModelError) as caught:
-        translate_keras3(keras3_files / "lambda.keras", safe_mode=False)
-    _assert_one_line(str(caught.value), "'double'", "no tf_keras translation")
+def test_lambda_is_refused_with_or_without_safe_mode_saying_why(keras3_files):
+    for safe_mode in (True, False):  # its Python code was written for Keras 3: --unsafe cannot make it run on tf_keras
+        with pytest.raises(ModelError) as caught:
+            translate_keras3(keras3_files / "lambda.keras", safe_mode=safe_mode)
+        _assert_one_line(str(caught.value), "'double'", "Lambda", "even with --unsafe")
 
 
 def test_is_keras3_file(keras3_files, tiny_cnn, tmp_path):
@@ -211,7 +236,7 @@ def test_layer_options_are_translated_or_refused():
 
     from compress.keras3_layers import Builder
 
-    builder = Builder(Path("model.keras"), safe_mode=True)
+    builder = Builder(Path("model.keras"))
     glorot = {"class_name": "GlorotUniform", "config": {"seed": 3, "input_axes": 0}, "module": "keras.initializers"}
     regularizer = {"module": "keras.regularizers", "class_name": "L2", "config": {"l2": 0.01}}
     policy = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "float32"}, "registered_name": None}

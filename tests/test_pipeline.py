@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from compress import registry
@@ -103,6 +104,13 @@ def test_quick_caps_epochs():
             assert stage.config.epochs == 1
 
 
+def test_quick_names_a_wrongly_typed_epochs_setting_in_one_line():
+    text = '[[stage]]\nname = "p"\ntechnique = "prune"\nsettings = { epochs = "1" }\n'
+    for quick in (False, True):  # --quick caps epochs with min(): a string must not reach it
+        with pytest.raises(ConfigError, match="epochs"):
+            parse_recipe(text, quick=quick)
+
+
 def test_quick_refuses_a_stage_epochs_cap_that_is_no_positive_integer():
     parse_recipe(RECIPE + "\n[quick]\nstage_epochs = 2\n", quick=True)
     for bad in ("'one'", "0", "0.5"):
@@ -201,6 +209,27 @@ def test_run_resumes_and_redoes_only_what_changed(tiny_setup):
     run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, third_log))
     skipped = {line.split()[1] for line in third_log if "skipped" in line}
     assert skipped == {"baseline", "c"}  # a changed, b reads a
+
+
+def test_a_rerun_on_changed_images_redoes_everything(tiny_setup):
+    from PIL import Image
+
+    run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, []))
+    root = Path(tiny_setup["data"][len("folder:"):])
+    for path in sorted((root / "test" / "cat").iterdir())[:2]:  # the same folder, other test images
+        Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(path)
+    log = []
+    results = run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, log))
+    assert not any("skipped" in line or "measured earlier" in line for line in log)
+    assert not any(stage["skipped"] for stage in results["stages"])
+
+
+def test_a_layer_name_the_model_lacks_is_refused_before_any_work(tiny_setup):
+    tiny_setup["recipe"].write_text(
+        FAST_MEASURE + '[[stage]]\nname = "p"\ntechnique = "prune"\nsettings = { layer_sparsity = { dense9 = 0.5 } }\n')
+    with pytest.raises(ConfigError, match="stage 'p' names layer\\(s\\) dense9"):
+        run(load_recipe(tiny_setup["recipe"]), _options(tiny_setup, []))
+    assert not (tiny_setup["out"] / "baseline").exists()
 
 
 def test_interrupted_stage_is_never_trusted(tiny_setup):

@@ -67,6 +67,16 @@ def test_ptq_writes_each_format_and_measures_it_in_its_runtime(model, synthetic_
     assert sum(array.size for array, _ in weights.values()) >= 9000  # the conv and dense weights are int8
 
 
+def test_ptq_files_record_the_input_range_that_evaluate_reads_back(model, synthetic_data, tmp_path):
+    from compress.checks import file_input_range
+
+    raw = synthetic_data.with_input_range("raw")
+    outcome = ptq(model, PTQConfig(calibration=16), raw, out_dir=tmp_path, verbose=0)
+    for path in outcome.files.values():  # an ONNX and two TFLite files: each says which pixels it takes
+        assert file_input_range(path) == "raw", path.name
+        assert open_session(path).predict(raw.normalized("test")[0][:4]).shape == (4, 3)  # still loads and runs
+
+
 @pytest.mark.parametrize("reduce_range, largest", [(True, 64), (False, 127)])
 def test_reduce_range_stores_weights_in_seven_bits(model, synthetic_data, tmp_path, reduce_range, largest):
     """7-bit weights (for x86 CPUs without VNNI) span -64..64; 8-bit ones reach 127 in the channel that sets the scale."""

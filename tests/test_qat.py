@@ -192,3 +192,16 @@ def test_cli_qat_on_baseline_with_shipped_data(baseline_1epoch, tmp_path, capsys
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     _, accuracy = model.evaluate(load_data("cifar10-mini").pipeline("test", 256), verbose=0)
     assert accuracy == pytest.approx(stats["test_accuracy"], abs=1e-6)  # the saved file is the model measured
+
+
+def test_a_gelu_model_trains_and_exports_to_an_int8_onnx_file(synthetic_data, tmp_path):
+    from compress.export.exporter import export_model
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(8, 3, name="conv"),
+                              layers.Activation("gelu", name="gelu"), layers.Flatten(), layers.Dense(3, name="logits")])
+    outcome = qat(model, QATConfig(epochs=1, batch_size=32), synthetic_data, verbose=0)
+    result = export_model(outcome.model, tmp_path, formats=("onnx",), data=synthetic_data)  # TFLite's GELU written out
+    assert result["parity_ok"] and result["files"]["onnx"]["precision"] == "int8"

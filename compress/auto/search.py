@@ -50,6 +50,7 @@ def run_auto(model: str | Path, data_args: dict, out: str | Path, config: AutoCo
     """Search until the study holds `config.trials` trials or the time budget is spent, then measure the best and
     Pareto files beside `compare_recipe`'s stages (if any) for the report; returns auto.json's dict."""
     from compress.checks import check_writable
+    from compress.data import load_data
     from compress.measure.accuracy import evaluate_file
 
     out = check_writable(check_output_dir(out))
@@ -58,7 +59,8 @@ def run_auto(model: str | Path, data_args: dict, out: str | Path, config: AutoCo
         raise ConfigError(f"model file {model} does not exist")
     compare_text = None if compare_recipe is None else read_compare_recipe(compare_recipe, config.quick)
     out.mkdir(parents=True, exist_ok=True)
-    name = STUDY_PREFIX + digest_of({"model": sha256_file(model), "data": jsonable(data_args), "quick": config.quick,
+    name = STUDY_PREFIX + digest_of({"model": sha256_file(model), "data": jsonable(data_args),
+                                     "data_fingerprint": load_data(**data_args).fingerprint(), "quick": config.quick,
                                      "max_drop": config.max_drop, "objective": config.objective})
     url = config.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     with FileLock(out / ".study.lock"):  # processes starting together would race to create the tables

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import warnings
@@ -34,6 +35,68 @@ def to_tflite(model, *, int8: bool) -> bytes:
             return converter.convert()
     except Exception as exc:  # the converter raises ConverterError, ValueError and others, all "cannot convert"
         raise ExportError(f"TFLite conversion failed: {first_line(exc)}") from exc
+
+
+def with_tflite_metadata(content: bytes, metadata: dict[str, str]) -> bytes:
+    """The TFLite flatbuffer `content` with each key: value stored in the model's metadata list (as an ONNX file
+    keeps its metadata_props), so that the file itself says, e.g., which input range it takes."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
+    model.buffers = model.buffers or []
+    model.metadata = [entry for entry in (model.metadata or []) if _text(entry.name) not in metadata]
+    for key, value in metadata.items():
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(str(value).encode(), dtype=np.uint8)
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = key, len(model.buffers) - 1
+        model.metadata.append(entry)
+    builder = flatbuffers.Builder(len(content) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def record_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Add each key: value to the metadata of the .onnx or .tflite file at `path` (rewritten in place, atomically)."""
+    from compress.files import write_bytes
+
+    path = Path(path)
+    if path.suffix == ".tflite":
+        write_bytes(path, with_tflite_metadata(path.read_bytes(), metadata))
+        return
+    import onnx
+
+    proto = onnx.load(str(path))
+    kept = [entry for entry in proto.metadata_props if entry.key not in metadata]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=str(value))
+    write_bytes(path, proto.SerializeToString())
+
+
+def tflite_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The text metadata of a TFLite file (see with_tflite_metadata); {} for a file without, or not a TFLite file."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    try:
+        content = bytearray(Path(path).read_bytes())
+        model = schema.Model.GetRootAs(content, 0)
+        found = {}
+        for index in range(model.MetadataLength()):
+            entry = model.Metadata(index)
+            data = model.Buffers(entry.Buffer()).DataAsNumpy()
+            if isinstance(data, np.ndarray):
+                found[_text(entry.Name())] = data.tobytes().decode(errors="replace")
+        return found
+    except Exception:  # a damaged file is named by the runtime that loads it next
+        return {}
+
+
+def _text(name) -> str:
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def int8_file_biases(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -107,17 +170,56 @@ def _to_onnx(model, *, opset: int, int8_tflite: bytes | None, input_name: str, i
         with _quiet_tf2onnx():
             if int8_tflite is None:
                 spec = (tf.TensorSpec((None, *input_shape), tf.float32, name=input_name),)
-                proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+                proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset,
+                                                      custom_op_handlers={"Erfc": (_erfc_as_erf, [])})
             else:
                 with tempfile.TemporaryDirectory(prefix="compress-export-") as tmp:
                     path = Path(tmp) / "model.tflite"
                     path.write_bytes(int8_tflite)
-                    proto, _ = tf2onnx.convert.from_tflite(str(path), opset=opset)
+                    proto, _ = tf2onnx.convert.from_tflite(str(path), opset=opset,
+                                                           custom_op_handlers={"TFL_GELU": (_gelu_from_tflite, [])})
     except ExportError:
         raise
     except Exception as exc:  # tf2onnx raises many types for unsupported ops; each means "cannot convert"
         raise ExportError(f"ONNX conversion failed: {first_line(exc)}") from exc
     return proto
+
+
+def _erfc_as_erf(ctx, node, name, args):
+    """TensorFlow's GELU (approximate=False) computes 0.5 x erfc(-x / sqrt 2); ONNX has Erf but no Erfc (tf2onnx
+    stops there): write erfc(x) as 1 - erf(x)."""
+    from tf2onnx import utils
+
+    node.type = "Erf"
+    one = ctx.make_const(utils.make_name(f"{name}_one"), np.array(1, dtype=np.float32))
+    difference = ctx.insert_new_node_on_output("Sub", node.output[0], name=utils.make_name(f"{name}_one_minus"))
+    ctx.replace_inputs(difference, [one.output[0], node.output[0]])
+    return difference
+
+
+def _gelu_from_tflite(ctx, node, name, args):
+    """TFLite keeps GELU as one op, which tf2onnx does not know: write it out, x * (1 + erf(x / sqrt 2)) / 2, or with
+    `approximate` x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))) / 2."""
+    from tf2onnx import utils
+
+    x = node.input[0]
+
+    def const(value):
+        return ctx.make_const(utils.make_name(f"{name}_const"), np.array(value, dtype=np.float32)).output[0]
+
+    def op(kind, *inputs):
+        return ctx.make_node(kind, list(inputs), name=utils.make_name(f"{name}_{kind.lower()}")).output[0]
+
+    if node.get_attr_value("approximate", False):
+        inner = op("Add", x, op("Mul", op("Mul", x, op("Mul", x, x)), const(0.044715)))
+        gate = op("Tanh", op("Mul", inner, const(math.sqrt(2 / math.pi))))
+    else:
+        gate = op("Erf", op("Mul", x, const(1 / math.sqrt(2))))
+    node.type = "Mul"
+    for attribute in list(node.attr):
+        del node.attr[attribute]
+    ctx.replace_inputs(node, [x, op("Mul", op("Add", gate, const(1.0)), const(0.5))])
+    return node
 
 
 @contextlib.contextmanager

@@ -34,7 +34,8 @@ from typing import Sequence
 
 from compress.errors import ConfigError, ExportError, ModelError
 from compress.export.codebook import store_as_codebooks
-from compress.export.convert import DEFAULT_OPSET, MIN_OPSET, describe_onnx, onnx_proto, save_onnx, to_tflite
+from compress.export.convert import (DEFAULT_OPSET, MIN_OPSET, describe_onnx, onnx_proto, save_onnx, to_tflite,
+                                     with_tflite_metadata)
 from compress.export.fp16 import to_fp16
 from compress.export.parity import (
     PARITY_SAMPLES,
@@ -172,7 +173,7 @@ def export_model(
             if quantized:
                 entry["int8_weights"] = "uint8, zero point 128" if unsigned else "int8"
         else:
-            write_bytes(target, tflite_bytes)
+            write_bytes(target, with_tflite_metadata(tflite_bytes, metadata))
             entry = {"converter": "TFLiteConverter (Optimize.DEFAULT)" if quantized else "TFLiteConverter"}
         entry = {
             "format": fmt,

@@ -139,8 +139,9 @@ def parse_recipe(text: str, *, quick: bool = False, where: str = "recipe") -> Ru
         if not isinstance(table.get("input", BASELINE), str):
             raise ConfigError(f"{label}: input must be a stage name, got {_short(table['input'])}")
         epochs_field = technique.config_class.__dataclass_fields__.get("epochs")
-        if stage_epochs_cap is not None and epochs_field is not None:
-            settings["epochs"] = min(settings.get("epochs", epochs_field.default), stage_epochs_cap)
+        epochs = settings.get("epochs", None if epochs_field is None else epochs_field.default)
+        if stage_epochs_cap is not None and isinstance(epochs, (int, float)) and not isinstance(epochs, bool):
+            settings["epochs"] = min(epochs, stage_epochs_cap)  # other types: from_dict below names the error
         try:
             config = technique.config_class.from_dict(settings)
         except ConfigError as exc:

@@ -44,7 +44,9 @@ def stage_keys(recipe: RunRecipe, options: RunOptions, baseline_key: str) -> dic
     return keys
 
 
-def baseline_key(recipe: RunRecipe, options: RunOptions) -> str:
+def baseline_key(recipe: RunRecipe, options: RunOptions, data_fingerprint: str) -> str:
+    """The baseline's key, which every stage's chains to: where it comes from, the data's arguments and contents
+    (`Dataset.fingerprint`: the same folder with other images is other data), the input range and our version."""
     from compress import __version__
 
     if options.model is not None:
@@ -52,12 +54,32 @@ def baseline_key(recipe: RunRecipe, options: RunOptions) -> str:
     else:
         source = {"recipe": recipe.baseline_recipe, "epochs": recipe.baseline_epochs}
     return digest_of({"baseline": source, "export": list(recipe.baseline_export), "data": jsonable(options.data_args),
-                      "input_range": options.input_range, "compress": __version__})
+                      "data_fingerprint": data_fingerprint, "input_range": options.input_range,
+                      "compress": __version__})
+
+
+LAYER_SETTINGS = ("layers", "layer_sparsity", "float_layers")  # settings that name layers of the stage's input
+
+
+def check_named_layers(recipe: RunRecipe, model) -> None:
+    """Refuse, before any work, a stage on the baseline whose settings name a layer the model does not have."""
+    names = {layer.name for layer in model.layers}
+    for stage in recipe.stages:
+        if stage.input != BASELINE:
+            continue
+        settings = stage.config.to_dict()
+        named = [name for key in LAYER_SETTINGS for name in (settings.get(key) or ())]
+        unknown = [name for name in named if name not in names]
+        if unknown:
+            raise ConfigError(f"stage {stage.name!r} names layer(s) {', '.join(unknown[:4])}, which model "
+                              f"{model.name!r} does not have; its layers: {', '.join(layer.name for layer in model.layers[:12])}")
 
 
 def describe_plan(recipe: RunRecipe, options: RunOptions) -> list[str]:
     """The resolved plan, one line per stage, saying which would run and which are finished."""
-    keys = stage_keys(recipe, options, baseline_key(recipe, options))
+    from compress.data import load_data
+
+    keys = stage_keys(recipe, options, baseline_key(recipe, options, load_data(**options.data_args).fingerprint()))
     lines = []
     source = (f"model {options.model}" if options.model
               else f"train ({recipe.baseline_recipe}, {recipe.baseline_epochs} epochs)")
@@ -98,7 +120,7 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
     """
     from compress.checks import check_batch_memory, check_model_fits_data, check_writable, decide_input_range
     from compress.data import load_data
-    from compress.kerasmodel import load_model_with_source
+    from compress.kerasmodel import load_model_with_source, translation_note
 
     started = time.perf_counter() if started is None else started
     out = check_output_dir(options.out)
@@ -111,14 +133,17 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
     if options.model is not None:  # refuse a model that cannot work with this data before any work is done
         model, source = load_model_with_source(options.model, unsafe=options.unsafe,
                                                sample_images=data.normalized("test")[0][:256])
+        if translation_note(source):
+            options.log(translation_note(source))
         data = data.with_input_range(decide_input_range(model, options.input_range, options.log))
         check_model_fits_data(model, data, batch_sizes=recipe.batch_sizes, log=options.log)
+        check_named_layers(recipe, model)
     elif options.input_range not in ("auto", "unit"):
         raise ConfigError("--input-range applies to a --model; the baseline compress trains takes [0, 1] pixels")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "recipe.toml") as partial:
         partial.write_text(recipe.source)
-    keys = stage_keys(recipe, options, baseline_key(recipe, options))
+    keys = stage_keys(recipe, options, baseline_key(recipe, options, data.fingerprint()))
     names = [BASELINE, *(stage.name for stage in recipe.stages)]
     stage_seconds = []
     chains: dict[str, list[str]] = {BASELINE: []}

@@ -59,6 +59,8 @@ def summarize(results: dict, *, tolerance_points: float = ACCURACY_TOLERANCE_POI
         "latency_batch": batch,
         "pareto_latency": pareto_front((v["name"], v[latency], v["accuracy"]) for v in eligible) if latency else [],
         "parity_failed": [v["name"] for v in variants if v["parity_ok"] is False],
+        "parity_notes": {v["name"]: v["parity"]["note"] for v in variants
+                         if v["parity_ok"] is False and (v.get("parity") or {}).get("note")},
         "parity_unchecked": [v["name"] for v in variants if v["parity_ok"] is None],
         "refused": dict(results.get("refused") or {}),
         "cuda": cuda_status(results),
@@ -147,7 +149,9 @@ def format_summary(summary: dict) -> list[str]:
                            for item in summary["int8_slower"])
         lines.append(f"int8 slower than its float file: {slower}")
     if summary["parity_failed"]:
-        lines.append(f"left out, parity check FAILED: {', '.join(summary['parity_failed'])}")
+        notes = summary.get("parity_notes", {})
+        failed = [f"{name} ({notes[name]})" if name in notes else name for name in summary["parity_failed"]]
+        lines.append(f"left out, parity check FAILED: {', '.join(failed)}")
     for name, reason in summary.get("refused", {}).items():
         lines.append(f"refused, nothing exported: {name} ({reason})")
     if summary["parity_unchecked"]:

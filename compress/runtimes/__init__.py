@@ -14,7 +14,7 @@ from pathlib import Path
 from compress.errors import ConfigError, ModelError
 from compress.runtimes.session import CPU, Session, TimedCall
 
-RUNTIMES = {".onnx": "onnxruntime", ".tflite": "litert", ".keras": "keras"}
+RUNTIMES = {".onnx": "onnxruntime", ".tflite": "litert", ".keras": "keras", ".h5": "keras"}
 __all__ = ["CPU", "RUNTIMES", "Session", "TimedCall", "open_session"]
 
 
@@ -29,7 +29,7 @@ def open_session(path: str | os.PathLike, *, threads: int | None = None, provide
     path = Path(path)
     runtime = RUNTIMES.get(path.suffix.lower())
     if runtime is None:
-        raise ModelError(f"{path} is not a .onnx, .tflite or .keras file")
+        raise ModelError(f"{path} is not a .onnx, .tflite, .keras or .h5 file")
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):

@@ -43,7 +43,7 @@ class DistillConfig(TechniqueConfig):
     )
     width: int = option(0, "filters of the first convolution of a named student (doubles twice with depth); 0: sized "
                         f"from the teacher, the widest up to {AUTO_MAX_WIDTH} with at most "
-                        f"{AUTO_TEACHER_SHARE:.0%} of the teacher's parameters and no more of its multiply-adds",
+                        f"{AUTO_TEACHER_SHARE * 100:.0f}%% of the teacher's parameters and no more of its multiply-adds",
                         parse=int)
     alpha: float = option(DISTILL_ALPHA,
                           "weight of the hard-label loss in [0, 1]; 1 - alpha weighs the teacher's soft targets",

@@ -123,7 +123,8 @@ def select_layers(model, names: tuple[str, ...], what: str) -> list:
     if not chosen:
         raise ModelError(
             f"model {model.name!r} has no Conv2D/Dense layer to {what} besides its classifier"
-            + (f" {candidates[-1].name!r}; name it in --layers to {what} it" if candidates else "")
+            + (f" {candidates[-1].name!r}; name it in --layers (a stage's layers setting) to {what} it"
+               if candidates else "")
         )
     return chosen
 
@@ -145,7 +146,8 @@ def left_alone(model, chosen: list, what: str) -> dict[str, str]:
         count = int(sum(weight.shape.num_elements() for weight in layer.weights))
         if candidates and layer is candidates[-1]:
             reasons[layer.name] = (f"the classifier ({classifier_share(model):.2%} of the Conv2D/Dense weights): its "
-                                   "outputs are the predictions; name it in --layers to include it")
+                                   "outputs are the predictions; name it in --layers (a stage's layers setting) to "
+                                   "include it")
         elif layer in candidates:
             reasons[layer.name] = "not named in --layers"
         else:

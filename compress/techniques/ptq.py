@@ -103,7 +103,9 @@ def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome
     """Quantize `model` to int8 files in `out_dir`, one per format; return their sizes and measured accuracies."""
     if out_dir is None:
         raise ConfigError("ptq writes files: an output folder is needed")
+    from compress import __version__
     from compress.checks import check_model_fits_data
+    from compress.export.convert import record_metadata
     from compress.kerasmodel import is_qat_model, strip_training_wrappers
     from compress.runtimes import open_session
 
@@ -139,6 +141,8 @@ def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome
                                       config.float_layers)
         else:
             details = _write_tflite(model, calibration, config.per_channel, target, full_integer=name == "tflite-int8")
+        record_metadata(target, {"compress_version": __version__, "technique_chain": '["ptq"]', "precision": "int8",
+                                 "input_range": data.input_range})  # which pixels the file takes, for evaluate
         seconds = time.perf_counter() - started
         top1 = np.argmax(open_session(target).predict(test_images, PREDICT_BATCH), axis=-1)
         stats["formats"][name] = {

@@ -30,6 +30,11 @@ PRESERVE = ("none", "sparsity", "clusters")
 _TRANSFORMED = ("SeparableConv1D", "SeparableConv2D")
 _BATCH_NORMS = ("BatchNormalization", "SyncBatchNormalization")
 _FOLDS_BATCH_NORM = ("Conv2D", "DepthwiseConv2D", "Dense")
+# The activations tfmot's 8-bit scheme quantizes, in an Activation layer (Default8BitActivationQuantizeConfig) and
+# as a layer's own activation (QuantizeAwareActivation). Its registry accepts the layers whatever the function;
+# another one (elu, selu, ...) fails inside quantize_apply with a message that names neither layer nor function.
+_ACTIVATION_LAYER_FUNCTIONS = frozenset({"relu", "relu6", "swish", "gelu", "linear", "softmax", "sigmoid", "tanh"})
+_OWN_ACTIVATION_FUNCTIONS = frozenset({"relu", "swish", "gelu", "linear", "softmax", "sigmoid", "tanh"})
 
 
 @dataclass(frozen=True)
@@ -74,13 +79,25 @@ def unsupported_layers(model) -> list:
     preprocessing = {layer.name for layer in input_preprocessing_layers(model)}
     found = []
     for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer) or registry.supports(layer) or layer.name in preprocessing:
+        if isinstance(layer, keras.layers.InputLayer) or layer.name in preprocessing:
+            continue
+        if registry.supports(layer) and unquantized_activation(layer) is None:
             continue
         kind = type(layer).__name__
         if kind in _TRANSFORMED or (kind in _BATCH_NORMS and _follows_foldable(layer)):
             continue
         found.append(layer)
     return found
+
+
+def unquantized_activation(layer) -> str | None:
+    """The name of `layer`'s activation function when tfmot's 8-bit scheme cannot quantize it, else None."""
+    function = getattr(layer, "activation", None)
+    if function is None:
+        return None
+    name = getattr(function, "__name__", type(function).__name__)
+    allowed = _ACTIVATION_LAYER_FUNCTIONS if type(layer).__name__ == "Activation" else _OWN_ACTIVATION_FUNCTIONS
+    return None if name in allowed else name
 
 
 def _follows_foldable(layer) -> bool:
@@ -122,7 +139,9 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
     preprocessing = [layer.name for layer in input_preprocessing_layers(work)]
     float_names = [layer.name for layer in unsupported]
     if unsupported and config.unsupported == "error":
-        listed = ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in unsupported)
+        listed = ", ".join(f"{layer.name} ({type(layer).__name__}"
+                           + (f", activation {unquantized_activation(layer)})" if unquantized_activation(layer) else ")")
+                           for layer in unsupported)
         raise ModelError(
             f"tfmot's 8-bit scheme cannot quantize layer(s) {listed}; pass --unsupported float to keep them in float"
         )
@@ -140,7 +159,11 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
         with quantization.quantize_scope():
             quantized = quantization.quantize_apply(annotated, _scheme(config.preserve))
     except (ValueError, RuntimeError, TypeError) as exc:
-        raise ModelError(f"tfmot cannot quantize this model: {str(exc).strip().splitlines()[0]}") from exc
+        kept = f" with {', '.join(float_names)} kept in float" if float_names else ""
+        raise ModelError(f"tfmot cannot quantize this model{kept}: {str(exc).strip().splitlines()[0]}"
+                         + ("; tfmot quantizes an activation that follows Conv-BatchNorm even when kept in float: "
+                            "use relu, relu6, swish or gelu there" if any(unquantized_activation(layer) for layer in unsupported)
+                            else "")) from exc
 
     history = fine_tune(
         quantized, data, epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
