@@ -189,7 +189,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Accuracy of a .onnx / .tflite / .keras file on the test split, measured in the file's own runtime."""
+    """Accuracy of a .onnx / .tflite / .keras / .h5 file on the test split, measured in the file's own runtime."""
     from compress.checks import check_writable, file_input_range, near_chance_note
     from compress.files import write_json
     from compress.measure.accuracy import evaluate_file

@@ -234,11 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="measure a .onnx / .tflite / .keras file's test accuracy in its own runtime",
+        help="measure a .onnx / .tflite / .keras / .h5 file's test accuracy in its own runtime",
         description="Top-1 accuracy of FILE on the data source's test split: .onnx in onnxruntime (CPU), .tflite in "
         "ai_edge_litert, .keras in Keras.",
     )
-    evaluate.add_argument("file", metavar="FILE", help="model file (.onnx, .tflite or .keras)")
+    evaluate.add_argument("file", metavar="FILE", help="model file (.onnx, .tflite, .keras or .h5)")
     add_data_arguments(evaluate)
     evaluate.add_argument("--batch-size", type=_positive_int, default=64, help="images per run (default: 64)")
     evaluate.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N test images")

@@ -20,17 +20,20 @@ SUPPORTED_LAYERS = frozenset(
 # Keras 3 saves arithmetic on tensors (x + 3.0, x * (1/6), keras.ops.relu6(x)) as layers of these modules.
 OPERATION_MODULES = ("keras.src.ops.", "keras.ops.")
 # A keras.ops call on one tensor and one number, as the affine map Rescaling computes: x * scale + offset.
+# (scale, offset) from the number c and whether the tensor came first; None where no such map exists (c / x).
 _AFFINE = {
-    "Add": lambda c, first: (1.0, c),
-    "Subtract": lambda c, first: (1.0, -c) if first else (-1.0, c),
-    "Multiply": lambda c, first: (c, 0.0),
-    "Divide": lambda c, first: (1.0 / c, 0.0) if first and c != 0 else None,
-    "TrueDivide": lambda c, first: (1.0 / c, 0.0) if first and c != 0 else None,
+    "Add": lambda c, tensor_first: (1.0, c),
+    "Subtract": lambda c, tensor_first: (1.0, -c) if tensor_first else (-1.0, c),
+    "Multiply": lambda c, tensor_first: (c, 0.0),
+    "Divide": lambda c, tensor_first: (1.0 / c, 0.0) if tensor_first and c != 0 else None,
+    "TrueDivide": lambda c, tensor_first: (1.0 / c, 0.0) if tensor_first and c != 0 else None,
 }
-_MERGES = {"Add": "Add", "Subtract": "Subtract", "Multiply": "Multiply", "Maximum": "Maximum", "Minimum": "Minimum"}
-_UNARY = {"Relu": ("ReLU", {}), "Relu6": ("ReLU", {"max_value": 6.0}), "Sigmoid": ("Activation", {"activation": "sigmoid"}),
-          "Silu": ("Activation", {"activation": "swish"}), "Swish": ("Activation", {"activation": "swish"}),
-          "Tanh": ("Activation", {"activation": "tanh"}), "Negative": ("Rescaling", {"scale": -1.0})}
+_MERGES = frozenset({"Add", "Subtract", "Multiply", "Maximum", "Minimum"})  # on two tensors: the merge layer
+_UNARY = {  # on one tensor: (tf_keras layer, its options)
+    "Relu": ("ReLU", {}), "Relu6": ("ReLU", {"max_value": 6.0}), "Sigmoid": ("Activation", {"activation": "sigmoid"}),
+    "Silu": ("Activation", {"activation": "swish"}), "Swish": ("Activation", {"activation": "swish"}),
+    "Tanh": ("Activation", {"activation": "tanh"}), "Negative": ("Rescaling", {"scale": -1.0}),
+}
 MODEL_CLASSES = frozenset({"Functional", "Sequential"})
 
 # Keras 3 activation names that mean the same function in tf_keras, under the tf_keras name.
@@ -188,15 +191,13 @@ class Builder:
         layers = self.keras.layers
         name, operation = layer["config"]["name"], layer["class_name"]
         numbers = [isinstance(arg, (int, float)) and not isinstance(arg, bool) for arg in args]
-        built = None
         if not kwargs and len(args) == 2 and numbers.count(True) == 1 and operation in _AFFINE:
             tensor, number = (args[0], args[1]) if numbers[1] else (args[1], args[0])
             affine = _AFFINE[operation](float(number), numbers[1])
             if affine is not None:
                 return layers.Rescaling(affine[0], offset=affine[1], name=name)(tensor)
         elif not kwargs and len(args) == 2 and not any(numbers) and operation in _MERGES:
-            built = getattr(layers, _MERGES[operation])(name=name)
-            return built(list(args))
+            return getattr(layers, operation)(name=name)(list(args))
         elif not kwargs and len(args) == 1 and not numbers[0] and operation in _UNARY:
             class_name, options = _UNARY[operation]
             return getattr(layers, class_name)(name=name, **options)(args[0])

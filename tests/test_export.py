@@ -608,6 +608,10 @@ def test_cli_export_and_evaluate_every_format(models, data, tmp_path, monkeypatc
         assert abs(result["accuracy"] - keras_accuracy) <= 0.005, (name, result, keras_accuracy)
     assert main(["evaluate", str(model_path), "--data", source, "--limit", "40"]) == 0
     assert "on 40 " in capsys.readouterr().out
+    h5_path = tmp_path / "float.h5"
+    models["float"].save(h5_path)  # a legacy HDF5 file evaluates like a .keras one
+    assert main(["evaluate", str(h5_path), "--data", source, "--limit", "40"]) == 0
+    assert "on 40 " in capsys.readouterr().out
 
 
 def test_evaluate_refuses_data_of_the_wrong_shape(exports, tmp_path, capsys):

@@ -205,3 +205,47 @@ def test_a_gelu_model_trains_and_exports_to_an_int8_onnx_file(synthetic_data, tm
     outcome = qat(model, QATConfig(epochs=1, batch_size=32), synthetic_data, verbose=0)
     result = export_model(outcome.model, tmp_path, formats=("onnx",), data=synthetic_data)  # TFLite's GELU written out
     assert result["parity_ok"] and result["files"]["onnx"]["precision"] == "int8"
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_relu6_as_a_layers_own_activation_is_moved_into_a_layer_that_qat_quantizes(synthetic_data, tmp_path,
+                                                                                     sequential):
+    from compress.export.exporter import export_model
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    stack = [layers.Conv2D(8, 3, activation="relu6", name="conv"),  # tfmot refuses relu6 here, as a layer it is fine
+             layers.DepthwiseConv2D(3, activation="relu6", name="depthwise"), layers.Flatten(name="flat"),
+             layers.Dense(3, name="logits")]
+    if sequential:
+        model = keras.Sequential([keras.Input((8, 8, 3)), *stack])
+    else:
+        inputs = keras.Input((8, 8, 3))
+        x = inputs
+        for layer in stack:
+            x = layer(x)
+        model = keras.Model(inputs, x)
+    outcome = qat(model, QATConfig(epochs=1, batch_size=32), synthetic_data, verbose=0)
+    assert outcome.stats["activations_split"] == {"conv": "relu6", "depthwise": "relu6"}
+    assert outcome.stats["float_layers"] == [] and "conv" in outcome.stats["quantized_layers"]
+    result = export_model(outcome.model, tmp_path, formats=("onnx",), data=synthetic_data)
+    assert result["parity_ok"] and result["files"]["onnx"]["precision"] == "int8"
+
+
+def test_hard_swish_made_of_rescaling_and_multiply_is_quantized_by_its_outputs(synthetic_data, tmp_path):
+    from compress.export.exporter import export_model
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(8, 3, name="conv")(inputs)
+    gate = layers.ReLU(max_value=1.0, name="clip")(layers.Rescaling(1 / 6, offset=0.5, name="affine")(x))
+    x = layers.Multiply(name="hard_swish")([x, gate])  # how a Keras 3 hard_swish arrives here, translated
+    outputs = layers.Dense(3, name="logits")(layers.GlobalAveragePooling2D(name="pool")(x))
+    outcome = qat(keras.Model(inputs, outputs), QATConfig(epochs=1, batch_size=32), synthetic_data, verbose=0)
+    assert outcome.stats["float_layers"] == []
+    assert set(outcome.stats["left_alone"]) == {"affine", "hard_swish"}
+    result = export_model(outcome.model, tmp_path, formats=("onnx",), data=synthetic_data)
+    assert result["parity_ok"] and result["files"]["onnx"]["precision"] == "int8"

@@ -14,7 +14,7 @@ def evaluate_file(
     path: str | os.PathLike, data, *, batch_size: int = 64, unsafe: bool = False, limit: int | None = None,
     split: str = "test",
 ) -> dict:
-    """Top-1 accuracy of a .onnx / .tflite / .keras file on one of `data`'s splits, in the file's own runtime.
+    """Top-1 accuracy of a .onnx / .tflite / .keras / .h5 file on one of `data`'s splits, in the file's own runtime.
 
     Searches decide on "val", so that the test split stays unseen until the chosen files are reported.
     """

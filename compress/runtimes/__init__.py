@@ -20,7 +20,7 @@ __all__ = ["CPU", "RUNTIMES", "Session", "TimedCall", "open_session"]
 
 def open_session(path: str | os.PathLike, *, threads: int | None = None, provider: str = CPU,
                  unsafe: bool = False, reference: bool = False) -> Session:
-    """Load a .onnx, .tflite or .keras file in its runtime; any load failure is a one-line ModelError.
+    """Load a .onnx, .tflite, .keras or .h5 file in its runtime; any load failure is a one-line ModelError.
 
     `threads` is the intra-op thread count (None: the runtime's default); `provider` the onnxruntime provider.
     `reference` runs the file the plain way instead of the fast one: onnxruntime without graph optimisations (a QDQ

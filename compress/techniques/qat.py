@@ -35,6 +35,9 @@ _FOLDS_BATCH_NORM = ("Conv2D", "DepthwiseConv2D", "Dense")
 # another one (elu, selu, ...) fails inside quantize_apply with a message that names neither layer nor function.
 _ACTIVATION_LAYER_FUNCTIONS = frozenset({"relu", "relu6", "swish", "gelu", "linear", "softmax", "sigmoid", "tanh"})
 _OWN_ACTIVATION_FUNCTIONS = frozenset({"relu", "swish", "gelu", "linear", "softmax", "sigmoid", "tanh"})
+# Weightless elementwise layers tfmot's registry does not know (MobileNetV3's hard-swish x * relu6(x + 3) / 6 is made
+# of them) but TFLite runs on int8 kernels: they compute in float and only their output is quantized.
+_OUTPUT_QUANTIZED = frozenset({"Rescaling", "Multiply", "Subtract", "Maximum", "Minimum"})
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ def unsupported_layers(model) -> list:
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer) or layer.name in preprocessing:
             continue
-        if registry.supports(layer) and unquantized_activation(layer) is None:
+        supported = registry.supports(layer) or type(layer).__name__ in _OUTPUT_QUANTIZED
+        if supported and unquantized_activation(layer) is None:
             continue
         kind = type(layer).__name__
         if kind in _TRANSFORMED or (kind in _BATCH_NORMS and _follows_foldable(layer)):
@@ -98,6 +102,60 @@ def unquantized_activation(layer) -> str | None:
     name = getattr(function, "__name__", type(function).__name__)
     allowed = _ACTIVATION_LAYER_FUNCTIONS if type(layer).__name__ == "Activation" else _OWN_ACTIVATION_FUNCTIONS
     return None if name in allowed else name
+
+
+def activations_as_layers(model):
+    """(`model` with each convolution's or Dense layer's activation that tfmot quantizes only as a layer of its own
+    moved into one, {layer: activation moved}): Conv2D(activation="relu6") becomes Conv2D + Activation("relu6"),
+    the same function, which QAT then quantizes instead of refusing the layer. Layers called more than once and
+    nested models are left as they are."""
+    import numpy as np
+
+    from compress.keras import keras
+    from compress.kerasmodel import loading_objects
+
+    moved = {layer.name: unquantized_activation(layer) for layer in model.layers
+             if type(layer).__name__ != "Activation" and unquantized_activation(layer) in _ACTIVATION_LAYER_FUNCTIONS
+             and len(layer._inbound_nodes) == 1}  # noqa: SLF001 - Keras 2 exposes calls only this way
+    if not moved:
+        return model, {}
+    config = model.get_config()
+    layers = []
+    for layer in config["layers"]:
+        name = layer["config"]["name"]
+        if "inbound_nodes" in layer:  # functional: read the new activation's output instead of the layer's
+            layer["inbound_nodes"] = _renamed_references(layer["inbound_nodes"], moved)
+        layers.append(layer)
+        if name in moved:
+            layer["config"]["activation"] = "linear"
+            activation = {"class_name": "Activation", "config": {"name": f"{name}_{moved[name]}",
+                                                                 "activation": moved[name]}}
+            if "inbound_nodes" in layer:
+                activation["inbound_nodes"] = [[[name, 0, 0, {}]]]
+            activation["name"] = activation["config"]["name"]
+            layers.append(activation)
+    config["layers"] = layers
+    if "output_layers" in config:
+        config["output_layers"] = _renamed_references(config["output_layers"], moved)
+    with keras.utils.custom_object_scope(loading_objects()):
+        rebuilt = type(model).from_config(config)
+    for layer in rebuilt.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    probe = np.random.default_rng(0).random((2, *model.input_shape[1:]), dtype=np.float32)
+    if not np.allclose(model(probe, training=False), rebuilt(probe, training=False), atol=1e-5):
+        return model, {}  # a graph this rewrite does not understand: leave it to the refusal that names the layer
+    return rebuilt, moved
+
+
+def _renamed_references(nodes, moved: dict[str, str]):
+    """Inbound-node references ([layer, node, tensor, kwargs] lists, nested) to a layer whose activation moved,
+    pointed at that activation's layer."""
+    if isinstance(nodes, list) and len(nodes) >= 3 and isinstance(nodes[0], str) and isinstance(nodes[1], int):
+        return [f"{nodes[0]}_{moved[nodes[0]]}", *nodes[1:]] if nodes[0] in moved else nodes
+    if isinstance(nodes, list):
+        return [_renamed_references(node, moved) for node in nodes]
+    return nodes
 
 
 def _follows_foldable(layer) -> bool:
@@ -134,9 +192,12 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
     from compress.keras import OutputOnlyQuantizeConfig, keras, tfmot
 
     quantization = tfmot.quantization.keras
-    work = copy_model(model)
+    work, split = activations_as_layers(copy_model(model))
     unsupported = unsupported_layers(work)
     preprocessing = [layer.name for layer in input_preprocessing_layers(work)]
+    registry = tfmot.quantization.keras.default_8bit.Default8BitQuantizeRegistry()
+    output_only = [layer.name for layer in work.layers if layer.name not in preprocessing
+                   and type(layer).__name__ in _OUTPUT_QUANTIZED and not registry.supports(layer)]
     float_names = [layer.name for layer in unsupported]
     if unsupported and config.unsupported == "error":
         listed = ", ".join(f"{layer.name} ({type(layer).__name__}"
@@ -150,7 +211,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
     def annotate(layer):
         if layer.name in float_names or isinstance(layer, keras.layers.InputLayer):
             return layer
-        if layer.name in preprocessing:
+        if layer.name in preprocessing or layer.name in output_only:
             return quantization.quantize_annotate_layer(layer, quantize_config=OutputOnlyQuantizeConfig())
         return quantization.quantize_annotate_layer(layer)
 
@@ -179,7 +240,9 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
     stats = {
         "quantized_layers": [layer.layer.name for layer in wrappers],
         "float_layers": float_names,
+        "activations_split": split,
         "left_alone": {**{name: "input preprocessing: no weights, only its output quantized" for name in preprocessing},
+                       **{name: "no weights, computed in float, only its output quantized" for name in output_only},
                        **{name: "kept in float: not in tfmot's 8-bit scheme" for name in float_names}},
         "preserve": config.preserve,
         **evaluate(quantized, data),
