@@ -55,6 +55,8 @@ def check_model_fits_data(model, data, *, role: str = "model", batch_sizes: Sequ
 
 
 PREPROCESSING_LAYERS = ("Rescaling", "Normalization")
+RANGE_CHECK_IMAGES = 256  # validation images an automatic input range is checked on
+RANGE_CHECK_MARGIN = 0.10  # accuracy by which another range must beat the layer rule's to replace it
 
 
 def check_batch_memory(input_shape, batch_sizes: Sequence[int]) -> None:
@@ -67,10 +69,12 @@ def check_batch_memory(input_shape, batch_sizes: Sequence[int]) -> None:
                               f"{MAX_BATCH_BYTES // image_bytes}")
 
 
-def decide_input_range(model, choice: str = "auto", log: Callable[[str], None] | None = None) -> str:
+def decide_input_range(model, choice: str = "auto", log: Callable[[str], None] | None = None, data=None) -> str:
     """The range a model takes its pixels in: `choice` when given; with "auto", raw 0-255 pixels for a model whose
     first layer after its input rescales or normalises them (the Keras guides' pattern, EfficientNet, ConvNeXt),
-    else [0, 1]. The decision is said, since every later figure depends on it."""
+    else [0, 1], then checked on `data`'s validation images when given: a trained model scores clearly better in
+    the range it was trained on (MobileNetV2 without its preprocess_input takes [-1, 1] and has no layer that says
+    so). The decision is said, since every later figure depends on it."""
     from compress.data import INPUT_RANGES
 
     if choice != "auto":
@@ -84,13 +88,37 @@ def decide_input_range(model, choice: str = "auto", log: Callable[[str], None] |
             decided, why = "raw", f"its first layer {first.name} ({type(inner).__name__}) takes 0-255 pixels"
         else:
             decided, why = "unit", "no rescaling layer first, so pixels scaled to [0, 1]"
+        if data is not None:
+            decided, why = _range_checked_on_data(model, data, decided, why)
     if log is not None:
         log(f"input range: {decided} ({why}); --input-range raw|unit|symmetric overrides")
     return decided
 
 
+def _range_checked_on_data(model, data, decided: str, why: str) -> tuple[str, str]:
+    """(range, reason): the layer rule's `decided`, or the range in which the model scores clearly better on up to
+    RANGE_CHECK_IMAGES validation images (by RANGE_CHECK_MARGIN of accuracy, and above chance)."""
+    from compress.data import INPUT_RANGES, normalize
+    from compress.kerasmodel import keras_outputs
+
+    images, labels = (array[:RANGE_CHECK_IMAGES] for array in data.split("val"))
+    wanted = model.input_shape[1:] if isinstance(model.input_shape, tuple) else None
+    fits = wanted is not None and len(wanted) == images.ndim - 1 and all(
+        dim is None or dim == size for dim, size in zip(wanted, images.shape[1:]))
+    if not len(labels) or not fits:  # a model that does not fit the data is refused by check_model_fits_data
+        return decided, why
+    scores = {name: float(np.mean(keras_outputs(model, normalize(images, name)).argmax(-1) == labels))
+              for name in INPUT_RANGES}
+    shown = ", ".join(f"{name} {score:.0%}" for name, score in scores.items())
+    best = max(scores, key=scores.get)
+    chance = 1.0 / data.num_classes
+    if best != decided and scores[best] >= scores[decided] + RANGE_CHECK_MARGIN and scores[best] > 1.5 * chance:
+        return best, f"on {len(labels)} validation images the model scores {shown}; its layers alone said {decided}"
+    return decided, f"{why}; on {len(labels)} validation images: {shown}"
+
+
 def file_input_range(path, choice: str = "auto", *, unsafe: bool = False,
-                     log: Callable[[str], None] | None = None) -> str:
+                     log: Callable[[str], None] | None = None, data=None) -> str:
     """The input range of a model file: as given; or, with "auto", what an exported ONNX file records in its
     metadata, what a Keras model's first layer says, else [0, 1]."""
     path = Path(path)
@@ -100,7 +128,7 @@ def file_input_range(path, choice: str = "auto", *, unsafe: bool = False,
         model, source = load_model_with_source(path, unsafe=unsafe)
         if log is not None and translation_note(source):
             log(translation_note(source))
-        return decide_input_range(model, choice, log)
+        return decide_input_range(model, choice, log, data)
     if choice == "auto" and path.suffix in (".onnx", ".tflite") and path.is_file():
         recorded = file_metadata(path)
         if recorded.get("input_range"):

@@ -144,7 +144,7 @@ def _user_model(args: argparse.Namespace, data):
     if translation_note(source):
         log(translation_note(source))
     if data is not None:
-        data = data.with_input_range(decide_input_range(model, args.input_range, log))
+        data = data.with_input_range(decide_input_range(model, args.input_range, log, data))
         check_model_fits_data(model, data, log=log)
     return model, data, source
 
@@ -200,7 +200,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         check_writable(Path(args.json).parent)
     data = load_data_from_args(args)
     data = data.with_input_range(file_input_range(args.file, args.input_range, unsafe=args.unsafe,
-                                                  log=lambda message: info(args, message)))
+                                                  log=lambda message: info(args, message), data=data))
     result = evaluate_file(args.file, data, batch_size=args.batch_size, unsafe=args.unsafe, limit=args.limit)
     print(f"{result['file']}: accuracy {result['accuracy']:.4f} on {result['images']} {data.source} test images "
           f"({result['runtime']}, {result['device']})", flush=True)

@@ -135,6 +135,28 @@ def test_input_range_is_read_from_the_model_and_can_be_set():
         decide_input_range(plain, "percent")
 
 
+def test_an_automatic_input_range_is_checked_on_the_validation_images(synthetic_data):
+    """A model trained on [-1, 1] pixels with no layer saying so: the data shows it, and the range follows."""
+    from compress.checks import decide_input_range
+    from compress.keras import keras
+
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    # logits -|channel mean - 0.25|: right for [-1, 1] pixels (class channel ~0.57, others ~-0.6), wrong for
+    # [0, 1] (~0.78 against ~0.2) and for raw ones
+    distance = layers.Rescaling(1.0, offset=-0.25)(layers.GlobalAveragePooling2D()(inputs))
+    size = layers.Add()([layers.ReLU()(distance), layers.ReLU()(layers.Rescaling(-1.0)(distance))])
+    symmetric_model = keras.Model(inputs, layers.Rescaling(-1.0)(size))
+    said = []
+    assert decide_input_range(symmetric_model, "auto", said.append, synthetic_data) == "symmetric"
+    assert "alone said unit" in said[0] and "validation images" in said[0]
+    assert decide_input_range(symmetric_model, "unit", data=synthetic_data) == "unit"  # as given: not second-guessed
+    constant = keras.Sequential([keras.Input((8, 8, 3)), layers.Flatten(), layers.Dense(3, kernel_initializer="zeros")])
+    said.clear()
+    assert decide_input_range(constant, "auto", said.append, synthetic_data) == "unit"  # no range does better
+    assert "validation images: unit" in said[0]
+
+
 def test_dataset_hands_images_over_in_the_chosen_range(synthetic_data):
     raw, _ = synthetic_data.with_input_range("raw").normalized("test")
     unit, _ = synthetic_data.normalized("test")

@@ -190,7 +190,7 @@ def test_cli_distills_the_one_epoch_baseline(baseline_1epoch, tmp_path):
 def test_default_student_is_sized_from_the_teacher(synthetic_data):
     """Width 0: the widest student up to 16 with at most a quarter of the teacher's parameters; never larger."""
     from compress.errors import ModelError
-    from compress.techniques.distill import AUTO_TEACHER_SHARE, _make_student
+    from compress.techniques.distill import AUTO_MIN_WIDTH, AUTO_TEACHER_SHARE, _make_student
 
     from compress.kerasmodel import count_macs
     from compress.students import build_student
@@ -203,6 +203,9 @@ def test_default_student_is_sized_from_the_teacher(synthetic_data):
     assert small.count_params() <= AUTO_TEACHER_SHARE * 8_000 and not small.name.endswith("_w16")
     with pytest.raises(ModelError, match="would not make this model smaller"):
         _make_student(config, synthetic_data, 50, None)
+    too_narrow = build_student(config.student, (8, 8, 3), 3, AUTO_MIN_WIDTH - 1).count_params()
+    with pytest.raises(ModelError, match=f"width {AUTO_MIN_WIDTH}"):  # only a student too narrow to learn would fit
+        _make_student(config, synthetic_data, int(too_narrow / AUTO_TEACHER_SHARE), None)
     assert small.output_shape == (None, 3) and small.input_shape == (None, 8, 8, 3)
     # a teacher with many parameters but few multiply-adds (most of them in one Dense layer) gets a student that
     # computes no more than it does

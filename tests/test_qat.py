@@ -249,3 +249,20 @@ def test_hard_swish_made_of_rescaling_and_multiply_is_quantized_by_its_outputs(s
     assert set(outcome.stats["left_alone"]) == {"affine", "hard_swish"}
     result = export_model(outcome.model, tmp_path, formats=("onnx",), data=synthetic_data)
     assert result["parity_ok"] and result["files"]["onnx"]["precision"] == "int8"
+
+
+def test_a_graph_rewrite_that_never_finishes_is_refused_in_one_line(tiny_cnn, synthetic_data, monkeypatch):
+    import time
+
+    from compress.errors import ModelError
+    from compress.keras import tfmot
+    from compress.techniques import qat as qat_module
+
+    def never_finishes(*args, **kwargs):  # what tfmot does on some models: Python that loops forever
+        while True:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(qat_module, "QUANTIZE_APPLY_LIMIT_S", 1)
+    monkeypatch.setattr(tfmot.quantization.keras, "quantize_apply", never_finishes)
+    with pytest.raises(ModelError, match="did not finish rewriting"):
+        qat(tiny_cnn, QATConfig(epochs=1), synthetic_data, verbose=0)

@@ -135,7 +135,7 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
                                                sample_images=data.normalized("test")[0][:256])
         if translation_note(source):
             options.log(translation_note(source))
-        data = data.with_input_range(decide_input_range(model, options.input_range, options.log))
+        data = data.with_input_range(decide_input_range(model, options.input_range, options.log, data))
         check_model_fits_data(model, data, batch_sizes=recipe.batch_sizes, log=options.log)
         check_named_layers(recipe, model)
     elif options.input_range not in ("auto", "unit"):

@@ -31,6 +31,7 @@ from compress.techniques.base import Outcome, Technique, TechniqueConfig, option
 # A default student: the widest up to the width the toolkit has always used, with at most this share of the teacher's
 # parameters and no more multiply-adds than the teacher.
 AUTO_MAX_WIDTH = 16
+AUTO_MIN_WIDTH = 4  # narrower students (150-600 parameters) stayed at chance on teachers of a few thousand
 AUTO_TEACHER_SHARE = 0.25
 
 
@@ -42,7 +43,7 @@ class DistillConfig(TechniqueConfig):
         metavar="NAME|PATH",
     )
     width: int = option(0, "filters of the first convolution of a named student (doubles twice with depth); 0: sized "
-                        f"from the teacher, the widest up to {AUTO_MAX_WIDTH} with at most "
+                        f"from the teacher, the widest from {AUTO_MIN_WIDTH} to {AUTO_MAX_WIDTH} with at most "
                         f"{AUTO_TEACHER_SHARE * 100:.0f}%% of the teacher's parameters and no more of its multiply-adds",
                         parse=int)
     alpha: float = option(DISTILL_ALPHA,
@@ -255,19 +256,19 @@ def _macs_or_none(model) -> int | None:
 
 
 def _sized_student(name: str, data, teacher_params: int, teacher_macs: int | None):
-    """The widest named student, up to AUTO_MAX_WIDTH, with at most AUTO_TEACHER_SHARE of the teacher's parameters
-    and at most its multiply-adds: distillation is there to make the model smaller and cheaper to run, so a student
-    is never larger or slower than its teacher."""
+    """The widest named student, from AUTO_MIN_WIDTH to AUTO_MAX_WIDTH, with at most AUTO_TEACHER_SHARE of the
+    teacher's parameters and at most its multiply-adds: distillation is there to make the model smaller and cheaper
+    to run, so a student is never larger or slower than its teacher, nor too narrow to learn."""
     from compress.kerasmodel import count_macs
     from compress.students import build_student
 
-    for width in range(AUTO_MAX_WIDTH, 0, -1):
+    for width in range(AUTO_MAX_WIDTH, AUTO_MIN_WIDTH - 1, -1):
         student = build_student(name, data.input_shape, data.num_classes, width)
         if student.count_params() <= AUTO_TEACHER_SHARE * teacher_params and (
                 teacher_macs is None or count_macs(student) <= teacher_macs):
             return student
-    raise ModelError(f"the smallest {name} student has {student.count_params():,} parameters and "
-                     f"{count_macs(student):,} multiply-adds, the teacher {teacher_params:,} and "
+    raise ModelError(f"the smallest {name} student (width {AUTO_MIN_WIDTH}) has {student.count_params():,} parameters "
+                     f"and {count_macs(student):,} multiply-adds, the teacher {teacher_params:,} and "
                      f"{'?' if teacher_macs is None else f'{teacher_macs:,}'}: more than {AUTO_TEACHER_SHARE:.0%} "
                      "of its parameters or all its multiply-adds; distillation would not make this model smaller "
                      "(pass --width to force one, or leave distill out)")

@@ -9,6 +9,9 @@ biases end on the int32 grid that file stores them on (int8_bias.py), so that it
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from dataclasses import dataclass
 
 from compress.checks import PREPROCESSING_LAYERS
@@ -30,6 +33,7 @@ PRESERVE = ("none", "sparsity", "clusters")
 _TRANSFORMED = ("SeparableConv1D", "SeparableConv2D")
 _BATCH_NORMS = ("BatchNormalization", "SyncBatchNormalization")
 _FOLDS_BATCH_NORM = ("Conv2D", "DepthwiseConv2D", "Dense")
+QUANTIZE_APPLY_LIMIT_S = 300  # tfmot takes seconds to a minute for the models here; beyond this it is not finishing
 # The activations tfmot's 8-bit scheme quantizes, in an Activation layer (Default8BitActivationQuantizeConfig) and
 # as a layer's own activation (QuantizeAwareActivation). Its registry accepts the layers whatever the function;
 # another one (elu, selu, ...) fails inside quantize_apply with a message that names neither layer nor function.
@@ -176,6 +180,27 @@ def _single_inbound(layer):
     return inbound
 
 
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    """Raise RuntimeError after `seconds` of the block (main thread only; elsewhere no limit). tfmot's graph
+    rewriting never finishes on some models (Keras' rebuild of its rewritten config waits for a layer that never
+    comes: seen with a DepthwiseConv2D behind MaxPool-GELU-SeparableConv2D), and a refusal beats a hang."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise RuntimeError(f"tfmot did not finish rewriting the model's graph in {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _scheme(preserve: str):
     from compress.keras import tfmot
 
@@ -217,7 +242,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
 
     try:
         annotated = keras.models.clone_model(work, clone_function=annotate)
-        with quantization.quantize_scope():
+        with quantization.quantize_scope(), _time_limit(QUANTIZE_APPLY_LIMIT_S):
             quantized = quantization.quantize_apply(annotated, _scheme(config.preserve))
     except (ValueError, RuntimeError, TypeError) as exc:
         kept = f" with {', '.join(float_names)} kept in float" if float_names else ""
