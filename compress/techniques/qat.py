@@ -146,7 +146,8 @@ def activations_as_layers(model):
     for layer in rebuilt.layers:
         if layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
-    probe = np.random.default_rng(0).random((2, *model.input_shape[1:]), dtype=np.float32)
+    shape = [32 if dim is None else dim for dim in model.input_shape[1:]]  # any size a fully convolutional model takes
+    probe = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
     if not np.allclose(model(probe, training=False), rebuilt(probe, training=False), atol=1e-5):
         return model, {}  # a graph this rewrite does not understand: leave it to the refusal that names the layer
     return rebuilt, moved
@@ -182,10 +183,10 @@ def _single_inbound(layer):
 
 @contextlib.contextmanager
 def _time_limit(seconds: int):
-    """Raise RuntimeError after `seconds` of the block (main thread only; elsewhere no limit). tfmot's graph
-    rewriting never finishes on some models (Keras' rebuild of its rewritten config waits for a layer that never
-    comes: seen with a DepthwiseConv2D behind MaxPool-GELU-SeparableConv2D), and a refusal beats a hang."""
-    if threading.current_thread() is not threading.main_thread():
+    """Raise RuntimeError after `seconds` of the block (main thread with SIGALRM only; elsewhere no limit). tfmot's
+    graph rewriting never finishes on some models (seen looping in Keras' rebuild of its rewritten config, on a
+    DepthwiseConv2D behind MaxPool-GELU-SeparableConv2D), and a refusal beats a hang."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):  # Windows
         yield
         return
 
@@ -225,9 +226,9 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
                    and type(layer).__name__ in _OUTPUT_QUANTIZED and not registry.supports(layer)]
     float_names = [layer.name for layer in unsupported]
     if unsupported and config.unsupported == "error":
-        listed = ", ".join(f"{layer.name} ({type(layer).__name__}"
-                           + (f", activation {unquantized_activation(layer)})" if unquantized_activation(layer) else ")")
-                           for layer in unsupported)
+        listed = ", ".join(f"{layer.name} ({type(layer).__name__}" + (
+            f", activation {unquantized_activation(layer)})" if unquantized_activation(layer) else ")")
+            for layer in unsupported)
         raise ModelError(
             f"tfmot's 8-bit scheme cannot quantize layer(s) {listed}; pass --unsupported float to keep them in float"
         )
@@ -246,10 +247,9 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
             quantized = quantization.quantize_apply(annotated, _scheme(config.preserve))
     except (ValueError, RuntimeError, TypeError) as exc:
         kept = f" with {', '.join(float_names)} kept in float" if float_names else ""
-        raise ModelError(f"tfmot cannot quantize this model{kept}: {str(exc).strip().splitlines()[0]}"
-                         + ("; tfmot quantizes an activation that follows Conv-BatchNorm even when kept in float: "
-                            "use relu, relu6, swish or gelu there" if any(unquantized_activation(layer) for layer in unsupported)
-                            else "")) from exc
+        hint = ("; tfmot quantizes an activation that follows Conv-BatchNorm even when kept in float: use relu, "
+                "relu6, swish or gelu there" if any(unquantized_activation(layer) for layer in unsupported) else "")
+        raise ModelError(f"tfmot cannot quantize this model{kept}: {str(exc).strip().splitlines()[0]}{hint}") from exc
 
     history = fine_tune(
         quantized, data, epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
