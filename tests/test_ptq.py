@@ -77,6 +77,24 @@ def test_ptq_files_record_the_input_range_that_evaluate_reads_back(model, synthe
         assert open_session(path).predict(raw.normalized("test")[0][:4]).shape == (4, 3)  # still loads and runs
 
 
+def test_an_rgb_images_convolution_gets_four_input_channels_and_the_same_answers(synthetic_data, tmp_path):
+    """The int8 ONNX file of a model whose first convolution reads the RGB image (16 filters: onnxruntime's fast
+    kernels take 16 or more) gives that convolution a fourth, zero-weighted input channel, and answers as before."""
+    import onnx
+
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential([keras.Input(synthetic_data.input_shape),
+                            keras.layers.Conv2D(16, 3, activation="relu", name="conv"),
+                            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(synthetic_data.num_classes)])
+    outcome = ptq(net, PTQConfig(calibration=32, formats=("onnx-qdq",)), synthetic_data, out_dir=tmp_path, verbose=0)
+    graph = onnx.load(str(outcome.files["onnx-qdq"])).graph
+    assert graph.node[0].op_type == "MatMul" and graph.node[0].input[0] == graph.input[0].name
+    assert [list(t.dims) for t in graph.initializer if len(t.dims) == 4] == [[16, 4, 3, 3]]
+    assert outcome.stats["formats"]["onnx-qdq"]["agreement_with_keras"] >= 0.9
+
+
 @pytest.mark.parametrize("reduce_range, largest", [(True, 64), (False, 127)])
 def test_reduce_range_stores_weights_in_seven_bits(model, synthetic_data, tmp_path, reduce_range, largest):
     """7-bit weights (for x86 CPUs without VNNI) span -64..64; 8-bit ones reach 127 in the channel that sets the scale."""

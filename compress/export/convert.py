@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import ExportError, first_line
-from compress.export.int8_rewrite import inputs_rounded_as_fake_quant, reshapes_as_transposes, use_integer_kernels
+from compress.export.int8_rewrite import (input_channels_widened, inputs_rounded_as_fake_quant, reshapes_as_transposes,
+                                          use_integer_kernels)
 from compress.files import atomic_path
 from compress.kerasmodel import model_io, variable_short_name
 from compress.measure.sizes import count_zeros, graph_weights
@@ -145,6 +146,7 @@ def onnx_proto(model, *, opset: int = DEFAULT_OPSET, metadata: dict[str, str], i
         use_integer_kernels(proto.graph, unsigned_weights=unsigned_weights)
         # QuantizeLinear breaks ties between two levels unlike the QAT model's FakeQuant ([-1, 1] pixels are all ties)
         inputs_rounded_as_fake_quant(proto.graph, input_fake_quant_range(model))
+        input_channels_widened(proto.graph)  # an RGB image's int8 convolution on onnxruntime's fast kernels
     _tidy_onnx(proto, input_name=input_name, output_name=output_name, metadata=metadata)
     return proto
 

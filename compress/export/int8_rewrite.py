@@ -8,6 +8,12 @@ import numpy as np
 
 # Ops that only move or pick activation values, so they work the same on uint8 as on int8.
 _VALUE_MOVING_OPS = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Identity"}
+# Ops that, given scalar constants, do the same to every channel: an extra input channel passes them harmlessly.
+_CHANNEL_BLIND_OPS = {"Sub", "Div", "Add", "Mul", "Floor", "QuantizeLinear", "DequantizeLinear"}
+# onnxruntime's symmetric int8 convolution kernels on x86 (MlasConvSymPackWSize) take input channels in multiples of
+# 4 and at least 16 output channels in multiples of 8.
+_CHANNEL_ALIGNMENT = 4
+_MIN_OUTPUT_CHANNELS, _OUTPUT_CHANNEL_ALIGNMENT = 16, 8
 
 
 def use_integer_kernels(graph, *, unsigned_weights: bool = False) -> None:
@@ -92,6 +98,112 @@ def inputs_rounded_as_fake_quant(graph, fake_quant_range: tuple[float, float] | 
             source = output
         graph.node.remove(quantize)
     _drop_unused_initializers(graph)
+
+
+def input_channels_widened(graph) -> None:
+    """Give an integer convolution that reads the image directly a multiple of 4 input channels, with zero weights.
+
+    onnxruntime's fast int8 convolution (its symmetric QLinearConv kernels, on x86 with AVX2 or VNNI) takes only
+    weights with zero points 0 and input channels in multiples of 4; an RGB image's first convolution (3 channels)
+    falls back to an im2col product twice as slow, the slowest layer of a small int8 model. The graph input (NHWC,
+    C channels) goes through a MatMul by the C x C' identity padded with zero columns, and the convolution gets zero
+    weights for the new channels: it computes exactly what it did, whatever the new channels hold. Only where the
+    input reaches that convolution alone, through element-wise ops with scalar constants, quantizers with scalar
+    scales and the NHWC -> NCHW Transpose, and the weights are int8 with zero points 0.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    consumers = _consumers(graph)
+    graph_outputs = {value.name for value in graph.output}
+    for value in [value for value in graph.input if value.name not in initializers]:
+        dims = value.type.tensor_type.shape.dim
+        if (value.type.tensor_type.elem_type != TensorProto.FLOAT or len(dims) != 4
+                or not dims[3].HasField("dim_value") or dims[3].dim_value % _CHANNEL_ALIGNMENT == 0):
+            continue
+        channels = dims[3].dim_value
+        path = _path_to_convolution(value.name, consumers, _scalar_constants(graph, initializers), graph_outputs)
+        if path is None:
+            continue
+        convolution = path[-1]
+        found = _symmetric_int8_weights(convolution, graph, initializers)
+        if found is None or found[1].dims[1] != channels:
+            continue
+        outputs = found[1].dims[0]
+        if outputs < _MIN_OUTPUT_CHANNELS or outputs % _OUTPUT_CHANNEL_ALIGNMENT:  # the slow kernel either way
+            continue
+        dequantize, weights = found
+        wide = -(-channels // _CHANNEL_ALIGNMENT) * _CHANNEL_ALIGNMENT
+        kernel = numpy_helper.to_array(weights)
+        padded = np.zeros((kernel.shape[0], wide, *kernel.shape[2:]), dtype=kernel.dtype)
+        padded[:, :channels] = kernel
+        padded_name = _unused_name(graph, f"{weights.name}_widened")
+        graph.initializer.append(numpy_helper.from_array(padded, padded_name))
+        dequantize.input[0] = padded_name
+        widener, widened = (_unused_name(graph, f"{value.name}_{label}") for label in ("widener", "widened"))
+        graph.initializer.append(numpy_helper.from_array(np.eye(channels, wide, dtype=np.float32), widener))
+        for node in consumers[value.name]:
+            node.input[:] = [widened if name == value.name else name for name in node.input]
+        graph.node.insert(0, helper.make_node("MatMul", [value.name, widener], [widened],
+                                              name=_unused_name(graph, f"{value.name}_widen")))
+        stale = {output for node in path for output in node.output}  # their shapes say C channels
+        for info in [info for info in graph.value_info if info.name in stale]:
+            graph.value_info.remove(info)
+    _drop_unused_initializers(graph)
+
+
+def _path_to_convolution(tensor: str, consumers: dict[str, list], scalars: set[str], graph_outputs: set[str]):
+    """The nodes from graph input `tensor` to the one Conv it reaches (last in the list), through single-consumer
+    ops that treat every channel alike and a single NHWC -> NCHW Transpose, the Conv's input dequantized; else None."""
+    path, transposed = [], False
+    while True:
+        users = consumers.get(tensor, [])
+        if len(users) != 1 or tensor in graph_outputs:
+            return None
+        node = users[0]
+        if node.op_type == "Conv":
+            group = next((attribute.i for attribute in node.attribute if attribute.name == "group"), 1)
+            dequantized = bool(path) and path[-1].op_type == "DequantizeLinear"
+            return path + [node] if node.input[0] == tensor and group == 1 and transposed and dequantized else None
+        if node.op_type == "Transpose":
+            perm = next((list(attribute.ints) for attribute in node.attribute if attribute.name == "perm"), None)
+            if transposed or perm != [0, 3, 1, 2]:
+                return None
+            transposed = True
+        elif node.op_type not in _CHANNEL_BLIND_OPS or node.input[0] != tensor or not all(
+                name in scalars for name in node.input[1:] if name):
+            return None
+        path.append(node)
+        tensor = node.output[0]
+
+
+def _scalar_constants(graph, initializers: dict) -> set[str]:
+    """Names of one-element constants: initializers, and DequantizeLinear outputs of one-element initializers (a
+    QAT model's quantized Rescaling factor)."""
+    scalars = {name for name, tensor in initializers.items() if int(np.prod(tensor.dims)) == 1}
+    scalars |= {node.output[0] for node in graph.node
+                if node.op_type == "DequantizeLinear" and all(name in scalars for name in node.input if name)}
+    return scalars
+
+
+def _symmetric_int8_weights(convolution, graph, initializers):
+    """(DequantizeLinear, int8 weight initializer) that a Conv alone reads, with zero points 0; else None."""
+    from onnx import TensorProto, numpy_helper
+
+    producers = [node for node in graph.node if convolution.input[1] in node.output]
+    if len(producers) != 1 or producers[0].op_type != "DequantizeLinear":
+        return None
+    dequantize = producers[0]
+    if sum(convolution.input[1] in node.input for node in graph.node) != 1:
+        return None
+    weights = initializers.get(dequantize.input[0])
+    if weights is None or weights.data_type != TensorProto.INT8 or len(weights.dims) != 4:
+        return None
+    if len(dequantize.input) > 2 and dequantize.input[2]:
+        zero_point = initializers.get(dequantize.input[2])
+        if zero_point is None or numpy_helper.to_array(zero_point).any():
+            return None
+    return dequantize, weights
 
 
 def fake_quant_nudge(low: float, high: float) -> tuple[np.float32, int] | None:

@@ -8,6 +8,8 @@ Formats (choose with `formats`):
   weights) defaults to auto: on where the quantizing CPU is x86 without VNNI, whose uint8 x int8 kernels saturate
   16-bit sums with 8-bit weights (measured on an AVX2 EPYC: a 3-epoch article CNN agreed with its Keras model on
   88.5 % of the test images with 8-bit weights, 98.2 % with 7-bit), off elsewhere, where 8 bits are exact.
+  A convolution reading the RGB image gets a fourth, zero-weighted input channel (`input_channels_widened`), so
+  that onnxruntime runs it on its fast int8 kernels.
   `float_layers` keeps the ONNX nodes of the named Keras layers float (`layer_nodes` finds them by name), e.g. the
   layers `compress sensitivity` finds too sensitive to int8.
 - ``tflite-dynamic`` -> model.dynamic.tflite: dynamic-range quantization (int8 weights, float activations computed
@@ -229,8 +231,10 @@ def quantize_qdq(prepared: Path, calibration: np.ndarray, per_channel: bool, red
                  nodes_to_exclude=()) -> None:
     """onnxruntime `quantize_static` in QDQ form (int8 weights, uint8 activations) into `target`, atomically;
     the nodes in `nodes_to_exclude` stay float."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+    from compress.export.int8_rewrite import input_channels_widened
     from compress.files import atomic_path
     from compress.runtimes.onnxrt import inference_session
 
@@ -251,6 +255,9 @@ def quantize_qdq(prepared: Path, calibration: np.ndarray, per_channel: bool, red
             )
         except Exception as exc:  # calibration and graph-rewrite failures surface as many types
             raise ExportError(f"onnxruntime quantize_static failed: {first_line(exc)}") from exc
+        quantized = onnx.load(str(partial))
+        input_channels_widened(quantized.graph)  # an RGB image's int8 convolution on onnxruntime's fast kernels
+        onnx.save(quantized, str(partial))
 
 
 def _float_onnx(model):
