@@ -266,3 +266,36 @@ def test_a_graph_rewrite_that_never_finishes_is_refused_in_one_line(tiny_cnn, sy
     monkeypatch.setattr(tfmot.quantization.keras, "quantize_apply", never_finishes)
     with pytest.raises(ModelError, match="did not finish rewriting"):
         qat(tiny_cnn, QATConfig(epochs=1), synthetic_data, verbose=0)
+
+
+def test_activation_ranges_start_from_the_data_so_a_relu_keeps_every_level(synthetic_data, tmp_path):
+    """tfmot starts activation ranges at [-6, 6] and moves them 0.1 % a step: a short fine-tune left a ReLU's range
+    starting far below 0 (levels for values that never occur) and the int8 file with a Clip for the ReLU. Started
+    from the float model's outputs on training images, a ReLU's range starts and stays at 0, and the file has no
+    Clip; a linear output (the logits) gets a range from its data too, below and above 0."""
+    import onnx
+
+    from compress.export.exporter import export_model
+    from compress.keras import keras
+    from compress.kerasmodel import variable_short_name
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)), layers.Conv2D(16, 3, use_bias=False, name="conv1"),
+        layers.BatchNormalization(name="bn1"), layers.ReLU(name="relu1"), layers.MaxPooling2D(name="pool"),
+        layers.Conv2D(16, 3, padding="same", activation="relu", name="conv2"), layers.GlobalAveragePooling2D(),
+        layers.Dense(3, name="logits"),
+    ])
+    outcome = qat(model, QATConfig(epochs=1, batch_size=32), synthetic_data, verbose=0)
+    started = outcome.stats["activation_ranges_from_data"]
+    assert started["relu1"][0] == 0.0 and started["conv2"][0] == 0.0 and started["relu1"][1] > 0, started
+    assert started["logits"][0] < 0 < started["logits"][1], started
+    trained = {(layer.layer.name, variable_short_name(variable)): float(variable.numpy())
+               for layer in outcome.model.layers if hasattr(layer, "layer") for variable in layer.weights
+               if variable.shape == ()}
+    assert trained[("relu1", "output_min")] == 0.0 and trained[("conv2", "post_activation_min")] == 0.0
+    result = export_model(outcome.model, tmp_path / "export", data=synthetic_data, parity_samples=64)
+    assert result["parity_ok"], result["parity"]
+    ops = [node.op_type for node in onnx.load(result["files"]["onnx"]["path"]).graph.node]
+    assert "Clip" not in ops and "Relu" not in ops, ops

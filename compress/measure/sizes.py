@@ -22,7 +22,8 @@ def onnx_weight_stats(path: str | os.PathLike) -> dict:
     Weights are the graph's constants as its nodes read them (`weight_arrays`: weights stored as a codebook count as
     the weights they decode to), except int64 tensors (shapes, axes, indices) and the scales and zero points of
     Quantize/DequantizeLinear, which are counted apart as ``quant_params``. ``bytes_by_dtype`` (stored bytes per data
-    type) covers every constant as stored, whatever its role.
+    type) covers every constant as stored, whatever its role. A Clip's bounds (ReLU6, an int8 ReLU) count with
+    ``quant_params`` too: they are activation limits, not weights.
     """
     import onnx
     from onnx import numpy_helper
@@ -35,7 +36,7 @@ def onnx_weight_stats(path: str | os.PathLike) -> dict:
         raise ModelError(f"cannot read ONNX file {path}: {first_line(exc)}") from exc
 
     quant_names = {name for graph in _graphs(model.graph) for node in graph.node
-                   if node.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+                   if node.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Clip")
                    for name in node.input[1:]}
     bytes_by_dtype: dict[str, int] = {}
     for tensor in onnx_constants(model.graph):

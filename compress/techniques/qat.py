@@ -33,6 +33,10 @@ PRESERVE = ("none", "sparsity", "clusters")
 _TRANSFORMED = ("SeparableConv1D", "SeparableConv2D")
 _BATCH_NORMS = ("BatchNormalization", "SyncBatchNormalization")
 _FOLDS_BATCH_NORM = ("Conv2D", "DepthwiseConv2D", "Dense")
+RANGE_CALIBRATION_IMAGES = 512  # training images whose activations start the quantizers' ranges
+# tfmot's activation quantizer variables (MovingAverageQuantizer) and the layer output each one quantizes.
+_ACTIVATION_RANGE_VARIABLES = {"output": ("output_min", "output_max"),
+                               "post_activation": ("post_activation_min", "post_activation_max")}
 QUANTIZE_APPLY_LIMIT_S = 300  # tfmot takes seconds to a minute for the models here; beyond this it is not finishing
 # The activations tfmot's 8-bit scheme quantizes, in an Activation layer (Default8BitActivationQuantizeConfig) and
 # as a layer's own activation (QuantizeAwareActivation). Its registry accepts the layers whatever the function;
@@ -251,6 +255,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
                 "relu6, swish or gelu there" if any(unquantized_activation(layer) for layer in unsupported) else "")
         raise ModelError(f"tfmot cannot quantize this model{kept}: {str(exc).strip().splitlines()[0]}{hint}") from exc
 
+    calibrated = _activation_ranges_from_data(quantized, work, data)
     history = fine_tune(
         quantized, data, epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
         verbose=verbose,
@@ -270,6 +275,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
                        **{name: "no weights, computed in float, only its output quantized" for name in output_only},
                        **{name: "kept in float: not in tfmot's 8-bit scheme" for name in float_names}},
         "preserve": config.preserve,
+        "activation_ranges_from_data": calibrated,
         **evaluate(quantized, data),
         "history": history,
     }
@@ -287,6 +293,48 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
             name: _max_unique_per_channel(kernels[name]) for name in before if name in kernels
         }
     return Outcome(model=quantized, stats=stats)
+
+
+def _activation_ranges_from_data(quantized, float_model, data) -> dict:
+    """Start each activation quantizer's range where the float model's output of that layer lies on training images.
+
+    tfmot starts every activation range at [-6, 6] and moves it 0.1 % of the way to each batch's range per training
+    step (its lower end never above 0): after the one epoch of a QAT fine-tune (704 steps) a ReLU's range still began
+    at -3 (-6 x 0.999^704), so a quarter of its 256 levels held values that never occur, and the int8 file kept the
+    ReLU as an integer Clip, which also kept onnxruntime from running the pooling after it in NHWC. Started from the
+    data, as post-training quantization calibrates them, a ReLU's range starts at 0 and training refines the ranges.
+    Returns {layer: [min, max]} of the ranges set; a layer the float model does not expose once (called twice,
+    inside a nested model) keeps tfmot's start."""
+    from compress.keras import keras, tfmot
+
+    targets = {}
+    for wrapper in quantized.layers:
+        if not isinstance(wrapper, tfmot.quantization.keras.QuantizeWrapper):
+            continue
+        variables = {variable_short_name(variable): variable for variable in wrapper.weights}
+        for low, high in _ACTIVATION_RANGE_VARIABLES.values():
+            if low in variables and high in variables:
+                targets[wrapper.layer.name] = (variables[low], variables[high])
+    outputs = {}
+    for name in targets:
+        try:
+            outputs[name] = float_model.get_layer(name).output
+        except (ValueError, AttributeError):  # not a top-level layer, or called more than once
+            continue
+    if not outputs:
+        return {}
+    probe = keras.Model(float_model.inputs, list(outputs.values()))
+    images = data.normalized("train")[0][:RANGE_CALIBRATION_IMAGES]
+    values = probe.predict(images, batch_size=128, verbose=0)
+    values = values if isinstance(values, list) else [values]
+    ranges = {}
+    for name, value in zip(outputs, values):
+        low, high = min(0.0, float(value.min())), max(0.0, float(value.max()))  # tfmot keeps 0 inside the range
+        if high > low:
+            targets[name][0].assign(low)
+            targets[name][1].assign(high)
+            ranges[name] = [round(low, 4), round(high, 4)]
+    return ranges
 
 
 def _biases_on_int8_grid(model) -> dict:
