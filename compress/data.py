@@ -133,6 +133,11 @@ def normalize(images: np.ndarray, input_range: str = "unit") -> np.ndarray:
     return images.astype(np.float32) * np.float32(scale) + np.float32(offset)
 
 
+def pixel_values(input_range: str) -> np.ndarray:
+    """The 256 values an 8-bit pixel takes in `input_range`, as float32."""
+    return normalize(np.arange(256, dtype=np.uint8), input_range)
+
+
 def _augment_fn(input_shape: tuple[int, int, int], seed: int) -> Callable:
     """Random horizontal flip and a shift of up to 1/8 of the image (reflect-padded), drawn per image.
 

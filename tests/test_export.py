@@ -342,6 +342,8 @@ def test_model_with_its_own_rescaling_quantizes_by_default(synthetic_data, tmp_p
     assert not {"Conv", "FusedConv", "Gemm"} & set(ops) and widening == 1, ops
     graph = onnx.load(result["files"]["onnx"]["path"]).graph
     assert [list(t.dims) for t in graph.initializer if len(t.dims) == 4] == [[16, 4, 3, 3]]
+    # 0-255 pixels never lie halfway between two input levels: QuantizeLinear rounds them as FakeQuant does
+    assert "Floor" not in [node.op_type for node in graph.node]
 
 
 def test_qat_onnx_quantizes_symmetric_pixels_as_the_qat_model_does(synthetic_data, tmp_path):

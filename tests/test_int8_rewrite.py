@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from compress.data import pixel_values
 from compress.export.int8_rewrite import (input_channels_widened, inputs_rounded_as_fake_quant, reshapes_as_transposes,
                                           use_integer_kernels)
 from compress.measure.hardware import int8_sums_saturate
@@ -230,19 +231,13 @@ def test_reshape_that_may_change_the_shape_stays(target):
     assert [node.op_type for node in model.graph.node].count("Reshape") == 1
 
 
-def _pixels(input_range):
-    from compress.data import normalize
-
-    return normalize(np.arange(256, dtype=np.uint8), input_range)
-
-
 # (low, high) a QAT input quantizer learned, and inputs: [-1, 1] and [0, 1] pixels as compress.data makes them, and
 # two ranges where a value falls within float error of halfway (dividing by the scale and multiplying by its inverse
 # part there).
 FAKE_QUANT_CASES = {
-    "symmetric pixels": (-1.0, 1.0, lambda: _pixels("symmetric")),
-    "unit pixels": (0.0, 1.0, lambda: _pixels("unit")),
-    "unit pixels, learned range": (0.0, 3.3538465, lambda: _pixels("unit")),
+    "symmetric pixels": (-1.0, 1.0, lambda: pixel_values("symmetric")),
+    "unit pixels": (0.0, 1.0, lambda: pixel_values("unit")),
+    "unit pixels, learned range": (0.0, 3.3538465, lambda: pixel_values("unit")),
     "values, learned range": (-2.252584, 4.980216, lambda: np.array([3.843311, -3, 0, 0.1, 5], np.float32)),
 }
 
@@ -352,3 +347,27 @@ def test_an_rgb_images_int8_convolution_gets_a_fourth_zero_channel_and_runs_fast
 def test_input_channels_stay_where_widening_cannot_pay_or_would_change_the_graph(case, build):
     model = build()
     assert _widened(model).SerializeToString() == model.SerializeToString(), case
+
+
+@pytest.mark.parametrize("input_range, low, high, kept", [("unit", 0.0, 1.0, True), ("raw", 0.0, 255.0, True),
+                                                         ("symmetric", -1.0, 1.0, False)])
+def test_quantize_linear_stays_where_it_gives_every_pixel_fake_quants_level(input_range, low, high, kept):
+    """Told the pixel values the input takes, the rewrite keeps the plain QuantizeLinear where it already gives each
+    of them FakeQuant's level ([0, 1] and 0-255 pixels: none lies halfway between two levels), four nodes fewer, and
+    writes FakeQuant's arithmetic where it does not ([-1, 1] pixels all lie halfway). Either way every pixel value
+    gets TensorFlow's FakeQuant level."""
+    from compress.keras import tf
+
+    values = pixel_values(input_range)
+    low, high = np.float32(low), np.float32(high)
+    scale = np.float32(high - low) / np.float32(255)
+    zero_point = np.uint8(np.rint(-low / scale))
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    model = _model(nodes, [_tensor("s", scale), _tensor("z", zero_point)], ["n"], ["n"])
+    inputs_rounded_as_fake_quant(model.graph, (low, high), values)
+    onnx.checker.check_model(model, full_check=True)
+    ops = [node.op_type for node in model.graph.node]
+    assert (ops == ["QuantizeLinear", "DequantizeLinear"]) == kept, ops
+    expected = tf.quantization.fake_quant_with_min_max_vars(values, low, high, num_bits=8).numpy()
+    np.testing.assert_allclose(_reference(model, values), expected, rtol=0, atol=scale * 1e-3)

@@ -136,8 +136,9 @@ def int8_file_biases(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def onnx_proto(model, *, opset: int = DEFAULT_OPSET, metadata: dict[str, str], int8_tflite: bytes | None = None,
-               unsigned_weights: bool = False):
-    """The model as an ONNX ModelProto, named and tagged the way every export is (from `int8_tflite` for QAT)."""
+               unsigned_weights: bool = False, input_values: np.ndarray | None = None):
+    """The model as an ONNX ModelProto, named and tagged the way every export is (from `int8_tflite` for QAT;
+    `input_values`, the pixel values the model takes, where known: see `inputs_rounded_as_fake_quant`)."""
     input_name, input_shape, output_name = model_io(model)
     proto = _to_onnx(model, opset=opset, int8_tflite=int8_tflite, input_name=input_name, input_shape=input_shape)
     # tf2onnx writes some layout changes as Reshapes; as Transposes, onnxruntime cancels them and folds BatchNorms.
@@ -145,7 +146,7 @@ def onnx_proto(model, *, opset: int = DEFAULT_OPSET, metadata: dict[str, str], i
     if int8_tflite is not None:
         use_integer_kernels(proto.graph, unsigned_weights=unsigned_weights)
         # QuantizeLinear breaks ties between two levels unlike the QAT model's FakeQuant ([-1, 1] pixels are all ties)
-        inputs_rounded_as_fake_quant(proto.graph, input_fake_quant_range(model))
+        inputs_rounded_as_fake_quant(proto.graph, input_fake_quant_range(model), input_values)
         input_channels_widened(proto.graph)  # an RGB image's int8 convolution on onnxruntime's fast kernels
     _tidy_onnx(proto, input_name=input_name, output_name=output_name, metadata=metadata)
     return proto

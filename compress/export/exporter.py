@@ -9,7 +9,8 @@ How each variant is exported:
   (tf2onnx on the Keras QAT model would keep every weight float32). `int8_rewrite.use_integer_kernels` then rewrites
   that graph, without changing what it computes, so that onnxruntime fuses it into QLinearConv / QGemm, and
   `int8_rewrite.inputs_rounded_as_fake_quant` quantizes the input with the QAT model's own FakeQuant arithmetic and
-  zero point (QuantizeLinear rounds values halfway between two levels, such as every [-1, 1] pixel, otherwise), and
+  zero point (QuantizeLinear rounds values halfway between two levels, such as every [-1, 1] pixel, otherwise; where
+  `data` says which pixels the model takes and QuantizeLinear rounds all of them as FakeQuant does, it stays), and
   `int8_rewrite.input_channels_widened` gives a convolution reading the RGB image a fourth, zero-weighted input
   channel, so that onnxruntime runs it on its fast int8 kernels (about twice as fast as the 3-channel fallback). With
   `int8_weights="uint8"` (auto: where this CPU is x86 without VNNI, whose uint8 x int8 kernels saturate 16-bit sums)
@@ -122,6 +123,7 @@ def export_model(
     `strict` (then ExportError).
     """
     from compress import __version__
+    from compress.data import pixel_values
     from compress.keras import versions
 
     config = ExportConfig(formats=tuple(formats) if not isinstance(formats, str) else (formats,), opset=opset,
@@ -166,7 +168,8 @@ def export_model(
         elif fmt == "onnx":
             unsigned = quantized and _unsigned_weights_wanted(config.int8_weights)
             proto = onnx_proto(model, opset=config.opset, metadata=metadata,
-                               int8_tflite=tflite_bytes if quantized else None, unsigned_weights=unsigned)
+                               int8_tflite=tflite_bytes if quantized else None, unsigned_weights=unsigned,
+                               input_values=pixel_values(data.input_range) if data is not None else None)
             codebook_weights = store_as_codebooks(proto.graph)
             save_onnx(proto, target)
             entry = describe_onnx(proto)

@@ -36,7 +36,8 @@ def use_integer_kernels(graph, *, unsigned_weights: bool = False) -> None:
     _drop_unused_initializers(graph)
 
 
-def inputs_rounded_as_fake_quant(graph, fake_quant_range: tuple[float, float] | None = None) -> None:
+def inputs_rounded_as_fake_quant(graph, fake_quant_range: tuple[float, float] | None = None,
+                                 input_values: np.ndarray | None = None) -> None:
     """Quantize each graph input the way the QAT model's input quantizer does, not the way QuantizeLinear does.
 
     tfmot quantizes a QAT model's input with TensorFlow's FakeQuant op: floor((clip(x) - low) / scale + 0.5) on its
@@ -51,6 +52,9 @@ def inputs_rounded_as_fake_quant(graph, fake_quant_range: tuple[float, float] | 
     0.5, Floor, then a QuantizeLinear with scale 1 that adds the integer offset and saturates. `fake_quant_range` is
     the QAT input quantizer's (min, max): given, FakeQuant's own nudged range and zero point are used (the
     DequantizeLinear nodes that read the input take that zero point); else the graph's scale and zero point.
+    `input_values`, the values the input takes (the 256 pixel levels in the data's input range): where QuantizeLinear
+    gives every one of them FakeQuant's level already ([0, 1] or 0-255 pixels, none halfway), it stays, with the
+    zero point the DequantizeLinear nodes read, and the arithmetic (four nodes, a few microseconds) is not added.
     """
     from onnx import helper, numpy_helper
 
@@ -68,6 +72,7 @@ def inputs_rounded_as_fake_quant(graph, fake_quant_range: tuple[float, float] | 
         limits = np.iinfo(zero_point.dtype)
         users = _dequantizers(quantize.output[0], consumers, graph_outputs)
         nudged = fake_quant_nudge(*fake_quant_range) if fake_quant_range is not None else None
+        graph_scale, dequantized_zero_point = scale, quantize.input[2]
         if nudged is not None and users and abs(nudged[1] - (int(zero_point) - limits.min)) <= 1 and np.isclose(
                 nudged[0], scale, rtol=1e-5, atol=0):  # the same quantizer: take FakeQuant's zero point
             scale, zero_point = nudged[0], np.array(nudged[1] + limits.min, dtype=zero_point.dtype)
@@ -75,6 +80,12 @@ def inputs_rounded_as_fake_quant(graph, fake_quant_range: tuple[float, float] | 
             graph.initializer.append(numpy_helper.from_array(zero_point, name))
             for node in users:
                 node.input[2] = name
+            dequantized_zero_point = name
+        if input_values is not None and _clear_of_halfway(input_values, graph_scale) and np.array_equal(
+                _quantize_linear_levels(input_values, graph_scale, zero_point),
+                _fake_quant_levels(input_values, scale, zero_point)):
+            quantize.input[2] = dequantized_zero_point
+            continue
         # FakeQuant's level floor((x - low) / scale + 0.5), low one float32 product as TensorFlow computes it, then
         # the level as the integer type: a QuantizeLinear with scale 1 adds the offset and saturates, as clipping x to
         # FakeQuant's range would (levels below 0 or above 255 are the values outside it).
@@ -204,6 +215,28 @@ def _symmetric_int8_weights(convolution, graph, initializers):
         if zero_point is None or numpy_helper.to_array(zero_point).any():
             return None
     return dequantize, weights
+
+
+def _clear_of_halfway(values: np.ndarray, scale: np.ndarray, margin: float = 1e-3) -> bool:
+    """True where no value lies within `margin` of a step of halfway between two levels, so that however a runtime
+    orders its float operations, it rounds each value as numpy does here."""
+    quotient = np.asarray(values, np.float64) / float(scale)
+    return bool(np.all(np.abs(quotient - np.floor(quotient) - 0.5) > margin))
+
+
+def _quantize_linear_levels(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    """QuantizeLinear's integer levels of `values`: x / scale rounded half to even, plus the zero point, saturated."""
+    limits = np.iinfo(zero_point.dtype)
+    quotient = np.asarray(values, np.float32) / np.float32(scale)
+    return np.clip(np.rint(quotient) + int(zero_point), limits.min, limits.max).astype(np.int64)
+
+
+def _fake_quant_levels(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    """The integer levels the graph's FakeQuant arithmetic (below) gives `values`, in float32 as it computes them."""
+    limits = np.iinfo(zero_point.dtype)
+    low = np.float32(limits.min - int(zero_point)) * np.float32(scale)
+    level = np.floor((np.asarray(values, np.float32) - low) / np.float32(scale) + np.float32(0.5))
+    return np.clip(level + limits.min, limits.min, limits.max).astype(np.int64)
 
 
 def fake_quant_nudge(low: float, high: float) -> tuple[np.float32, int] | None:

@@ -34,9 +34,8 @@ _TRANSFORMED = ("SeparableConv1D", "SeparableConv2D")
 _BATCH_NORMS = ("BatchNormalization", "SyncBatchNormalization")
 _FOLDS_BATCH_NORM = ("Conv2D", "DepthwiseConv2D", "Dense")
 RANGE_CALIBRATION_IMAGES = 512  # training images whose activations start the quantizers' ranges
-# tfmot's activation quantizer variables (MovingAverageQuantizer) and the layer output each one quantizes.
-_ACTIVATION_RANGE_VARIABLES = {"output": ("output_min", "output_max"),
-                               "post_activation": ("post_activation_min", "post_activation_max")}
+# The (min, max) variables of tfmot's activation quantizers (MovingAverageQuantizer), which quantize a layer's output.
+_ACTIVATION_RANGE_VARIABLES = (("output_min", "output_max"), ("post_activation_min", "post_activation_max"))
 QUANTIZE_APPLY_LIMIT_S = 300  # tfmot takes seconds to a minute for the models here; beyond this it is not finishing
 # The activations tfmot's 8-bit scheme quantizes, in an Activation layer (Default8BitActivationQuantizeConfig) and
 # as a layer's own activation (QuantizeAwareActivation). Its registry accepts the layers whatever the function;
@@ -303,8 +302,8 @@ def _activation_ranges_from_data(quantized, float_model, data) -> dict:
     at -3 (-6 x 0.999^704), so a quarter of its 256 levels held values that never occur, and the int8 file kept the
     ReLU as an integer Clip, which also kept onnxruntime from running the pooling after it in NHWC. Started from the
     data, as post-training quantization calibrates them, a ReLU's range starts at 0 and training refines the ranges.
-    Returns {layer: [min, max]} of the ranges set; a layer the float model does not expose once (called twice,
-    inside a nested model) keeps tfmot's start."""
+    Returns {layer: [min, max]} of the ranges set; a layer whose output the float model does not expose once (a
+    layer called twice, or inside a nested model) keeps tfmot's start."""
     from compress.keras import keras, tfmot
 
     targets = {}
@@ -312,7 +311,7 @@ def _activation_ranges_from_data(quantized, float_model, data) -> dict:
         if not isinstance(wrapper, tfmot.quantization.keras.QuantizeWrapper):
             continue
         variables = {variable_short_name(variable): variable for variable in wrapper.weights}
-        for low, high in _ACTIVATION_RANGE_VARIABLES.values():
+        for low, high in _ACTIVATION_RANGE_VARIABLES:
             if low in variables and high in variables:
                 targets[wrapper.layer.name] = (variables[low], variables[high])
     outputs = {}
