@@ -127,21 +127,22 @@ def input_channels_widened(graph) -> None:
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     consumers = _consumers(graph)
     graph_outputs = {value.name for value in graph.output}
+    scalars = _scalar_constants(graph, initializers)
     for value in [value for value in graph.input if value.name not in initializers]:
         dims = value.type.tensor_type.shape.dim
         if (value.type.tensor_type.elem_type != TensorProto.FLOAT or len(dims) != 4
                 or not dims[3].HasField("dim_value") or dims[3].dim_value % _CHANNEL_ALIGNMENT == 0):
             continue
         channels = dims[3].dim_value
-        path = _path_to_convolution(value.name, consumers, _scalar_constants(graph, initializers), graph_outputs)
+        path = _path_to_convolution(value.name, consumers, scalars, graph_outputs)
         if path is None:
             continue
         convolution = path[-1]
         found = _symmetric_int8_weights(convolution, graph, initializers)
         if found is None or found[1].dims[1] != channels:
             continue
-        outputs = found[1].dims[0]
-        if outputs < _MIN_OUTPUT_CHANNELS or outputs % _OUTPUT_CHANNEL_ALIGNMENT:  # the slow kernel either way
+        filters = found[1].dims[0]
+        if filters < _MIN_OUTPUT_CHANNELS or filters % _OUTPUT_CHANNEL_ALIGNMENT:  # the slow kernel either way
             continue
         dequantize, weights = found
         wide = -(-channels // _CHANNEL_ALIGNMENT) * _CHANNEL_ALIGNMENT
@@ -218,7 +219,7 @@ def _symmetric_int8_weights(convolution, graph, initializers):
 
 
 def _clear_of_halfway(values: np.ndarray, scale: np.ndarray, margin: float = 1e-3) -> bool:
-    """True where no value lies within `margin` of a step of halfway between two levels, so that however a runtime
+    """True when no value lies within `margin` of a step of halfway between two levels, so that however a runtime
     orders its float operations, it rounds each value as numpy does here."""
     quotient = np.asarray(values, np.float64) / float(scale)
     return bool(np.all(np.abs(quotient - np.floor(quotient) - 0.5) > margin))
