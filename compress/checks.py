@@ -43,6 +43,9 @@ def check_model_fits_data(model, data, *, role: str = "model", batch_sizes: Sequ
         raise DataError(f"the {role} takes {shape_text(input_shape)} images but {data.source} has "
                         f"{shape_text(data.input_shape)}; {hint}")
     output_shape = tuple(outputs[0].shape[1:])
+    if output_shape == (1,) and data.num_classes == 2:
+        raise ModelError(f"the {role} gives one score per image (a binary classifier's sigmoid or logit); compress "
+                         "compares one score per class: end the model in Dense(2) (softmax or logits) and train it")
     if len(output_shape) != 1 or output_shape[0] != data.num_classes:
         raise ModelError(f"the {role} outputs {shape_text(output_shape) or 'a scalar'} per image but {data.source} has "
                          f"{data.num_classes} classes; compress needs one score per class")
@@ -52,6 +55,26 @@ def check_model_fits_data(model, data, *, role: str = "model", batch_sizes: Sequ
     if log is not None:
         log(f"{role}: {shape_text(input_shape)} input, {data.num_classes} outputs as {decided['outputs']}")
     return decided
+
+
+def sized_for_data(model, data, log: Callable[[str], None] | None = None):
+    """`model`, or, where it takes images of any height or width (None in its input shape, as keras.applications
+    backbones built without an input_shape do), the same model built at the data's size, which every later
+    technique, export and timing then uses; the decision is said. A model that cannot fit the data is returned as
+    it is, for `check_model_fits_data` to refuse."""
+    from compress.kerasmodel import built_at_size
+
+    inputs = getattr(model, "inputs", None)
+    if not inputs or len(inputs) != 1 or len(inputs[0].shape) != 4:
+        return model
+    shape = tuple(inputs[0].shape[1:])
+    if None not in shape or any(dim is not None and dim != size for dim, size in zip(shape, data.input_shape)):
+        return model
+    sized = built_at_size(model, data.input_shape)
+    if log is not None:
+        log(f"model: takes {shape_text(shape)} images (any size); built at the data's {shape_text(data.input_shape)}, "
+            "at which it is compressed, exported and timed (--image-size HxW resizes the images)")
+    return sized
 
 
 PREPROCESSING_LAYERS = ("Rescaling", "Normalization")

@@ -196,6 +196,23 @@ def model_io(model) -> tuple[str, tuple[int, ...], str]:
     return input_name, tuple(int(dim) for dim in shape), output_name
 
 
+def built_at_size(model, image_shape: tuple[int, int, int]):
+    """`model` as it is when its input size is fully known; else the same layers and weights on an Input of
+    `image_shape` (height, width, channels), so that every technique, export and timing works on one fixed size."""
+    from compress.keras import keras
+
+    if None not in tuple(model.inputs[0].shape[1:]):
+        return model
+    name = (getattr(model, "input_names", None) or [None])[0]
+    try:
+        sized = keras.models.clone_model(model, input_tensors=keras.Input(shape=tuple(image_shape), name=name))
+        sized.set_weights(model.get_weights())
+    except Exception as exc:  # clone_model raises several types for models it cannot rebuild
+        raise ModelError(f"the model takes images of any size, and rebuilding it at {shape_text(image_shape)} failed: "
+                         f"{first_line(exc)}; save it built on a fixed-size Input") from None
+    return sized
+
+
 def keras_outputs(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """The Keras model's float32 outputs for `images`, computed in batches (inference mode)."""
     return np.concatenate([
@@ -235,7 +252,8 @@ def _is_one_of(layer, class_names: set[str]) -> bool:
 
 
 def shape_text(shape) -> str:
-    return "x".join(str(dim) for dim in shape)
+    """32x32x3, an unknown dimension (None) as ?: ?x?x3."""
+    return "x".join("?" if dim is None else str(dim) for dim in shape)
 
 
 def count_macs(model) -> int:

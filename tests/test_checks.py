@@ -221,3 +221,47 @@ def test_a_softmax_is_seen_through_quantization_wrappers():
         softmax = last.get_config()["activation"] == "softmax"
         assert outputs_probabilities(model) is softmax and outputs_probabilities(quantized) is softmax
         assert classification_loss(quantized).get_config()["from_logits"] is not softmax
+
+
+def test_a_model_of_any_input_size_is_built_at_the_datas_size(tmp_path, capsys):
+    """A fully convolutional model (Input((None, None, 3)), as keras.applications backbones come without an
+    input_shape) is compressed at the data's 32x32: the exported file takes 32x32 images and computes what the
+    model does at that size."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from compress.data import load_data
+    from compress.keras import keras
+    from compress.kerasmodel import save_model
+
+    keras.utils.set_random_seed(0)
+    image = keras.Input((None, None, 3))
+    hidden = keras.layers.Conv2D(8, 3, activation="relu")(image)
+    hidden = keras.layers.GlobalAveragePooling2D()(hidden)
+    model = keras.Model(image, keras.layers.Dense(10)(hidden))
+    path = save_model(model, tmp_path / "any_size.keras")
+    assert main(["export", str(path), "--out", str(tmp_path / "out"), "--data", "cifar10-mini"]) == 0
+    assert "takes ?x?x3 images (any size); built at the data's 32x32x3" in capsys.readouterr().out
+    onnx_path = str(tmp_path / "out" / "model.onnx")
+    dims = onnx.load(onnx_path).graph.input[0].type.tensor_type.shape.dim
+    assert [dim.dim_value for dim in dims[1:]] == [32, 32, 3]
+    images = load_data("cifar10-mini").normalized("test")[0][:16]
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: images})[0]
+    np.testing.assert_allclose(got, model.predict(images, verbose=0), atol=1e-4)
+
+
+def test_a_binary_classifier_with_one_score_is_told_what_compress_needs(tmp_path, capsys):
+    from compress.keras import keras
+    from compress.kerasmodel import save_model
+    from helpers import make_folder_set
+
+    data = make_folder_set(tmp_path / "pets", classes=("cat", "dog"), size=(12, 10))
+    model = keras.Sequential([keras.Input((12, 10, 3)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    path = save_model(model, tmp_path / "binary.keras")
+    assert main(["ptq", str(path), "--out", str(tmp_path / "out"), "--data", f"folder:{data}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "one score per image" in err and "Dense(2)" in err and len(err) < 300
+    assert not (tmp_path / "out").exists()
