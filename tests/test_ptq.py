@@ -95,6 +95,24 @@ def test_an_rgb_images_convolution_gets_four_input_channels_and_the_same_answers
     assert outcome.stats["formats"]["onnx-qdq"]["agreement_with_keras"] >= 0.9
 
 
+def test_an_attention_model_quantizes_where_symbolic_shape_inference_gives_up(synthetic_data, tmp_path):
+    """onnxruntime's symbolic shape inference gives up on attention's reshapes ("Incomplete symbolic shape
+    inference"); PTQ then prepares the file without it, and the int8 file still answers as the model does."""
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    image = keras.Input(synthetic_data.input_shape)
+    tokens = layers.Reshape((16, 8))(layers.Conv2D(8, 2, strides=2)(image))
+    attended = layers.Add()([tokens, layers.MultiHeadAttention(2, 4)(tokens, tokens)])
+    net = keras.Model(image, layers.Dense(synthetic_data.num_classes)(layers.GlobalAveragePooling1D()(attended)))
+    net.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    net.fit(*synthetic_data.normalized("train"), epochs=5, verbose=0)
+    outcome = ptq(net, PTQConfig(calibration=32, formats=("onnx-qdq",)), synthetic_data, out_dir=tmp_path, verbose=0)
+    assert outcome.files["onnx-qdq"].exists()
+    assert outcome.stats["formats"]["onnx-qdq"]["agreement_with_keras"] >= 0.9
+
+
 @pytest.mark.parametrize("reduce_range, largest", [(True, 64), (False, 127)])
 def test_reduce_range_stores_weights_in_seven_bits(model, synthetic_data, tmp_path, reduce_range, largest):
     """7-bit weights (for x86 CPUs without VNNI) span -64..64; 8-bit ones reach 127 in the channel that sets the scale."""

@@ -212,8 +212,13 @@ def prepare_float_onnx(model, work: Path) -> tuple[Path, int]:
     onnx.save(_float_onnx(model), float_path)
     try:
         quant_pre_process(str(float_path), str(prepared_path))
-    except Exception as exc:  # shape inference / optimisation failures surface as many types
-        raise ExportError(f"onnxruntime quant_pre_process failed on the float ONNX: {first_line(exc)}") from exc
+    except Exception:  # shape inference / optimisation failures surface as many types
+        # Its symbolic shape inference gives up on some graphs (attention's reshapes); ONNX's own inference
+        # still gives the quantizer the shapes it needs.
+        try:
+            quant_pre_process(str(float_path), str(prepared_path), skip_symbolic_shape=True)
+        except Exception as exc:
+            raise ExportError(f"onnxruntime quant_pre_process failed on the float ONNX: {first_line(exc)}") from exc
     return prepared_path, float_path.stat().st_size
 
 

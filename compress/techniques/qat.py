@@ -233,7 +233,8 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
             f", activation {unquantized_activation(layer)})" if unquantized_activation(layer) else ")")
             for layer in unsupported)
         raise ModelError(
-            f"tfmot's 8-bit scheme cannot quantize layer(s) {listed}; pass --unsupported float to keep them in float"
+            f"tfmot's 8-bit scheme cannot quantize layer(s) {listed}; keep them in float with --unsupported float "
+            "(in a recipe stage's settings: unsupported = \"float\")"
         )
     before = _kernel_stats(_float_kernels(work), config.preserve)
 
