@@ -57,24 +57,29 @@ def check_model_fits_data(model, data, *, role: str = "model", batch_sizes: Sequ
     return decided
 
 
-def sized_for_data(model, data, log: Callable[[str], None] | None = None):
-    """`model`, or, where it takes images of any height or width (None in its input shape, as keras.applications
-    backbones built without an input_shape do), the same model built at the data's size, which every later
-    technique, export and timing then uses; the decision is said. A model that cannot fit the data is returned as
-    it is, for `check_model_fits_data` to refuse."""
+def matched_to_data(model, data, log: Callable[[str], None] | None = None) -> tuple:
+    """(model, data) fitted to each other where there is one obvious way, each change said: colour images become
+    grey for a model taking one channel (grey ones RGB for a model taking three), and a model taking images of any
+    height or width (None in its input shape, as keras.applications backbones built without an input_shape) is
+    built at the data's size, at which every later technique, export and timing then works. Anything else that does
+    not fit is left for `check_model_fits_data` to refuse."""
     from compress.kerasmodel import built_at_size
 
     inputs = getattr(model, "inputs", None)
     if not inputs or len(inputs) != 1 or len(inputs[0].shape) != 4:
-        return model
+        return model, data
     shape = tuple(inputs[0].shape[1:])
-    if None not in shape or any(dim is not None and dim != size for dim, size in zip(shape, data.input_shape)):
-        return model
-    sized = built_at_size(model, data.input_shape)
-    if log is not None:
-        log(f"model: takes {shape_text(shape)} images (any size); built at the data's {shape_text(data.input_shape)}, "
+    say = log if log is not None else (lambda _: None)
+    if {shape[2], data.input_shape[2]} == {1, 3}:
+        data = data.with_channels(shape[2])
+        say(f"images: {data.source} has {'RGB' if shape[2] == 1 else 'grey'} images and the model takes "
+            f"{'grey' if shape[2] == 1 else 'RGB'} ones: "
+            f"{'made grey (ITU-R 601 luma, as PIL does)' if shape[2] == 1 else 'grey repeated into three channels'}")
+    if None in shape and all(dim is None or dim == size for dim, size in zip(shape, data.input_shape)):
+        model = built_at_size(model, data.input_shape)
+        say(f"model: takes {shape_text(shape)} images (any size); built at the data's {shape_text(data.input_shape)}, "
             "at which it is compressed, exported and timed (--image-size HxW resizes the images)")
-    return sized
+    return model, data
 
 
 PREPROCESSING_LAYERS = ("Rescaling", "Normalization")

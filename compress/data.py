@@ -68,6 +68,17 @@ class Dataset:
         """The same images, handed to models in `input_range` (raw 0-255 pixels, [0, 1] or [-1, 1])."""
         return dataclasses.replace(self, input_range=input_range)
 
+    def with_channels(self, channels: int) -> "Dataset":
+        """The same images with `channels` channels: RGB made grey as PIL's convert("L") does (ITU-R 601-2 luma),
+        grey repeated into RGB."""
+        if channels == self.input_shape[2]:
+            return self
+        if (self.input_shape[2], channels) not in ((3, 1), (1, 3)):
+            raise DataError(f"cannot turn {self.input_shape[2]}-channel images into {channels}-channel ones")
+        converted = {f"x_{name}": _grey(images) if channels == 1 else np.repeat(images, 3, axis=-1)
+                     for name in ("train", "val", "test") for images in [self.split(name)[0]]}
+        return dataclasses.replace(self, **converted)
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.x_train.shape[1:])
@@ -126,6 +137,12 @@ class Dataset:
         options = tf.data.Options()
         options.autotune.enabled = False
         return ds.prefetch(PREFETCH_BATCHES).with_options(options)
+
+
+def _grey(images: np.ndarray) -> np.ndarray:
+    """uint8 RGB images as uint8 grey ones, in PIL's integer arithmetic for convert("L")."""
+    weighted = images.astype(np.uint32) @ np.array([19595, 38470, 7471], np.uint32)
+    return ((weighted + 0x8000) >> 16).astype(np.uint8)[..., None]
 
 
 def normalize(images: np.ndarray, input_range: str = "unit") -> np.ndarray:

@@ -265,3 +265,30 @@ def test_a_binary_classifier_with_one_score_is_told_what_compress_needs(tmp_path
     err = capsys.readouterr().err.strip()
     assert "one score per image" in err and "Dense(2)" in err and len(err) < 300
     assert not (tmp_path / "out").exists()
+
+
+def test_colour_images_are_made_grey_for_a_grey_model_and_said(tmp_path, capsys):
+    """A model taking one channel gets cifar10-mini's RGB images as PIL's grey conversion of them; a file of it
+    evaluated on the RGB images directly is refused with the channel count named, not a resize hint."""
+    import numpy as np
+    from PIL import Image
+
+    from compress.data import load_data
+    from compress.keras import keras
+    from compress.kerasmodel import save_model
+
+    rgb = load_data("cifar10-mini")
+    grey = rgb.with_channels(1)
+    expected = np.stack([np.asarray(Image.fromarray(image).convert("L")) for image in rgb.x_test[:8]])
+    assert grey.input_shape == (32, 32, 1) and np.array_equal(grey.x_test[:8, ..., 0], expected)
+    assert np.array_equal(grey.with_channels(3).x_test[:8], np.repeat(expected[..., None], 3, axis=-1))
+
+    model = keras.Sequential([keras.Input((32, 32, 1)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])
+    path = save_model(model, tmp_path / "grey.keras")
+    assert main(["export", str(path), "--out", str(tmp_path / "out"), "--data", "cifar10-mini"]) == 0
+    assert "has RGB images and the model takes grey ones: made grey" in capsys.readouterr().out
+    from compress.measure.accuracy import evaluate_file
+
+    with pytest.raises(CompressError, match="channel count differs"):
+        evaluate_file(tmp_path / "out" / "model.onnx", rgb)

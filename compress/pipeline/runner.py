@@ -119,7 +119,7 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
     `compress auto` runs each trial's chain through this, into one stage folder that trials share.
     """
     from compress.checks import (check_batch_memory, check_model_fits_data, check_writable, decide_input_range,
-                                 sized_for_data)
+                                 matched_to_data)
     from compress.data import load_data
     from compress.kerasmodel import load_model_with_source, translation_note
 
@@ -136,7 +136,7 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
                                                sample_images=data.normalized("test")[0][:256])
         if translation_note(source):
             options.log(translation_note(source))
-        model = sized_for_data(model, data, options.log)
+        model, data = matched_to_data(model, data, options.log)
         data = data.with_input_range(decide_input_range(model, options.input_range, options.log, data))
         check_model_fits_data(model, data, batch_sizes=recipe.batch_sizes, log=options.log)
         check_named_layers(recipe, model)

@@ -46,9 +46,10 @@ class Session:
         if len(shape) != len(self.input_shape) or any(
             want is not None and want != got for want, got in zip(self.input_shape, shape)
         ):
-            want = shape_text(tuple("?" if dim is None else dim for dim in self.input_shape))
-            raise DataError(f"{self.path.name} takes {want} images, the data has {shape_text(shape)}; "
-                            "pass --image-size to resize them")
+            hint = ("pass --image-size HxW to resize them" if len(shape) == len(self.input_shape)
+                    and self.input_shape[-1] in (None, shape[-1]) else "its channel count differs from the images'")
+            raise DataError(f"{self.path.name} takes {shape_text(self.input_shape)} images, the data has "
+                            f"{shape_text(shape)}; {hint}")
 
     def sample_images(self, batch_size: int, seed: int = 0) -> np.ndarray:
         """Seeded random images in [0, 1) of this file's input shape (for timing, where values do not matter)."""
