@@ -43,9 +43,6 @@ def check_model_fits_data(model, data, *, role: str = "model", batch_sizes: Sequ
         raise DataError(f"the {role} takes {shape_text(input_shape)} images but {data.source} has "
                         f"{shape_text(data.input_shape)}; {hint}")
     output_shape = tuple(outputs[0].shape[1:])
-    if output_shape == (1,) and data.num_classes == 2:
-        raise ModelError(f"the {role} gives one score per image (a binary classifier's sigmoid or logit); compress "
-                         "compares one score per class: end the model in Dense(2) (softmax or logits) and train it")
     if len(output_shape) != 1 or output_shape[0] != data.num_classes:
         raise ModelError(f"the {role} outputs {shape_text(output_shape) or 'a scalar'} per image but {data.source} has "
                          f"{data.num_classes} classes; compress needs one score per class")
@@ -59,11 +56,12 @@ def check_model_fits_data(model, data, *, role: str = "model", batch_sizes: Sequ
 
 def matched_to_data(model, data, log: Callable[[str], None] | None = None) -> tuple:
     """(model, data) fitted to each other where there is one obvious way, each change said: colour images become
-    grey for a model taking one channel (grey ones RGB for a model taking three), and a model taking images of any
+    grey for a model taking one channel (grey ones RGB for a model taking three); a model taking images of any
     height or width (None in its input shape, as keras.applications backbones built without an input_shape) is
-    built at the data's size, at which every later technique, export and timing then works. Anything else that does
-    not fit is left for `check_model_fits_data` to refuse."""
-    from compress.kerasmodel import built_at_size
+    built at the data's size, at which every later technique, export and timing then works; a binary classifier
+    giving one score (Dense(1), as in the Keras guides) is given one score per class (`two_score_model`), and its
+    files give the one score back. Anything else that does not fit is left for `check_model_fits_data` to refuse."""
+    from compress.kerasmodel import built_at_size, two_score_model
 
     inputs = getattr(model, "inputs", None)
     if not inputs or len(inputs) != 1 or len(inputs[0].shape) != 4:
@@ -79,6 +77,12 @@ def matched_to_data(model, data, log: Callable[[str], None] | None = None) -> tu
         model = built_at_size(model, data.input_shape)
         say(f"model: takes {shape_text(shape)} images (any size); built at the data's {shape_text(data.input_shape)}, "
             "at which it is compressed, exported and timed (--image-size HxW resizes the images)")
+    outputs = getattr(model, "outputs", None) or []
+    if len(outputs) == 1 and tuple(outputs[0].shape[1:]) == (1,) and data.num_classes == 2:
+        model, kind = two_score_model(model)
+        negative, positive = data.class_names
+        say(f"model: one score per image, {'a sigmoid probability' if kind == 'sigmoid' else 'a logit'} of class "
+            f"{positive}: compressed as a score per class ({negative}, {positive}); each file gives the one score back")
     return model, data
 
 

@@ -21,6 +21,10 @@ MODEL_SUFFIXES = (".keras", ".h5")
 _QAT_CLASSES = {"QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer"}
 _PRUNE_CLASSES = {"PruneLowMagnitude"}
 _CLUSTER_CLASSES = {"ClusterWeights", "ClusterWeightsMHA"}
+# The layer that gives a one-score binary classifier one score per class (`two_score_model`): its name marks the
+# model, and every model made from it, as one whose files give the single score back (`one_score_model`).
+BINARY_SCORES = "compress_binary_scores"
+BINARY_KINDS = ("sigmoid", "logit")  # what the single score was: a probability, or a logit
 
 
 def load_model(path: str | os.PathLike, *, unsafe: bool = False, sample_images: np.ndarray | None = None):
@@ -211,6 +215,69 @@ def built_at_size(model, image_shape: tuple[int, int, int]):
         raise ModelError(f"the model takes images of any size, and rebuilding it at {shape_text(image_shape)} failed: "
                          f"{first_line(exc)}; save it built on a fixed-size Input") from None
     return sized
+
+
+def two_score_model(model) -> tuple:
+    """(model, kind) for a binary classifier ending in Dense(1) (sigmoid, or linear for a logit, the sigmoid also
+    as its own Activation layer): the same classifier with one score per class, which every technique works with.
+    Its last layer is Dense(2) on the same input, kernel [-w/2, w/2] and bias [-b/2, b/2], so that its scores are
+    [-z/2, z/2] for the logit z (a softmax of them is [1 - sigmoid(z), sigmoid(z)]), with a softmax for a sigmoid
+    model: the same predictions, and the same probabilities, exactly."""
+    from compress.keras import keras
+
+    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    last = layers[-1] if layers else None
+    kind = "logit"
+    if isinstance(last, keras.layers.Activation) and last.activation is keras.activations.sigmoid and len(layers) > 1:
+        last, kind = (layers[-2] if last.input is layers[-2].output else None), "sigmoid"
+    if not isinstance(last, keras.layers.Dense) or last.units != 1:
+        raise ModelError("the model gives one score per image but does not end in a Dense(1) layer; compress "
+                         "compares one score per class: end the model in Dense(2) (softmax or logits)")
+    if last.activation is keras.activations.sigmoid:
+        kind = "sigmoid"
+    elif last.activation is not keras.activations.linear:
+        raise ModelError(f"the model's one score comes from {last.name} with activation {last.activation.__name__}; "
+                         "compress reads a single score as a sigmoid probability or a logit")
+    head = keras.layers.Dense(2, activation="softmax" if kind == "sigmoid" else None, name=BINARY_SCORES)
+    scores = head(last.input)
+    kernel, bias = (last.get_weights() + [np.zeros(1, np.float32)])[:2]
+    head.set_weights([np.concatenate([-kernel / 2, kernel / 2], axis=1), np.concatenate([-bias / 2, bias / 2])])
+    return keras.Model(model.inputs, scores, name=model.name), kind
+
+
+def binary_kind(model) -> str | None:
+    """"sigmoid" or "logit" for a model with the two scores of `two_score_model` (also once QAT-wrapped): what
+    single score its files give back; None for any other model."""
+    from compress.checks import outputs_probabilities
+
+    last = model.layers[-1]
+    if getattr(last, "layer", last).name != BINARY_SCORES:
+        return None
+    return "sigmoid" if outputs_probabilities(model) else "logit"
+
+
+def one_score_model(model):
+    """For the files: `model` with its two scores made the one score of the user's model again (the second
+    probability, or the logit s1 - s0), by a fixed Dense(1); any other model as it is."""
+    from compress.keras import keras
+
+    kind = binary_kind(model)
+    if kind is None:
+        return model
+    select = keras.layers.Dense(1, use_bias=False, name="binary_score")
+    score = select(model.outputs[0])
+    select.set_weights([np.array([[0.0], [1.0]] if kind == "sigmoid" else [[-1.0], [1.0]], np.float32)])
+    return keras.Model(model.inputs, score, name=model.name)
+
+
+def scores_per_class(outputs: np.ndarray, kind: str | None) -> np.ndarray:
+    """A file's outputs as one score per class: a binary classifier's single score (`kind`: sigmoid or logit)
+    becomes the two scores its Keras model gives, [1 - p, p] or [-z/2, z/2]; other outputs as they are."""
+    if kind is None or outputs.ndim != 2 or outputs.shape[1] != 1:
+        return outputs
+    if kind == "sigmoid":
+        return np.concatenate([1 - outputs, outputs], axis=1)
+    return np.concatenate([-outputs / 2, outputs / 2], axis=1)
 
 
 def keras_outputs(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Callable
 
 
-def compact_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int = 16, *, batch_norm: bool = True):
+def compact_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int = 16, *, batch_norm: bool = True,
+                head: str = "logits"):
     """Conv(w)-Conv(w)-MaxPool-Conv(2w)-MaxPool-Conv(4w)-GlobalAveragePool-Dense(classes), 3x3 'same' convolutions.
 
     Each convolution is followed by BatchNormalization (unless `batch_norm=False`) and ReLU. Parameters grow about
@@ -34,11 +35,11 @@ def compact_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int 
             # 'same' pooling keeps inputs as small as 1x1 valid; on even sizes it equals the usual 2x2 pooling.
             x = layers.MaxPooling2D(2, padding="same", name=f"{name}_pool")(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
-    outputs = layers.Dense(num_classes, name="logits")(x)
+    outputs = layers.Dense(num_classes, name=head)(x)
     return keras.Model(inputs, outputs, name=f"compact_cnn_w{width}")
 
 
-def conv_pool_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int = 32):
+def conv_pool_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int = 32, *, head: str = "logits"):
     """Three blocks of Conv(3x3 'same')-BatchNorm-ReLU-MaxPool with w, 2w, 4w filters, then GlobalAveragePool-Dense.
 
     Pooling after every convolution puts the parameters where the images are small: width 32 has ~95k parameters
@@ -58,7 +59,7 @@ def conv_pool_cnn(input_shape: tuple[int, int, int], num_classes: int, width: in
         x = layers.ReLU(name=f"conv{block}_relu")(x)
         x = layers.MaxPooling2D(2, padding="same", name=f"conv{block}_pool")(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
-    outputs = layers.Dense(num_classes, name="logits")(x)
+    outputs = layers.Dense(num_classes, name=head)(x)
     return keras.Model(inputs, outputs, name=f"conv_pool_cnn_w{width}")
 
 
@@ -69,10 +70,12 @@ STUDENTS: dict[str, Callable] = {
 }
 
 
-def build_student(name: str, input_shape: tuple[int, int, int], num_classes: int, width: int):
-    """The named student architecture for this input and class count (names: STUDENTS)."""
+def build_student(name: str, input_shape: tuple[int, int, int], num_classes: int, width: int, *,
+                  head: str = "logits"):
+    """The named student architecture for this input and class count (names: STUDENTS); `head` names its last
+    layer (a binary teacher's students take its BINARY_SCORES name, so that their files give one score too)."""
     from compress.errors import ConfigError
 
     if name not in STUDENTS:
         raise ConfigError(f"unknown student {name!r}; known students: {', '.join(STUDENTS)}")
-    return STUDENTS[name](tuple(input_shape), int(num_classes), int(width))
+    return STUDENTS[name](tuple(input_shape), int(num_classes), int(width), head=head)

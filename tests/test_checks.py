@@ -252,21 +252,6 @@ def test_a_model_of_any_input_size_is_built_at_the_datas_size(tmp_path, capsys):
     np.testing.assert_allclose(got, model.predict(images, verbose=0), atol=1e-4)
 
 
-def test_a_binary_classifier_with_one_score_is_told_what_compress_needs(tmp_path, capsys):
-    from compress.keras import keras
-    from compress.kerasmodel import save_model
-    from helpers import make_folder_set
-
-    data = make_folder_set(tmp_path / "pets", classes=("cat", "dog"), size=(12, 10))
-    model = keras.Sequential([keras.Input((12, 10, 3)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
-                              keras.layers.Dense(1, activation="sigmoid")])
-    path = save_model(model, tmp_path / "binary.keras")
-    assert main(["ptq", str(path), "--out", str(tmp_path / "out"), "--data", f"folder:{data}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "one score per image" in err and "Dense(2)" in err and len(err) < 300
-    assert not (tmp_path / "out").exists()
-
-
 def test_colour_images_are_made_grey_for_a_grey_model_and_said(tmp_path, capsys):
     """A model taking one channel gets cifar10-mini's RGB images as PIL's grey conversion of them; a file of it
     evaluated on the RGB images directly is refused with the channel count named, not a resize hint."""

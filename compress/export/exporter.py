@@ -49,11 +49,13 @@ from compress.export.parity import (
 )
 from compress.files import check_output_dir, sha256_file, write_bytes, write_json
 from compress.kerasmodel import (
+    binary_kind,
     is_qat_model,
     keras_outputs,
     keras_weight_sparsity,
     load_model,
     model_io,
+    one_score_model,
     strip_training_wrappers,
     weights_sha256,
 )
@@ -142,6 +144,8 @@ def export_model(
 
     inputs, labels, inputs_description = parity_inputs(input_shape, data, config.parity_samples)
     reference = keras_outputs(model, inputs, config.batch_size)
+    kind = binary_kind(model)
+    file_model = one_score_model(model)  # a binary classifier's files give its one score, as the user's model did
     keras_sparsity = keras_weight_sparsity(model)
 
     metadata = {
@@ -153,8 +157,9 @@ def export_model(
         "precision": precision,
         "input_range": data.input_range if data is not None else "unit",
         "library_versions": json.dumps(versions()),
+        **({"binary_output": kind} if kind else {}),  # how a reader turns the one score into two (scores_per_class)
     }
-    tflite_bytes = to_tflite(model, int8=quantized) if (quantized or "tflite" in config.formats) else None
+    tflite_bytes = to_tflite(file_model, int8=quantized) if (quantized or "tflite" in config.formats) else None
 
     files: dict[str, dict] = {}
     parity_files: dict[str, dict] = {}
@@ -167,7 +172,7 @@ def export_model(
                      **{key: conversion[key] for key in ("cast_nodes", "weight_bytes_by_dtype")}}
         elif fmt == "onnx":
             unsigned = quantized and _unsigned_weights_wanted(config.int8_weights)
-            proto = onnx_proto(model, opset=config.opset, metadata=metadata,
+            proto = onnx_proto(file_model, opset=config.opset, metadata=metadata,
                                int8_tflite=tflite_bytes if quantized else None, unsigned_weights=unsigned,
                                input_values=pixel_values(data.input_range) if data is not None else None)
             codebook_weights = store_as_codebooks(proto.graph)

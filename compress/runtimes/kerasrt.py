@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.kerasmodel import load_model, model_io
+from compress.kerasmodel import load_model, model_io, two_score_model
 from compress.runtimes.session import Session
 
 
@@ -15,6 +15,8 @@ class KerasSession(Session):
         from compress.keras import keras
 
         self.model = load_model(path, unsafe=unsafe)
+        if tuple(self.model.outputs[0].shape[1:]) == (1,):  # a binary classifier's one score, read as two
+            self.model, _ = two_score_model(self.model)
         _, input_shape, _ = model_io(self.model)
         super().__init__(path, "keras", input_shape, dict(runtime=f"tf_keras {keras.__version__}", provider="cpu"))
 

@@ -31,7 +31,9 @@ class LiteRTSession(Session):
         self.batch = None
         labels = dict(runtime=f"ai-edge-litert {importlib.metadata.version('ai-edge-litert')}", provider="cpu",
                       threads=threads)
-        super().__init__(path, "litert", shape, labels)
+        from compress.export.convert import tflite_metadata
+
+        super().__init__(path, "litert", shape, labels, tflite_metadata(path).get("binary_output"))
 
     def prepare(self, images: np.ndarray) -> np.ndarray:
         if self.batch != len(images):

@@ -61,7 +61,8 @@ class OnnxSession(Session):
         self.fixed_batch = first if isinstance(first, int) and first > 0 else None
         labels = dict(runtime=f"onnxruntime {ort.__version__}", provider=provider, threads=threads,
                       inter_op_threads=1)
-        super().__init__(path, "onnxruntime", shape, labels)
+        binary_output = self.session.get_modelmeta().custom_metadata_map.get("binary_output")
+        super().__init__(path, "onnxruntime", shape, labels, binary_output)
 
     def prepare(self, images: np.ndarray) -> dict:
         if self.fixed_batch is not None and len(images) != self.fixed_batch:

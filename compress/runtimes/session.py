@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 
 from compress.errors import ConfigError, DataError, ModelError
-from compress.kerasmodel import shape_text
+from compress.kerasmodel import scores_per_class, shape_text
 
 CPU = "CPUExecutionProvider"
 
@@ -17,8 +17,9 @@ CPU = "CPUExecutionProvider"
 class Session:
     """A loaded model file. Subclasses implement `prepare` (images -> runtime input) and `run_prepared`."""
 
-    def __init__(self, path: Path, runtime: str, input_shape: tuple, labels: dict):
+    def __init__(self, path: Path, runtime: str, input_shape: tuple, labels: dict, binary_output: str | None = None):
         self.path = path
+        self.binary_output = binary_output  # a binary classifier's one score: sigmoid or logit (scores_per_class)
         self.runtime = runtime
         self.input_shape = input_shape  # without the batch dimension; None where the file leaves a size open
         self.labels = labels  # runtime, provider, threads: what results from this session were taken with
@@ -31,7 +32,7 @@ class Session:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         prepared = self.prepare(np.ascontiguousarray(batch, dtype=np.float32))
-        return np.asarray(self.run_prepared(prepared), dtype=np.float32)
+        return scores_per_class(np.asarray(self.run_prepared(prepared), dtype=np.float32), self.binary_output)
 
     def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         if batch_size < 1:

@@ -185,13 +185,16 @@ def distill(model, config: DistillConfig, data, *, out_dir=None, verbose: int = 
     from compress.keras import keras
 
     from compress.checks import check_model_fits_data
+    from compress.kerasmodel import BINARY_SCORES, binary_kind
 
     teacher = model
     check_model_fits_data(teacher, data, role="teacher")
+    teacher_kind = binary_kind(teacher)  # a binary classifier's student gives one score too, of the same kind
 
     keras.utils.set_random_seed(data.seed)
     teacher_macs = _macs_or_none(teacher)
-    student = _make_student(config, data, int(teacher.count_params()), teacher_macs)
+    student = _make_student(config, data, int(teacher.count_params()), teacher_macs,
+                            head=BINARY_SCORES if teacher_kind else "logits")
     initial_weights = student.get_weights()
 
     train_started = time.perf_counter()
@@ -223,16 +226,19 @@ def distill(model, config: DistillConfig, data, *, out_dir=None, verbose: int = 
         stats["scratch_test_accuracy"] = _test_accuracy(scratch, data)
         stats["distillation_gain"] = round(stats["student_test_accuracy"] - stats["scratch_test_accuracy"], 6)
         stats["scratch_history"] = scratch_history
+    if teacher_kind == "sigmoid":  # trained on logits; it answers in probabilities, as the teacher does
+        student.get_layer(BINARY_SCORES).activation = keras.activations.softmax
     return Outcome(model=student, stats=stats)
 
 
-def _make_student(config: DistillConfig, data, teacher_params: int, teacher_macs: int | None):
+def _make_student(config: DistillConfig, data, teacher_params: int, teacher_macs: int | None, *,
+                  head: str = "logits"):
     if config.student in STUDENTS:
         from compress.students import build_student
 
         if config.width:
-            return build_student(config.student, data.input_shape, data.num_classes, config.width)
-        return _sized_student(config.student, data, teacher_params, teacher_macs)
+            return build_student(config.student, data.input_shape, data.num_classes, config.width, head=head)
+        return _sized_student(config.student, data, teacher_params, teacher_macs, head=head)
     from compress.kerasmodel import load_model
 
     from compress.checks import check_model_fits_data
@@ -255,7 +261,7 @@ def _macs_or_none(model) -> int | None:
         return None
 
 
-def _sized_student(name: str, data, teacher_params: int, teacher_macs: int | None):
+def _sized_student(name: str, data, teacher_params: int, teacher_macs: int | None, *, head: str = "logits"):
     """The widest named student, from AUTO_MIN_WIDTH to AUTO_MAX_WIDTH, with at most AUTO_TEACHER_SHARE of the
     teacher's parameters and at most its multiply-adds: distillation is there to make the model smaller and cheaper
     to run, so a student is never larger or slower than its teacher, nor too narrow to learn."""
@@ -263,7 +269,7 @@ def _sized_student(name: str, data, teacher_params: int, teacher_macs: int | Non
     from compress.students import build_student
 
     for width in range(AUTO_MAX_WIDTH, AUTO_MIN_WIDTH - 1, -1):
-        student = build_student(name, data.input_shape, data.num_classes, width)
+        student = build_student(name, data.input_shape, data.num_classes, width, head=head)
         if student.count_params() <= AUTO_TEACHER_SHARE * teacher_params and (
                 teacher_macs is None or count_macs(student) <= teacher_macs):
             return student

@@ -108,7 +108,7 @@ def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome
     from compress import __version__
     from compress.checks import check_model_fits_data
     from compress.export.convert import record_metadata
-    from compress.kerasmodel import is_qat_model, strip_training_wrappers
+    from compress.kerasmodel import binary_kind, is_qat_model, one_score_model, strip_training_wrappers
     from compress.runtimes import open_session
 
     out_dir = Path(out_dir)
@@ -120,6 +120,8 @@ def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome
     if unknown:
         raise ConfigError(f"float_layers names {', '.join(unknown)}, not a layer of model {model.name!r}; layers: "
                           f"{', '.join(layer.name for layer in model.layers)}")
+    kind = binary_kind(model)
+    file_model = one_score_model(model)  # a binary classifier's files give its one score, as the user's model did
     train_images, _ = data.normalized("train")
     calibration = train_images[: config.calibration]
     test_images, test_labels = data.normalized("test")
@@ -139,12 +141,13 @@ def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome
         target = out_dir / FILE_NAMES[name]
         started = time.perf_counter()
         if name == "onnx-qdq":
-            details = _write_onnx_qdq(model, calibration, config.per_channel, resolve_reduce_range(config), target,
+            details = _write_onnx_qdq(file_model, calibration, config.per_channel, resolve_reduce_range(config), target,
                                       config.float_layers)
         else:
-            details = _write_tflite(model, calibration, config.per_channel, target, full_integer=name == "tflite-int8")
+            details = _write_tflite(file_model, calibration, config.per_channel, target, full_integer=name == "tflite-int8")
         record_metadata(target, {"compress_version": __version__, "technique_chain": '["ptq"]', "precision": "int8",
-                                 "input_range": data.input_range})  # which pixels the file takes, for evaluate
+                                 "input_range": data.input_range,  # which pixels the file takes, for evaluate
+                                 **({"binary_output": kind} if kind else {})})
         seconds = time.perf_counter() - started
         top1 = np.argmax(open_session(target).predict(test_images, PREDICT_BATCH), axis=-1)
         stats["formats"][name] = {
