@@ -73,8 +73,9 @@ def translate_keras3(path: str | os.PathLike, *, safe_mode: bool = True, sample_
             inputs = [saved[key] for key in saved.files]
         with np.load(workdir / "outputs.npz") as saved:
             expected = [saved[key] for key in saved.files]
-    model = Builder(path).build(config, weights)
-    info = {"keras_version": file_keras_version(path)}
+    builder = Builder(path)
+    model = builder.build(config, weights)
+    info = {"keras_version": file_keras_version(path), "left_out": builder.left_out}
     info.update(_compare(path, model, inputs, expected))
     return model, info
 

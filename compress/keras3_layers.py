@@ -17,6 +17,14 @@ SUPPORTED_LAYERS = frozenset(
     "ZeroPadding2D Cropping2D UpSampling2D Rescaling Normalization InputLayer Identity GroupNormalization "
     "UnitNormalization GaussianNoise GaussianDropout AlphaDropout ActivityRegularization".split()
 )
+# Data augmentation layers (the Keras guides put them in the model): they pass images through unchanged at
+# inference, so the translation leaves them out; the translation check on images would catch one that did not.
+AUGMENTATION_LAYERS = frozenset(
+    "RandomFlip RandomRotation RandomZoom RandomTranslation RandomContrast RandomBrightness RandomHue "
+    "RandomSaturation RandomSharpness RandomShear RandomGrayscale RandomColorJitter RandomColorDegeneration "
+    "RandomPosterization RandomErasing RandomGaussianBlur RandomInvert RandomPerspective RandAugment AugMix MixUp "
+    "CutMix".split()
+)
 # Keras 3 saves arithmetic on tensors (x + 3.0, x * (1/6), keras.ops.relu6(x)) as layers of these modules.
 OPERATION_MODULES = ("keras.src.ops.", "keras.ops.")
 # A keras.ops call on one tensor and one number, as the affine map Rescaling computes: x * scale + offset.
@@ -57,7 +65,7 @@ def check_layers(path: Path, layers: list[tuple[str, str, str]]) -> None:
     no tf_keras translation. A Lambda layer's Python code was written for Keras 3, so --unsafe cannot help it."""
     lambdas = [f"'{name}'" for name, class_name, _ in layers if class_name == "Lambda"]
     others = [f"'{name}' ({class_name})" for name, class_name, module in layers
-              if class_name not in SUPPORTED_LAYERS and class_name not in MODEL_CLASSES and class_name != "Lambda"
+              if class_name not in SUPPORTED_LAYERS | MODEL_CLASSES | AUGMENTATION_LAYERS and class_name != "Lambda"
               and not module.startswith(OPERATION_MODULES)]
     if lambdas:
         raise ModelError(f"{path}: layer(s) {_listed(lambdas)} are Lambda layers, Python code written for Keras 3, "
@@ -82,6 +90,7 @@ class Builder:
         self.path = path
         self.layers: dict[str, object] = {}  # "<outer model>/<layer>" -> tf_keras layer, for copying weights
         self.activations: dict[str, tuple] = {}  # layer name -> its activation's layers, reused by a shared layer
+        self.left_out: list[str] = []  # augmentation layers, "<outer model>/<layer>": identities at inference
 
     def build(self, config: dict, weights: dict[str, np.ndarray]):
         model = self._model(config, prefix="")
@@ -161,6 +170,9 @@ class Builder:
         callables = {} if callables is None else callables
         if str(layer.get("module", "")).startswith(OPERATION_MODULES):
             return self._operation(layer, args, kwargs)
+        if _augmentation_only(layer) and len(args) == 1:
+            self.left_out.append(f"{prefix}{name}")
+            return args[0]
         if name not in callables:
             check_layers(self.path, [(name, layer["class_name"], str(layer.get("module", "")))])
             if layer["class_name"] in MODEL_CLASSES:
@@ -288,6 +300,8 @@ class Builder:
         grouped: dict[str, list[tuple[int, np.ndarray]]] = {}
         for key, array in weights.items():
             layer_path, index = key.rsplit(":", 1)
+            if any(layer_path == left or layer_path.startswith(f"{left}/") for left in self.left_out):
+                continue  # an augmentation layer's random-seed state
             grouped.setdefault(layer_path, []).append((int(index), array))
         for layer_path, layer in self.layers.items():
             arrays = [array for _, array in sorted(grouped.pop(layer_path, []), key=lambda item: item[0])]
@@ -302,6 +316,14 @@ class Builder:
                 layer.set_weights(arrays)
         if grouped:
             raise self._refuse(next(iter(grouped)), "has weights but no tf_keras twin")
+
+
+def _augmentation_only(layer: dict) -> bool:
+    """An augmentation layer, or a nested model made of nothing else (the guides' `data_augmentation` block)."""
+    if layer["class_name"] in AUGMENTATION_LAYERS:
+        return True
+    inner = [item for item in (layer.get("config") or {}).get("layers") or [] if item["class_name"] != "InputLayer"]
+    return layer["class_name"] in MODEL_CLASSES and bool(inner) and all(map(_augmentation_only, inner))
 
 
 def _accepted_arguments(cls) -> set[str]:

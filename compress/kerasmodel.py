@@ -61,7 +61,7 @@ def load_model_with_source(path: str | os.PathLike, *, unsafe: bool = False,
     if is_keras3_file(path) or (path.suffix == ".h5" and major_version(version) >= 3):
         model, info = translate_keras3(path, safe_mode=not unsafe, sample_images=sample_images)
         return model, {"file": path.name, "keras": f"Keras {info['keras_version']}", "translated_to_tf_keras": True,
-                       **{key: info[key] for key in ("max_abs_diff", "top1_agreement", "images")}}
+                       **{key: info[key] for key in ("max_abs_diff", "top1_agreement", "images", "left_out")}}
     if path.suffix == ".h5" and not unsafe:  # tf_keras ignores safe_mode for .h5 files
         lambdas = [name for name, kind, _ in layers_in(file_config(path) or {}) if kind == "Lambda"]
         if lambdas:
@@ -74,7 +74,7 @@ def load_model_with_source(path: str | os.PathLike, *, unsafe: bool = False,
             raise
         model, info = translate_keras3(path, safe_mode=not unsafe, sample_images=sample_images)  # no version: try 3
         return model, {"file": path.name, "keras": "Keras 3", "translated_to_tf_keras": True,
-                       **{key: info[key] for key in ("max_abs_diff", "top1_agreement", "images")}}
+                       **{key: info[key] for key in ("max_abs_diff", "top1_agreement", "images", "left_out")}}
     return model, {"file": path.name, "keras": f"tf_keras {version}".strip(), "translated_to_tf_keras": False}
 
 
@@ -82,8 +82,10 @@ def translation_note(source: dict) -> str | None:
     """The line that says a Keras 3 file was translated and how closely (None for a tf_keras file)."""
     if not source.get("translated_to_tf_keras"):
         return None
+    left_out = source.get("left_out") or []
     return (f"{source['file']}: written by {source['keras']}, translated to tf_keras; on {source['images']} images "
-            f"top-1 agreement {source['top1_agreement']:.2%}, max |diff| {source['max_abs_diff']:.2g}")
+            f"top-1 agreement {source['top1_agreement']:.2%}, max |diff| {source['max_abs_diff']:.2g}"
+            + (f"; left out {', '.join(left_out)}: data augmentation, which acts only in training" if left_out else ""))
 
 
 def _load_tf_keras(path: Path, unsafe: bool):
@@ -278,6 +280,70 @@ def scores_per_class(outputs: np.ndarray, kind: str | None) -> np.ndarray:
     if kind == "sigmoid":
         return np.concatenate([1 - outputs, outputs], axis=1)
     return np.concatenate([-outputs / 2, outputs / 2], axis=1)
+
+
+def rebuilt_from_config(model, config: dict, weights: dict):
+    """`model` rebuilt from its rewritten `config`, each layer's weights from `weights` (by name) or else from the
+    layer of that name in `model`; None where the rebuilt model does not compute what `model` does (a graph the
+    rewrite does not understand: left to the refusal that names the layer)."""
+    import numpy as np
+
+    from compress.keras import keras
+
+    with keras.utils.custom_object_scope(loading_objects()):
+        rebuilt = type(model).from_config(config)
+    for layer in rebuilt.layers:
+        if layer.weights:
+            layer.set_weights(weights[layer.name] if layer.name in weights else
+                              model.get_layer(layer.name).get_weights())
+    shape = [32 if dim is None else dim for dim in model.input_shape[1:]]  # any size a fully convolutional model takes
+    probe = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
+    if not np.allclose(model(probe, training=False), rebuilt(probe, training=False), atol=1e-5):
+        return None
+    return rebuilt
+
+
+def without_augmentation(model) -> tuple:
+    """(`model` without its data augmentation layers, [their names]): RandomFlip, RandomRotation and their kind
+    (also a nested model made of nothing else, as the Keras guides' `data_augmentation` block) pass images through
+    unchanged at inference, and tfmot's quantization refuses them.
+    The model is rebuilt without them and checked to compute the same."""
+    from compress.keras3_layers import AUGMENTATION_LAYERS
+
+    def augmentation_only(layer) -> bool:
+        inner = [item for item in getattr(layer, "layers", None) or [] if type(item).__name__ != "InputLayer"]
+        return type(layer).__name__ in AUGMENTATION_LAYERS or (bool(inner) and all(map(augmentation_only, inner)))
+
+    dropped = [layer.name for layer in model.layers if augmentation_only(layer)
+               and len(layer._inbound_nodes) == 1]  # noqa: SLF001 - Keras 2 exposes calls only this way
+    if not dropped:
+        return model, []
+    config = model.get_config()
+    sources = {}  # dropped layer -> the [layer, node, tensor] it read
+    for layer in config["layers"]:
+        if layer["config"]["name"] in dropped and "inbound_nodes" in layer:
+            sources[layer["config"]["name"]] = rerouted_references(layer["inbound_nodes"][0][0][:3], sources)
+    config["layers"] = [layer for layer in config["layers"] if layer["config"]["name"] not in dropped]
+    for layer in config["layers"]:
+        if "inbound_nodes" in layer:
+            layer["inbound_nodes"] = rerouted_references(layer["inbound_nodes"], sources)
+    if "output_layers" in config:
+        config["output_layers"] = rerouted_references(config["output_layers"], sources)
+    rebuilt = rebuilt_from_config(model, config, {})
+    if rebuilt is None:
+        raise ModelError(f"leaving out the augmentation layers {', '.join(dropped)} changed what the model computes; "
+                         "save the model without them")
+    return rebuilt, dropped
+
+
+def rerouted_references(nodes, sources: dict):
+    """Inbound-node references ([layer, node, tensor, kwargs] lists, nested) in a model config, those to a layer
+    named in `sources` pointed at the [layer, node, tensor] given for it instead."""
+    if isinstance(nodes, list) and len(nodes) >= 3 and isinstance(nodes[0], str) and isinstance(nodes[1], int):
+        return [*sources[nodes[0]], *nodes[3:]] if nodes[0] in sources else nodes
+    if isinstance(nodes, list):
+        return [rerouted_references(node, sources) for node in nodes]
+    return nodes
 
 
 def keras_outputs(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -113,6 +113,13 @@ x = L.GlobalAveragePooling2D()(x)
 keras.Model(inputs, L.Dense(5, name="logits")(x)).save(out / "arithmetic.keras")
 inputs = keras.Input((16, 16, 3))
 keras.Model(inputs, L.Dense(2)(L.Flatten()(keras.ops.square(inputs)))).save(out / "square.keras")
+
+# The Keras guide's image classifier: augmentation in the model (a nested Sequential and a layer of its own).
+augmentation = keras.Sequential([L.RandomFlip("horizontal"), L.RandomRotation(0.1)], name="augmentation")
+inputs = keras.Input((16, 16, 3))
+x = L.RandomZoom(0.2, name="zoom")(augmentation(inputs))
+x = L.Conv2D(4, 3, name="conv")(L.Rescaling(1 / 255, name="scale")(x))
+keras.Model(inputs, L.Dense(1, name="score")(L.GlobalAveragePooling2D()(x))).save(out / "augmented.keras")
 """
 
 
@@ -258,3 +265,14 @@ def test_layer_options_are_translated_or_refused():
         with pytest.raises(ModelError) as caught:
             builder._translate_config(layer)
         _assert_one_line(str(caught.value), "'" + layer["config"]["name"] + "'", expected)
+
+
+def test_augmentation_layers_are_left_out_as_identities_at_inference(keras3_files):
+    from compress.kerasmodel import load_model_with_source, translation_note
+
+    images = np.random.default_rng(1).uniform(0, 255, (12, 16, 16, 3)).astype(np.float32)
+    model, source = load_model_with_source(keras3_files / "augmented.keras", sample_images=images)
+    assert source["left_out"] == ["augmentation", "zoom"] and source["max_abs_diff"] < 1e-5
+    assert [type(layer).__name__ for layer in model.layers] == [
+        "InputLayer", "Rescaling", "Conv2D", "GlobalAveragePooling2D", "Dense"]
+    assert "left out augmentation, zoom: data augmentation, which acts only in training" in translation_note(source)

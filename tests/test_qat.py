@@ -299,3 +299,49 @@ def test_activation_ranges_start_from_the_data_so_a_relu_keeps_every_level(synth
     assert result["parity_ok"], result["parity"]
     ops = [node.op_type for node in onnx.load(result["files"]["onnx"]["path"]).graph.node]
     assert "Clip" not in ops and "Relu" not in ops, ops
+
+
+def test_a_separable_convolution_with_batch_norm_is_split_and_quantized(synthetic_data):
+    """The Keras guides' SeparableConv2D -> BatchNormalization (tfmot folds batch norms into Conv2D only, and
+    refused it) is quantized as the DepthwiseConv2D and 1x1 Conv2D it computes; the split model computes the same."""
+    import numpy as np
+
+    from compress.keras import keras
+    from compress.techniques.qat import separable_convolutions_split
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    image = keras.Input(synthetic_data.input_shape)
+    hidden = layers.SeparableConv2D(8, 3, padding="same", depth_multiplier=2, name="sep")(image)
+    hidden = layers.ReLU()(layers.BatchNormalization(name="bn")(hidden))
+    model = keras.Model(image, layers.Dense(synthetic_data.num_classes)(layers.GlobalAveragePooling2D()(hidden)))
+    model.get_layer("bn").set_weights([np.full(8, 1.5, np.float32), np.full(8, 0.2, np.float32),
+                                       np.full(8, 0.1, np.float32), np.full(8, 2.0, np.float32)])
+    split, names = separable_convolutions_split(model)
+    assert names == ["sep"]
+    assert [type(layer).__name__ for layer in split.layers[1:3]] == ["DepthwiseConv2D", "Conv2D"]
+    images = synthetic_data.normalized("test")[0][:8]
+    np.testing.assert_allclose(split.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
+    outcome = qat(model, QATConfig(epochs=1, batch_size=32), synthetic_data, verbose=0)
+    assert outcome.stats["separable_convolutions_split"] == ["sep"] and outcome.stats["float_layers"] == []
+
+
+def test_augmentation_layers_in_a_tf_keras_model_are_left_out_and_said(tmp_path, capsys):
+    """RandomFlip and RandomRotation (tfmot refuses them) pass images through at inference: the model is taken
+    without them, said in one line, and quantized."""
+    from compress.cli import main
+    from compress.keras import keras
+    from compress.kerasmodel import save_model, without_augmentation
+
+    layers = keras.layers
+    image = keras.Input((32, 32, 3))
+    hidden = layers.RandomRotation(0.1, name="rotate")(layers.RandomFlip("horizontal", name="flip")(image))
+    hidden = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3, activation="relu", name="conv")(hidden))
+    model = keras.Model(image, layers.Dense(10, name="logits")(hidden))
+    stripped, dropped = without_augmentation(model)
+    assert dropped == ["flip", "rotate"] and [layer.name for layer in stripped.layers][1:2] == ["conv"]
+    images = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
+    np.testing.assert_allclose(stripped.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
+    path = save_model(model, tmp_path / "augmented.keras")
+    assert main(["qat", str(path), "--out", str(tmp_path / "out"), "--epochs", "0.1"]) == 0
+    assert "model: left out flip, rotate: data augmentation" in capsys.readouterr().out

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from compress.checks import PREPROCESSING_LAYERS
 from compress.errors import ModelError
-from compress.kerasmodel import variable_short_name
+from compress.kerasmodel import rebuilt_from_config, rerouted_references, variable_short_name
 from compress.techniques.finetune import (
     check_training_settings,
     copy_model,
@@ -116,22 +116,18 @@ def activations_as_layers(model):
     moved into one, {layer: activation moved}): Conv2D(activation="relu6") becomes Conv2D + Activation("relu6"),
     the same function, which QAT then quantizes instead of refusing the layer. Layers called more than once and
     nested models are left as they are."""
-    import numpy as np
-
-    from compress.keras import keras
-    from compress.kerasmodel import loading_objects
-
     moved = {layer.name: unquantized_activation(layer) for layer in model.layers
              if type(layer).__name__ != "Activation" and unquantized_activation(layer) in _ACTIVATION_LAYER_FUNCTIONS
              and len(layer._inbound_nodes) == 1}  # noqa: SLF001 - Keras 2 exposes calls only this way
     if not moved:
         return model, {}
+    activation_layers = {name: [f"{name}_{activation}", 0, 0] for name, activation in moved.items()}
     config = model.get_config()
     layers = []
     for layer in config["layers"]:
         name = layer["config"]["name"]
         if "inbound_nodes" in layer:  # functional: read the new activation's output instead of the layer's
-            layer["inbound_nodes"] = _renamed_references(layer["inbound_nodes"], moved)
+            layer["inbound_nodes"] = rerouted_references(layer["inbound_nodes"], activation_layers)
         layers.append(layer)
         if name in moved:
             layer["config"]["activation"] = "linear"
@@ -143,27 +139,46 @@ def activations_as_layers(model):
             layers.append(activation)
     config["layers"] = layers
     if "output_layers" in config:
-        config["output_layers"] = _renamed_references(config["output_layers"], moved)
-    with keras.utils.custom_object_scope(loading_objects()):
-        rebuilt = type(model).from_config(config)
-    for layer in rebuilt.layers:
-        if layer.weights:
-            layer.set_weights(model.get_layer(layer.name).get_weights())
-    shape = [32 if dim is None else dim for dim in model.input_shape[1:]]  # any size a fully convolutional model takes
-    probe = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
-    if not np.allclose(model(probe, training=False), rebuilt(probe, training=False), atol=1e-5):
-        return model, {}  # a graph this rewrite does not understand: leave it to the refusal that names the layer
-    return rebuilt, moved
+        config["output_layers"] = rerouted_references(config["output_layers"], activation_layers)
+    rebuilt = rebuilt_from_config(model, config, {})
+    return (model, {}) if rebuilt is None else (rebuilt, moved)
 
 
-def _renamed_references(nodes, moved: dict[str, str]):
-    """Inbound-node references ([layer, node, tensor, kwargs] lists, nested) to a layer whose activation moved,
-    pointed at that activation's layer."""
-    if isinstance(nodes, list) and len(nodes) >= 3 and isinstance(nodes[0], str) and isinstance(nodes[1], int):
-        return [f"{nodes[0]}_{moved[nodes[0]]}", *nodes[1:]] if nodes[0] in moved else nodes
-    if isinstance(nodes, list):
-        return [_renamed_references(node, moved) for node in nodes]
-    return nodes
+def separable_convolutions_split(model):
+    """(`model` with each SeparableConv2D made the DepthwiseConv2D and 1x1 Conv2D it computes, [their names]):
+    tfmot's 8-bit scheme folds a BatchNormalization into a Conv2D but not into a SeparableConv2D (the Keras
+    guides' Xception-style blocks put one behind each), and refused the model. The pointwise Conv2D keeps the
+    layer's name, bias and activation, so every reference to the layer still holds. Layers called more than once
+    and nested models are left as they are."""
+    separable = {layer.name: layer for layer in model.layers if type(layer).__name__ == "SeparableConv2D"
+                 and len(layer._inbound_nodes) == 1}  # noqa: SLF001 - Keras 2 exposes calls only this way
+    if not separable:
+        return model, []
+    config = model.get_config()
+    layers, weights = [], {}
+    for layer in config["layers"]:
+        name = layer["config"]["name"]
+        if name not in separable:
+            layers.append(layer)
+            continue
+        options = layer["config"]
+        depthwise = {"class_name": "DepthwiseConv2D", "name": f"{name}_depthwise", "config": {
+            "name": f"{name}_depthwise", "dtype": options.get("dtype"), **{key: options[key] for key in (
+                "kernel_size", "strides", "padding", "data_format", "dilation_rate", "depth_multiplier")},
+            "use_bias": False}}
+        pointwise = {"class_name": "Conv2D", "name": name, "config": {
+            "name": name, "dtype": options.get("dtype"), "filters": options["filters"], "kernel_size": [1, 1],
+            "data_format": options["data_format"], "activation": options["activation"],
+            "use_bias": options["use_bias"]}}
+        if "inbound_nodes" in layer:
+            depthwise["inbound_nodes"] = layer["inbound_nodes"]
+            pointwise["inbound_nodes"] = [[[depthwise["name"], 0, 0, {}]]]
+        layers += [depthwise, pointwise]
+        depthwise_kernel, pointwise_kernel, *bias = separable[name].get_weights()
+        weights[depthwise["name"]], weights[name] = [depthwise_kernel], [pointwise_kernel, *bias]
+    config["layers"] = layers
+    rebuilt = rebuilt_from_config(model, config, weights)
+    return (model, []) if rebuilt is None else (rebuilt, sorted(separable))
 
 
 def _follows_foldable(layer) -> bool:
@@ -221,7 +236,8 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
     from compress.keras import OutputOnlyQuantizeConfig, keras, tfmot
 
     quantization = tfmot.quantization.keras
-    work, split = activations_as_layers(copy_model(model))
+    work, separable = separable_convolutions_split(copy_model(model))
+    work, split = activations_as_layers(work)
     unsupported = unsupported_layers(work)
     preprocessing = [layer.name for layer in input_preprocessing_layers(work)]
     registry = tfmot.quantization.keras.default_8bit.Default8BitQuantizeRegistry()
@@ -271,6 +287,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
         "quantized_layers": [layer.layer.name for layer in wrappers],
         "float_layers": float_names,
         "activations_split": split,
+        "separable_convolutions_split": separable,
         "left_alone": {**{name: "input preprocessing: no weights, only its output quantized" for name in preprocessing},
                        **{name: "no weights, computed in float, only its output quantized" for name in output_only},
                        **{name: "kept in float: not in tfmot's 8-bit scheme" for name in float_names}},
