@@ -1,4 +1,4 @@
-"""Per-layer sensitivity: how much validation accuracy each Conv2D/Dense layer loses to pruning and to int8, alone.
+"""Per-layer sensitivity: how much validation accuracy each Conv2D/SeparableConv2D/Dense layer loses to pruning and to int8, alone.
 
 Pruning is one-shot with no fine-tune: a layer's smallest weights are zeroed (or, with structure channels, the share
 of its channels with the smallest L1 norm removed, the layers joined with it losing the same ones, as `compress prune
@@ -64,21 +64,21 @@ def _number(value) -> bool:
 
 
 def analyse(model, data, config: SensitivityConfig, *, out_dir, log=print) -> dict:
-    """Measure every Conv2D/Dense layer, write OUT/sensitivity.json, .csv and .png; return the JSON's content."""
+    """Measure every Conv2D/SeparableConv2D/Dense layer, write OUT/sensitivity.json, .csv and .png; return the JSON's content."""
     from compress.files import write_json, write_text
     from compress.kerasmodel import count_macs, layer_macs, strip_training_wrappers
     from compress.report.sensitivity_plot import plot_sensitivity
-    from compress.techniques.finetune import copy_model, weight_layers
+    from compress.techniques.finetune import copy_model, main_kernel, weight_layers
 
     model = copy_model(strip_training_wrappers(model)[0])  # weights are changed and restored on a copy
     layers = weight_layers(model)
     if not layers:
-        raise ModelError(f"model {model.name!r} has no Conv2D/Dense layer to analyse")
+        raise ModelError(f"model {model.name!r} has no Conv2D/SeparableConv2D/Dense layer to analyse")
     val_images, val_labels = data.normalized("val")
     baseline = _accuracy(_keras_predict(model, val_images), val_labels)
     log(f"sensitivity: {len(layers)} layers, {len(val_labels)} validation images, baseline validation accuracy "
         f"{baseline:.4f}; pruning {config.method()}")
-    weights = {layer.name: int(layer.kernel.shape.num_elements()) for layer in layers}
+    weights = {layer.name: int(main_kernel(layer).shape.num_elements()) for layer in layers}
     macs, total_macs = layer_macs(model), count_macs(model)
     int8 = _int8_drops(model, [layer.name for layer in layers], data, val_images, val_labels, log)
     channel_groups = _channel_groups(model) if config.structure == "channels" else {}
@@ -145,17 +145,20 @@ def _show(value) -> str:
 
 def _prune_curve(model, layer, sparsities, images, labels) -> dict[float, float]:
     """Validation accuracy with the layer's smallest-magnitude kernel weights zeroed, one sparsity at a time."""
-    kernel = layer.kernel.numpy()
+    from compress.techniques.finetune import main_kernel
+
+    variable = main_kernel(layer)
+    kernel = variable.numpy()
     order = np.argsort(np.abs(kernel), axis=None, kind="stable")
     curve = {}
     try:
         for sparsity in sparsities:
             pruned = kernel.copy().reshape(-1)
             pruned[order[: int(round(sparsity * kernel.size))]] = 0.0
-            layer.kernel.assign(pruned.reshape(kernel.shape))
+            variable.assign(pruned.reshape(kernel.shape))
             curve[sparsity] = _accuracy(_keras_predict(model, images), labels)
     finally:
-        layer.kernel.assign(kernel)
+        variable.assign(kernel)
     return curve
 
 

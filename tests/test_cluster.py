@@ -125,3 +125,24 @@ def test_clustering_wrappers_get_the_sorted_lookup_and_compute_the_same(tiny_cnn
                   for algorithm in getattr(layer, "clustering_algorithms", {}).values()]
     assert [type(algorithm).__name__ for algorithm in algorithms] == ["SortedLookupClustering"] * 3
     np.testing.assert_allclose(wrapped(images, training=False).numpy(), before, rtol=1e-6, atol=1e-6)
+
+
+def test_separable_convolutions_are_pruned_and_clustered_in_their_pointwise_kernels(synthetic_data):
+    """An Xception-style model keeps most weights in SeparableConv2D pointwise kernels: pruning and clustering
+    work on them (tfmot leaves the small depthwise kernels alone), instead of listing them as left alone."""
+    from compress.keras import keras
+    from compress.techniques.prune import PruneConfig, prune
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([keras.Input(synthetic_data.input_shape), layers.Conv2D(8, 3, name="stem"),
+                              layers.SeparableConv2D(32, 3, padding="same", name="sep1"),
+                              layers.SeparableConv2D(32, 3, padding="same", name="sep2"),
+                              layers.GlobalAveragePooling2D(), layers.Dense(synthetic_data.num_classes, name="logits")])
+    clustered = cluster(model, ClusterConfig(clusters=4, epochs=1, batch_size=32), synthetic_data, verbose=0)
+    assert {"sep1", "sep2"} <= set(clustered.stats["clustered_layers"]) and "sep1" not in clustered.stats["left_alone"]
+    for name in ("sep1", "sep2"):
+        assert np.unique(clustered.model.get_layer(name).pointwise_kernel.numpy()).size <= 4
+    pruned = prune(model, PruneConfig(sparsity=0.5, epochs=1, batch_size=32), synthetic_data, verbose=0)
+    kernel = pruned.model.get_layer("sep2").pointwise_kernel.numpy()
+    assert float(np.mean(kernel == 0)) == pytest.approx(0.5, abs=0.02)

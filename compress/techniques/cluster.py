@@ -19,6 +19,7 @@ from compress.techniques.finetune import (
     fine_tune,
     parse_names,
     left_alone,
+    main_kernel,
     select_layers,
     wrap_layers,
 )
@@ -40,7 +41,7 @@ class ClusterConfig(TechniqueConfig):
     clusters: int = option(16, "distinct values per clustered kernel (at least 2)")
     init: str = option("kmeans_plus_plus", "how centroids start: " + ", ".join(INITS),
                        metavar="{" + ",".join(INITS) + "}")
-    layers: tuple[str, ...] = option((), "comma-separated Conv2D/Dense layers to cluster; none: all but the "
+    layers: tuple[str, ...] = option((), "comma-separated Conv2D/SeparableConv2D/Dense layers to cluster; none: all but the "
                                      "classifier", parse=parse_names, metavar="NAMES")
     epochs: float = option(2, "fine-tuning epochs while clustered (0.5: half an epoch)")
     # Every step reassigns each clustered weight to its nearest centroid, a cost per step whatever the batch, so
@@ -69,8 +70,8 @@ def cluster(model, config: ClusterConfig, data, *, out_dir=None, verbose: int = 
     work = copy_model(model)
     chosen = select_layers(work, config.layers, "cluster")
     names = [layer.name for layer in chosen]
-    too_small = [f"{layer.name} ({layer.kernel.shape.num_elements()} weights)" for layer in chosen
-                 if layer.kernel.shape.num_elements() <= config.clusters]
+    too_small = [f"{layer.name} ({main_kernel(layer).shape.num_elements()} weights)" for layer in chosen
+                 if main_kernel(layer).shape.num_elements() <= config.clusters]
     if too_small:
         raise ModelError(
             f"cannot cluster into {config.clusters} values layer(s) with no more weights than that: "
@@ -143,7 +144,7 @@ def unique_values(model, layer_names) -> dict:
     """Distinct values in each named layer's kernel."""
     import numpy as np
 
-    return {name: int(np.unique(model.get_layer(name).kernel.numpy()).size) for name in layer_names}
+    return {name: int(np.unique(main_kernel(model.get_layer(name)).numpy()).size) for name in layer_names}
 
 
 TECHNIQUE = Technique(

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 
 from compress.errors import ConfigError, ModelError
 
-WEIGHT_LAYER_TYPES = ("Conv2D", "Dense")
 MAX_FINE_TUNE_EPOCHS = 1000  # a bound that also refuses inf and nan
 MAX_BATCH_SIZE = 4096
 # Fine-tuning on a teacher's outputs uses distillation's own defaults (compress.techniques.distill).
@@ -94,17 +93,24 @@ def copy_model(model):
 
 
 def weight_layers(model) -> list:
-    """The model's top-level Conv2D and Dense layers (subclasses included), in order."""
+    """The model's top-level Conv2D, SeparableConv2D and Dense layers (subclasses included), in order."""
     from compress.keras import keras
 
-    return [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
+    kinds = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.Dense)
+    return [layer for layer in model.layers if isinstance(layer, kinds)]
+
+
+def main_kernel(layer):
+    """The kernel pruning, clustering and their statistics work on: a SeparableConv2D's pointwise kernel (its
+    depthwise one holds few weights; tfmot leaves it alone too), else the layer's kernel."""
+    return layer.pointwise_kernel if hasattr(layer, "pointwise_kernel") else layer.kernel
 
 
 def select_layers(model, names: tuple[str, ...], what: str) -> list:
-    """The layers named in `names`, or by default the Conv2D/Dense layers that hold the weights.
+    """The layers named in `names`, or by default the Conv2D/SeparableConv2D/Dense layers that hold the weights.
 
     By default the classifier (the last of them) is left alone, since its outputs are the predictions, unless it
-    holds most of the model's Conv2D/Dense weights (a small convolution before a large Dense, as in tfmot's own
+    holds most of the model's Conv2D/SeparableConv2D/Dense weights (a small convolution before a large Dense, as in tfmot's own
     pruning example): then leaving it alone would leave the model almost as large. `what` names the technique's
     verb in messages ("prune", "cluster"). Unknown names are refused with the list of candidate layers.
     """
@@ -114,7 +120,7 @@ def select_layers(model, names: tuple[str, ...], what: str) -> list:
         unknown = [name for name in names if name not in by_name]
         if unknown:
             raise ConfigError(
-                f"cannot {what} layer(s) {', '.join(unknown)}: not a Conv2D/Dense layer of model {model.name!r}; "
+                f"cannot {what} layer(s) {', '.join(unknown)}: not a Conv2D/SeparableConv2D/Dense layer of model {model.name!r}; "
                 f"layers that can be chosen: {', '.join(by_name) or 'none'}"
             )
         chosen = [by_name[name] for name in dict.fromkeys(names)]
@@ -122,7 +128,7 @@ def select_layers(model, names: tuple[str, ...], what: str) -> list:
         chosen = candidates if candidates and classifier_share(model) > 0.5 else candidates[:-1]
     if not chosen:
         raise ModelError(
-            f"model {model.name!r} has no Conv2D/Dense layer to {what} besides its classifier"
+            f"model {model.name!r} has no Conv2D/SeparableConv2D/Dense layer to {what} besides its classifier"
             + (f" {candidates[-1].name!r}; name it in --layers (a stage's layers setting) to {what} it"
                if candidates else "")
         )
@@ -130,8 +136,8 @@ def select_layers(model, names: tuple[str, ...], what: str) -> list:
 
 
 def classifier_share(model) -> float:
-    """The share of the Conv2D/Dense weights that the last such layer (the classifier) holds."""
-    sizes = [int(layer.kernel.shape.num_elements()) for layer in weight_layers(model)]
+    """The share of the Conv2D/SeparableConv2D/Dense weights that the last such layer (the classifier) holds."""
+    sizes = [int(main_kernel(layer).shape.num_elements()) for layer in weight_layers(model)]
     return sizes[-1] / sum(sizes) if sizes and sum(sizes) else 0.0
 
 
@@ -145,13 +151,13 @@ def left_alone(model, chosen: list, what: str) -> dict[str, str]:
             continue
         count = int(sum(weight.shape.num_elements() for weight in layer.weights))
         if candidates and layer is candidates[-1]:
-            reasons[layer.name] = (f"the classifier ({classifier_share(model):.2%} of the Conv2D/Dense weights): its "
+            reasons[layer.name] = (f"the classifier ({classifier_share(model):.2%} of the Conv2D/SeparableConv2D/Dense weights): its "
                                    "outputs are the predictions; name it in --layers (a stage's layers setting) to "
                                    "include it")
         elif layer in candidates:
             reasons[layer.name] = "not named in --layers"
         else:
-            reasons[layer.name] = f"{type(layer).__name__} ({count:,} weights): {what} handles Conv2D and Dense kernels"
+            reasons[layer.name] = f"{type(layer).__name__} ({count:,} weights): {what} handles Conv2D, SeparableConv2D and Dense kernels"
     return reasons
 
 

@@ -24,6 +24,7 @@ from compress.techniques.finetune import (
     parse_name_values,
     parse_names,
     left_alone,
+    main_kernel,
     select_layers,
     training_plan,
     wrap_layers,
@@ -79,7 +80,7 @@ class PruneConfig(TechniqueConfig):
     sparsity: float = option(0.5, "target fraction of zero weights in each pruned kernel, in (0, 1)")
     schedule: str = option("polynomial", "how sparsity rises: polynomial (0 to target over 80%% of the steps) "
                            "or constant (target from the first step)", metavar="{polynomial,constant}")
-    layers: tuple[str, ...] = option((), "comma-separated Conv2D/Dense layers to prune; none: all but the "
+    layers: tuple[str, ...] = option((), "comma-separated Conv2D/SeparableConv2D/Dense layers to prune; none: all but the "
                                      "classifier", parse=parse_names, metavar="NAMES")
     layer_sparsity: dict = option(FrozenDict(), "per-layer targets overriding --sparsity, e.g. dense1=0.95,conv2=0.5",
                                   parse=lambda text: parse_name_values(text, "layer_sparsity"), metavar="NAME=S,...")
@@ -226,7 +227,7 @@ def sparsity_stats(model, layer_names) -> dict:
 
     per_layer, zeros, total = {}, 0, 0
     for name in layer_names:
-        kernel = model.get_layer(name).kernel.numpy()
+        kernel = main_kernel(model.get_layer(name)).numpy()
         per_layer[name] = zero_fraction(kernel)
         zeros += int(np.count_nonzero(kernel == 0))
         total += int(kernel.size)

@@ -22,6 +22,7 @@ from compress.techniques.finetune import (
     copy_model,
     evaluate,
     fine_tune,
+    main_kernel,
     weight_layers,
     zero_fraction,
 )
@@ -387,7 +388,7 @@ def _with_default_quantizers(trained, float_model, annotate):
 
 
 def _float_kernels(model) -> dict:
-    return {layer.name: layer.kernel.numpy() for layer in weight_layers(model)}
+    return {layer.name: main_kernel(layer).numpy() for layer in weight_layers(model)}
 
 
 def _wrapped_kernels(wrappers) -> dict:
