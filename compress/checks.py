@@ -60,7 +60,8 @@ def matched_to_data(model, data, log: Callable[[str], None] | None = None) -> tu
     height or width (None in its input shape, as keras.applications backbones built without an input_shape) is
     built at the data's size, at which every later technique, export and timing then works; a binary classifier
     giving one score (Dense(1), as in the Keras guides) is given one score per class (`two_score_model`), and its
-    files give the one score back; data augmentation layers in the model are left out (`without_augmentation`). Anything else that does not fit is left for `check_model_fits_data` to refuse."""
+    files give the one score back; data augmentation layers in the model are left out (`without_augmentation`).
+    Anything else that does not fit is left for `check_model_fits_data` to refuse."""
     from compress.kerasmodel import built_at_size, two_score_model, without_augmentation
 
     inputs = getattr(model, "inputs", None)

@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity = commands.add_parser(
         "sensitivity",
         help="per-layer sensitivity to pruning and int8 on the validation split, and a proposal within a budget",
-        description="For every Conv2D/SeparableConv2D/Dense layer alone: validation accuracy after zeroing its smallest weights "
+        description="For every Conv2D/SeparableConv2D/Dense layer alone: validation accuracy after zeroing its "
+                    "smallest weights "
         "(or removing that share of its channels) at each sparsity (one-shot, no fine-tune), and the drop of "
         "quantizing it alone / keeping it alone float in an onnxruntime int8 file; proposes --layer-sparsity for prune and --float-layers for ptq within --max-drop. "
         "Writes OUT/sensitivity.json, .csv and .png.",

@@ -1,4 +1,5 @@
-"""Per-layer sensitivity: how much validation accuracy each Conv2D/SeparableConv2D/Dense layer loses to pruning and to int8, alone.
+"""Per-layer sensitivity: how much validation accuracy each Conv2D/SeparableConv2D/Dense layer loses to pruning
+and to int8, alone.
 
 Pruning is one-shot with no fine-tune: a layer's smallest weights are zeroed (or, with structure channels, the share
 of its channels with the smallest L1 norm removed, the layers joined with it losing the same ones, as `compress prune
@@ -64,7 +65,8 @@ def _number(value) -> bool:
 
 
 def analyse(model, data, config: SensitivityConfig, *, out_dir, log=print) -> dict:
-    """Measure every Conv2D/SeparableConv2D/Dense layer, write OUT/sensitivity.json, .csv and .png; return the JSON's content."""
+    """Measure every Conv2D/SeparableConv2D/Dense layer, write OUT/sensitivity.json, .csv and .png; return the
+    JSON's content."""
     from compress.files import write_json, write_text
     from compress.kerasmodel import count_macs, layer_macs, strip_training_wrappers
     from compress.report.sensitivity_plot import plot_sensitivity

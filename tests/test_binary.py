@@ -119,7 +119,8 @@ def test_a_one_score_model_that_is_no_binary_classifier_is_refused_in_one_line(p
     from compress.keras import keras
     from compress.kerasmodel import save_model
 
-    model = keras.Sequential([keras.Input((12, 10, 3)), keras.layers.Flatten(), keras.layers.Dense(1, activation="relu")])
+    model = keras.Sequential([keras.Input((12, 10, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(1, activation="relu")])
     path = save_model(model, tmp_path / "relu.keras")
     assert main(["ptq", str(path), "--out", str(tmp_path / "out"), "--data", f"folder:{pets}"]) == 2
     err = capsys.readouterr().err.strip()

@@ -131,7 +131,7 @@ def test_a_model_without_weight_layers_is_refused(synthetic_data, tmp_path):
     from compress.keras import keras
 
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D()])
-    with pytest.raises(ModelError, match="no Conv2D/Dense layer"):
+    with pytest.raises(ModelError, match="no Conv2D/SeparableConv2D/Dense layer"):
         analyse(model, synthetic_data, SensitivityConfig(), out_dir=tmp_path, log=lambda line: None)
 
 

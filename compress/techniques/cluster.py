@@ -41,7 +41,8 @@ class ClusterConfig(TechniqueConfig):
     clusters: int = option(16, "distinct values per clustered kernel (at least 2)")
     init: str = option("kmeans_plus_plus", "how centroids start: " + ", ".join(INITS),
                        metavar="{" + ",".join(INITS) + "}")
-    layers: tuple[str, ...] = option((), "comma-separated Conv2D/SeparableConv2D/Dense layers to cluster; none: all but the "
+    layers: tuple[str, ...] = option((), "comma-separated Conv2D/SeparableConv2D/Dense layers to cluster; none: "
+                                     "all but the "
                                      "classifier", parse=parse_names, metavar="NAMES")
     epochs: float = option(2, "fine-tuning epochs while clustered (0.5: half an epoch)")
     # Every step reassigns each clustered weight to its nearest centroid, a cost per step whatever the batch, so

@@ -110,7 +110,7 @@ def select_layers(model, names: tuple[str, ...], what: str) -> list:
     """The layers named in `names`, or by default the Conv2D/SeparableConv2D/Dense layers that hold the weights.
 
     By default the classifier (the last of them) is left alone, since its outputs are the predictions, unless it
-    holds most of the model's Conv2D/SeparableConv2D/Dense weights (a small convolution before a large Dense, as in tfmot's own
+    holds most of the weights of those layers (a small convolution before a large Dense, as in tfmot's own
     pruning example): then leaving it alone would leave the model almost as large. `what` names the technique's
     verb in messages ("prune", "cluster"). Unknown names are refused with the list of candidate layers.
     """
@@ -120,7 +120,8 @@ def select_layers(model, names: tuple[str, ...], what: str) -> list:
         unknown = [name for name in names if name not in by_name]
         if unknown:
             raise ConfigError(
-                f"cannot {what} layer(s) {', '.join(unknown)}: not a Conv2D/SeparableConv2D/Dense layer of model {model.name!r}; "
+                f"cannot {what} layer(s) {', '.join(unknown)}: not a Conv2D/SeparableConv2D/Dense layer of model "
+                f"{model.name!r}; "
                 f"layers that can be chosen: {', '.join(by_name) or 'none'}"
             )
         chosen = [by_name[name] for name in dict.fromkeys(names)]
@@ -151,13 +152,15 @@ def left_alone(model, chosen: list, what: str) -> dict[str, str]:
             continue
         count = int(sum(weight.shape.num_elements() for weight in layer.weights))
         if candidates and layer is candidates[-1]:
-            reasons[layer.name] = (f"the classifier ({classifier_share(model):.2%} of the Conv2D/SeparableConv2D/Dense weights): its "
+            reasons[layer.name] = (f"the classifier ({classifier_share(model):.2%} of the Conv2D/SeparableConv2D/"
+                                   "Dense weights): its "
                                    "outputs are the predictions; name it in --layers (a stage's layers setting) to "
                                    "include it")
         elif layer in candidates:
             reasons[layer.name] = "not named in --layers"
         else:
-            reasons[layer.name] = f"{type(layer).__name__} ({count:,} weights): {what} handles Conv2D, SeparableConv2D and Dense kernels"
+            reasons[layer.name] = (f"{type(layer).__name__} ({count:,} weights): {what} handles Conv2D, "
+                                   "SeparableConv2D and Dense kernels")
     return reasons
 
 

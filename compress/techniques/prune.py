@@ -80,7 +80,8 @@ class PruneConfig(TechniqueConfig):
     sparsity: float = option(0.5, "target fraction of zero weights in each pruned kernel, in (0, 1)")
     schedule: str = option("polynomial", "how sparsity rises: polynomial (0 to target over 80%% of the steps) "
                            "or constant (target from the first step)", metavar="{polynomial,constant}")
-    layers: tuple[str, ...] = option((), "comma-separated Conv2D/SeparableConv2D/Dense layers to prune; none: all but the "
+    layers: tuple[str, ...] = option((), "comma-separated Conv2D/SeparableConv2D/Dense layers to prune; none: "
+                                     "all but the "
                                      "classifier", parse=parse_names, metavar="NAMES")
     layer_sparsity: dict = option(FrozenDict(), "per-layer targets overriding --sparsity, e.g. dense1=0.95,conv2=0.5",
                                   parse=lambda text: parse_name_values(text, "layer_sparsity"), metavar="NAME=S,...")

@@ -144,7 +144,8 @@ def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome
             details = _write_onnx_qdq(file_model, calibration, config.per_channel, resolve_reduce_range(config), target,
                                       config.float_layers)
         else:
-            details = _write_tflite(file_model, calibration, config.per_channel, target, full_integer=name == "tflite-int8")
+            details = _write_tflite(file_model, calibration, config.per_channel, target,
+                                    full_integer=name == "tflite-int8")
         record_metadata(target, {"compress_version": __version__, "technique_chain": '["ptq"]', "precision": "int8",
                                  "input_range": data.input_range,  # which pixels the file takes, for evaluate
                                  **({"binary_output": kind} if kind else {})})
