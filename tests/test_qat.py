@@ -345,3 +345,27 @@ def test_augmentation_layers_in_a_tf_keras_model_are_left_out_and_said(tmp_path,
     path = save_model(model, tmp_path / "augmented.keras")
     assert main(["qat", str(path), "--out", str(tmp_path / "out"), "--epochs", "0.1"]) == 0
     assert "model: left out flip, rotate: data augmentation" in capsys.readouterr().out
+
+
+def test_a_batch_norm_behind_no_convolution_becomes_a_depthwise_convolution_and_is_quantized(synthetic_data):
+    """DenseNet's and pre-activation ResNet's batch norms (here behind a Concatenate) are no convolution's to fold:
+    tfmot refused them; as the 1x1 DepthwiseConv2D they compute, they quantize, and compute the same."""
+    from compress.keras import keras
+    from compress.techniques.qat import batch_norms_as_depthwise
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    image = keras.Input(synthetic_data.input_shape)
+    first = layers.Conv2D(4, 3, padding="same", name="conv")(image)
+    hidden = layers.BatchNormalization(name="bn")(layers.Concatenate(name="concat")([image, first]))
+    hidden = layers.Conv2D(8, 3, activation="relu", name="conv2")(layers.ReLU()(hidden))
+    model = keras.Model(image, layers.Dense(synthetic_data.num_classes)(layers.GlobalAveragePooling2D()(hidden)))
+    rng = np.random.default_rng(0)
+    gamma, beta, variance = (rng.uniform(0.5, 2, 7).astype(np.float32) for _ in range(3))
+    model.get_layer("bn").set_weights([gamma, beta, rng.normal(0, 1, 7).astype(np.float32), variance])
+    rewritten, names = batch_norms_as_depthwise(model)
+    assert names == ["bn"] and type(rewritten.get_layer("bn")).__name__ == "DepthwiseConv2D"
+    images = synthetic_data.normalized("test")[0][:8]
+    np.testing.assert_allclose(rewritten.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
+    outcome = qat(model, QATConfig(epochs=1, batch_size=32), synthetic_data, verbose=0)
+    assert outcome.stats["batch_norms_as_depthwise"] == ["bn"] and outcome.stats["float_layers"] == []

@@ -182,6 +182,37 @@ def separable_convolutions_split(model):
     return (model, []) if rebuilt is None else (rebuilt, sorted(separable))
 
 
+def batch_norms_as_depthwise(model):
+    """(`model` with each BatchNormalization that tfmot cannot fold (one behind no convolution: DenseNet's and
+    pre-activation ResNet's, or behind a Concatenate) made the 1x1 DepthwiseConv2D that computes it, [their
+    names]): per channel, x * gamma / sqrt(variance + epsilon) + (beta - mean * that), which tfmot quantizes and
+    onnxruntime runs on integer kernels. Only batch norms over the channels of images; layers called more than
+    once and nested models are left as they are."""
+    import numpy as np
+
+    norms = {layer.name: layer for layer in model.layers if type(layer).__name__ in _BATCH_NORMS
+             and not _follows_foldable(layer) and len(layer.input_shape) == 4 and list(layer.axis) in ([3], [-1])
+             and len(layer._inbound_nodes) == 1}  # noqa: SLF001 - Keras 2 exposes calls only this way
+    if not norms:
+        return model, []
+    config = model.get_config()
+    weights = {}
+    for layer in config["layers"]:
+        name = layer["config"]["name"]
+        if name not in norms:
+            continue
+        norm = norms[name]
+        scale = norm.gamma.numpy() if norm.scale else 1.0
+        scale = scale / np.sqrt(norm.moving_variance.numpy() + norm.epsilon)
+        offset = (norm.beta.numpy() if norm.center else 0.0) - norm.moving_mean.numpy() * scale
+        layer["class_name"] = "DepthwiseConv2D"
+        layer["config"] = {"name": name, "dtype": layer["config"].get("dtype"), "kernel_size": [1, 1],
+                           "use_bias": True}
+        weights[name] = [scale.reshape(1, 1, -1, 1).astype(np.float32), offset.astype(np.float32)]
+    rebuilt = rebuilt_from_config(model, config, weights)
+    return (model, []) if rebuilt is None else (rebuilt, sorted(norms))
+
+
 def _follows_foldable(layer) -> bool:
     """A batch norm right after a Conv2D/DepthwiseConv2D/Dense (possibly through a Reshape): tfmot folds it."""
     source = _single_inbound(layer)
@@ -238,6 +269,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
 
     quantization = tfmot.quantization.keras
     work, separable = separable_convolutions_split(copy_model(model))
+    work, norms = batch_norms_as_depthwise(work)
     work, split = activations_as_layers(work)
     unsupported = unsupported_layers(work)
     preprocessing = [layer.name for layer in input_preprocessing_layers(work)]
@@ -289,6 +321,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
         "float_layers": float_names,
         "activations_split": split,
         "separable_convolutions_split": separable,
+        "batch_norms_as_depthwise": norms,
         "left_alone": {**{name: "input preprocessing: no weights, only its output quantized" for name in preprocessing},
                        **{name: "no weights, computed in float, only its output quantized" for name in output_only},
                        **{name: "kept in float: not in tfmot's 8-bit scheme" for name in float_names}},
