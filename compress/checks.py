@@ -165,6 +165,8 @@ def file_input_range(path, choice: str = "auto", *, unsafe: bool = False,
         model, source = load_model_with_source(path, unsafe=unsafe)
         if log is not None and translation_note(source):
             log(translation_note(source))
+        if data is not None:  # a binary classifier's one score read as two, as its evaluation reads it
+            model, data = matched_to_data(model, data)
         return decide_input_range(model, choice, log, data)
     if choice == "auto" and path.suffix in (".onnx", ".tflite") and path.is_file():
         recorded = file_metadata(path)
