@@ -92,6 +92,9 @@ def matched_to_data(model, data, log: Callable[[str], None] | None = None) -> tu
 
 
 PREPROCESSING_LAYERS = ("Rescaling", "Normalization")
+# Weightless geometric preprocessing a model may start with (images of any size made the size it was trained at);
+# the layer that says which pixel range the model takes may come after them.
+GEOMETRIC_PREPROCESSING_LAYERS = ("Resizing", "CenterCrop")
 RANGE_CHECK_IMAGES = 256  # validation images an automatic input range is checked on
 RANGE_CHECK_MARGIN = 0.10  # accuracy by which another range must beat the layer rule's to replace it
 
@@ -119,7 +122,10 @@ def decide_input_range(model, choice: str = "auto", log: Callable[[str], None] |
             raise ConfigError(f"input range must be auto or one of {', '.join(INPUT_RANGES)}, got {choice!r}")
         decided, why = choice, "as given"
     else:
-        first = next((layer for layer in model.layers if type(layer).__name__ != "InputLayer"), None)
+        first = next((layer for layer in model.layers
+                      if type(getattr(layer, "layer", layer)).__name__ not in ("InputLayer",
+                                                                               *GEOMETRIC_PREPROCESSING_LAYERS)),
+                     None)
         inner = getattr(first, "layer", first)
         if type(inner).__name__ in PREPROCESSING_LAYERS:
             decided, why = "raw", f"its first layer {first.name} ({type(inner).__name__}) takes 0-255 pixels"

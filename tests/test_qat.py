@@ -369,3 +369,19 @@ def test_a_batch_norm_behind_no_convolution_becomes_a_depthwise_convolution_and_
     np.testing.assert_allclose(rewritten.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
     outcome = qat(model, QATConfig(epochs=1, batch_size=32), synthetic_data, verbose=0)
     assert outcome.stats["batch_norms_as_depthwise"] == ["bn"] and outcome.stats["float_layers"] == []
+
+
+def test_a_resizing_layer_first_is_input_preprocessing(synthetic_data):
+    """A model that resizes its input first (Resizing, then Rescaling) takes raw pixels as the Rescaling says, and
+    QAT leaves both in float with their outputs quantized (tfmot refused the Resizing)."""
+    from compress.checks import decide_input_range
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([keras.Input(synthetic_data.input_shape), layers.Resizing(6, 6, name="resize"),
+                              layers.Rescaling(1 / 255, name="scale"), layers.Conv2D(8, 3, name="conv"),
+                              layers.GlobalAveragePooling2D(), layers.Dense(synthetic_data.num_classes)])
+    assert decide_input_range(model) == "raw"
+    outcome = qat(model, QATConfig(epochs=1, batch_size=32), synthetic_data.with_input_range("raw"), verbose=0)
+    assert outcome.stats["float_layers"] == [] and {"resize", "scale"} <= set(outcome.stats["left_alone"])

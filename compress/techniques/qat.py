@@ -14,7 +14,7 @@ import signal
 import threading
 from dataclasses import dataclass
 
-from compress.checks import PREPROCESSING_LAYERS
+from compress.checks import GEOMETRIC_PREPROCESSING_LAYERS, PREPROCESSING_LAYERS
 from compress.errors import ModelError
 from compress.kerasmodel import rebuilt_from_config, rerouted_references, variable_short_name
 from compress.techniques.finetune import (
@@ -67,15 +67,15 @@ class QATConfig(TechniqueConfig):
 
 
 def input_preprocessing_layers(model) -> list:
-    """The Rescaling/Normalization layers a model starts with: they map pixels to the range the model was trained
-    on and hold no weights to quantize; only their output is quantized, so that the first convolution gets int8
-    inputs and runs on integer kernels (left unannotated, it would stay a float convolution)."""
+    """The Rescaling/Normalization (and Resizing/CenterCrop) layers a model starts with: they map pixels to the
+    range and size the model was trained on and hold no weights to quantize; only their output is quantized, so that
+    the first convolution gets int8 inputs and runs on integer kernels (left unannotated, it would stay float)."""
     leading = []
     for layer in model.layers:
         kind = type(layer).__name__
         if kind == "InputLayer":
             continue
-        if kind not in PREPROCESSING_LAYERS:
+        if kind not in PREPROCESSING_LAYERS + GEOMETRIC_PREPROCESSING_LAYERS:
             break
         leading.append(layer)
     return leading
