@@ -25,6 +25,9 @@ AUGMENTATION_LAYERS = frozenset(
     "RandomPosterization RandomErasing RandomGaussianBlur RandomInvert RandomPerspective RandAugment AugMix MixUp "
     "CutMix".split()
 )
+# keras.applications' own layers, rebuilt from tf_keras layers that compute the same: ConvNeXt's LayerScale
+# (each channel times a learned factor) as a 1x1 DepthwiseConv2D without bias, its factors as the kernel.
+APPLICATION_LAYERS = frozenset({"LayerScale"})
 # Keras 3 saves arithmetic on tensors (x + 3.0, x * (1/6), keras.ops.relu6(x)) as layers of these modules.
 OPERATION_MODULES = ("keras.src.ops.", "keras.ops.")
 # A keras.ops call on one tensor and one number, as the affine map Rescaling computes: x * scale + offset.
@@ -65,7 +68,8 @@ def check_layers(path: Path, layers: list[tuple[str, str, str]]) -> None:
     no tf_keras translation. A Lambda layer's Python code was written for Keras 3, so --unsafe cannot help it."""
     lambdas = [f"'{name}'" for name, class_name, _ in layers if class_name == "Lambda"]
     others = [f"'{name}' ({class_name})" for name, class_name, module in layers
-              if class_name not in SUPPORTED_LAYERS | MODEL_CLASSES | AUGMENTATION_LAYERS and class_name != "Lambda"
+              if class_name not in SUPPORTED_LAYERS | MODEL_CLASSES | AUGMENTATION_LAYERS | APPLICATION_LAYERS
+              and class_name != "Lambda"
               and not module.startswith(OPERATION_MODULES)]
     if lambdas:
         raise ModelError(f"{path}: layer(s) {_listed(lambdas)} are Lambda layers, Python code written for Keras 3, "
@@ -91,6 +95,7 @@ class Builder:
         self.layers: dict[str, object] = {}  # "<outer model>/<layer>" -> tf_keras layer, for copying weights
         self.activations: dict[str, tuple] = {}  # layer name -> its activation's layers, reused by a shared layer
         self.left_out: list[str] = []  # augmentation layers, "<outer model>/<layer>": identities at inference
+        self.reshaped: set[str] = set()  # layers whose Keras 3 weights take the tf_keras twin's shape (LayerScale)
 
     def build(self, config: dict, weights: dict[str, np.ndarray]):
         model = self._model(config, prefix="")
@@ -177,14 +182,23 @@ class Builder:
             check_layers(self.path, [(name, layer["class_name"], str(layer.get("module", "")))])
             if layer["class_name"] in MODEL_CLASSES:
                 callables[name] = (self._model(layer, prefix=f"{prefix}{name}/"), None)
+            elif _depthwise_groups(layer, args):
+                callables[name] = self._grouped_as_depthwise(layer, prefix)
             else:
                 callables[name] = self._layer(layer, prefix)
         target, activation = callables[name]
+        if layer["class_name"] == "LayerScale" and (len(args) != 1 or len(args[0].shape) != 4):
+            raise self._refuse(name, "(LayerScale) scales a tensor that is not an image's; only ConvNeXt's translate")
         outputs = target(*args, **kwargs)
         return outputs if activation is None else self._activation(name, activation, outputs)
 
     def _layer(self, layer: dict, prefix: str):
         """(tf_keras layer, activation to build after it or None) for one Keras 3 layer config."""
+        if layer["class_name"] == "LayerScale":
+            name = layer["config"]["name"]
+            self.layers[f"{prefix}{name}"] = built = self.keras.layers.DepthwiseConv2D(1, use_bias=False, name=name)
+            self.reshaped.add(f"{prefix}{name}")
+            return built, None
         config = self._translate_config(layer)
         activation = None
         if config.get("activation") in _EXPANDED_ACTIVATIONS:
@@ -196,6 +210,19 @@ class Builder:
             raise self._refuse(config["name"], problem) from exc
         self.layers[f"{prefix}{config['name']}"] = built
         return built, activation
+
+    def _grouped_as_depthwise(self, layer: dict, prefix: str):
+        """A Conv2D with one group per input channel (ConvNeXt's 7x7) as the DepthwiseConv2D it is: tf_keras runs
+        grouped convolutions through a compiled function that no ONNX converter reads. Its kernel (h, w, 1, C*m)
+        holds the depthwise kernel (h, w, C, m) in the same order."""
+        config = self._translate_config(layer)
+        channels = config["groups"]
+        options = {key: config[key] for key in ("name", "kernel_size", "strides", "padding", "dilation_rate",
+                                                "use_bias", "activation") if key in config}
+        built = self.keras.layers.DepthwiseConv2D(depth_multiplier=config["filters"] // channels, **options)
+        self.layers[f"{prefix}{config['name']}"] = built
+        self.reshaped.add(f"{prefix}{config['name']}")
+        return built, None
 
     def _operation(self, layer: dict, args: list, kwargs: dict):
         """A keras.ops call saved as a layer, as the tf_keras layer computing the same: a tensor and a number as
@@ -306,6 +333,8 @@ class Builder:
         for layer_path, layer in self.layers.items():
             arrays = [array for _, array in sorted(grouped.pop(layer_path, []), key=lambda item: item[0])]
             targets = layer.get_weights()
+            if layer_path in self.reshaped and [a.size for a in arrays] == [t.size for t in targets]:
+                arrays = [array.reshape(target.shape) for array, target in zip(arrays, targets)]
             shapes = [tuple(a.shape) for a in arrays]
             if shapes != [tuple(t.shape) for t in targets]:
                 raise self._refuse(
@@ -316,6 +345,13 @@ class Builder:
                 layer.set_weights(arrays)
         if grouped:
             raise self._refuse(next(iter(grouped)), "has weights but no tf_keras twin")
+
+
+def _depthwise_groups(layer: dict, args: list) -> bool:
+    """A Conv2D called on one image tensor with as many groups as the tensor has channels."""
+    groups = (layer.get("config") or {}).get("groups", 1)
+    return (layer["class_name"] == "Conv2D" and groups > 1 and len(args) == 1 and len(args[0].shape) == 4
+            and args[0].shape[-1] == groups and layer["config"]["filters"] % groups == 0)
 
 
 def _augmentation_only(layer: dict) -> bool:

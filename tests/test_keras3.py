@@ -120,6 +120,16 @@ inputs = keras.Input((16, 16, 3))
 x = L.RandomZoom(0.2, name="zoom")(augmentation(inputs))
 x = L.Conv2D(4, 3, name="conv")(L.Rescaling(1 / 255, name="scale")(x))
 keras.Model(inputs, L.Dense(1, name="score")(L.GlobalAveragePooling2D()(x))).save(out / "augmented.keras")
+
+# A ConvNeXt block: a convolution with a group per channel, and keras.applications' LayerScale.
+from keras.src.applications.convnext import LayerScale
+
+inputs = keras.Input((16, 16, 8))
+x = L.Conv2D(8, 7, padding="same", groups=8, name="depthwise")(inputs)
+x = L.Dense(16, activation="gelu", name="expand")(L.LayerNormalization(epsilon=1e-6, name="norm")(x))
+x = LayerScale(0.5, 8, name="scale")(L.Dense(8, name="project")(x))
+x = L.Add(name="residual")([inputs, x])
+keras.Model(inputs, L.Dense(5, name="logits")(L.GlobalAveragePooling2D()(x))).save(out / "convnext_block.keras")
 """
 
 
@@ -276,3 +286,30 @@ def test_augmentation_layers_are_left_out_as_identities_at_inference(keras3_file
     assert [type(layer).__name__ for layer in model.layers] == [
         "InputLayer", "Rescaling", "Conv2D", "GlobalAveragePooling2D", "Dense"]
     assert "left out augmentation, zoom: data augmentation, which acts only in training" in translation_note(source)
+
+
+def test_a_convnext_block_translates_to_layers_onnx_converts(keras3_files, tmp_path):
+    """ConvNeXt's convolution with a group per channel becomes a DepthwiseConv2D (tf_keras runs grouped ones
+    through a compiled function no ONNX converter reads) and its LayerScale a 1x1 DepthwiseConv2D; the model
+    then exports to ONNX with the same outputs."""
+    from compress.export.exporter import export_model
+
+    model, info = translate_keras3(keras3_files / "convnext_block.keras")
+    assert info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-4
+    assert type(model.get_layer("depthwise")).__name__ == "DepthwiseConv2D"
+    assert type(model.get_layer("scale")).__name__ == "DepthwiseConv2D"
+    result = export_model(model, tmp_path / "out")
+    assert result["parity_ok"]
+
+
+def test_an_op_tf2onnx_cannot_convert_is_one_line_naming_the_layer(tmp_path):
+    from compress.errors import ExportError
+    from compress.export.exporter import export_model
+    from compress.keras import keras
+
+    layers = keras.layers
+    model = keras.Sequential([keras.Input((8, 8, 4)), layers.Conv2D(4, 3, groups=2, name="grouped"),
+                              layers.GlobalAveragePooling2D(), layers.Dense(3)])
+    with pytest.raises(ExportError) as caught:
+        export_model(model, tmp_path / "out")
+    _assert_one_line(str(caught.value), "tf2onnx cannot convert", "grouped")

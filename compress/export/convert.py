@@ -185,6 +185,15 @@ def _to_onnx(model, *, opset: int, int8_tflite: bytes | None, input_name: str, i
         raise
     except Exception as exc:  # tf2onnx raises many types for unsupported ops; each means "cannot convert"
         raise ExportError(f"ONNX conversion failed: {first_line(exc)}") from exc
+    import onnx
+
+    # tf2onnx logs the TensorFlow ops it cannot convert and leaves them in the graph, which no runtime loads
+    left = [node for node in proto.graph.node if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)]
+    if left:
+        layers = sorted({node.name.split("/")[1] if node.name.count("/") > 1 else node.name for node in left})
+        raise ExportError(f"ONNX conversion failed: tf2onnx cannot convert TensorFlow op(s) "
+                          f"{', '.join(sorted({node.op_type for node in left}))} of layer(s) "
+                          f"{', '.join(layers[:3])}{f' and {len(layers) - 3} more' if len(layers) > 3 else ''}")
     return proto
 
 
@@ -230,7 +239,7 @@ def _quiet_tf2onnx():
     """Keep tf2onnx's INFO lines and TensorFlow's deprecation warnings off the console during a conversion."""
     logger = logging.getLogger("tf2onnx")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)  # its ERROR lines name ops it cannot convert; _to_onnx says that in one line
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
