@@ -24,7 +24,6 @@ _CLUSTER_CLASSES = {"ClusterWeights", "ClusterWeightsMHA"}
 # The layer that gives a one-score binary classifier one score per class (`two_score_model`): its name marks the
 # model, and every model made from it, as one whose files give the single score back (`one_score_model`).
 BINARY_SCORES = "compress_binary_scores"
-BINARY_KINDS = ("sigmoid", "logit")  # what the single score was: a probability, or a logit
 
 
 def load_model(path: str | os.PathLike, *, unsafe: bool = False, sample_images: np.ndarray | None = None):
@@ -286,8 +285,6 @@ def rebuilt_from_config(model, config: dict, weights: dict):
     """`model` rebuilt from its rewritten `config`, each layer's weights from `weights` (by name) or else from the
     layer of that name in `model`; None where the rebuilt model does not compute what `model` does (a graph the
     rewrite does not understand: left to the refusal that names the layer)."""
-    import numpy as np
-
     from compress.keras import keras
 
     with keras.utils.custom_object_scope(loading_objects()):
