@@ -111,8 +111,8 @@ def check_batch_memory(input_shape, batch_sizes: Sequence[int]) -> None:
 
 def decide_input_range(model, choice: str = "auto", log: Callable[[str], None] | None = None, data=None) -> str:
     """The range a model takes its pixels in: `choice` when given; with "auto", raw 0-255 pixels for a model whose
-    first layer after its input rescales or normalises them (the Keras guides' pattern, EfficientNet, ConvNeXt),
-    else [0, 1], then checked on `data`'s validation images when given: a trained model scores clearly better in
+    first layer after its input rescales or normalises them from that range (the Keras guides' pattern,
+    EfficientNet, ConvNeXt; `_takes_raw_pixels`), else [0, 1], then checked on `data`'s validation images when given: a trained model scores clearly better in
     the range it was trained on (MobileNetV2 without its preprocess_input takes [-1, 1] and has no layer that says
     so). The decision is said, since every later figure depends on it."""
     from compress.data import INPUT_RANGES
@@ -127,8 +127,11 @@ def decide_input_range(model, choice: str = "auto", log: Callable[[str], None] |
                                                                                *GEOMETRIC_PREPROCESSING_LAYERS)),
                      None)
         inner = getattr(first, "layer", first)
-        if type(inner).__name__ in PREPROCESSING_LAYERS:
+        if type(inner).__name__ in PREPROCESSING_LAYERS and _takes_raw_pixels(inner):
             decided, why = "raw", f"its first layer {first.name} ({type(inner).__name__}) takes 0-255 pixels"
+        elif type(inner).__name__ in PREPROCESSING_LAYERS:
+            decided, why = "unit", (f"its first layer {first.name} ({type(inner).__name__}) maps [0, 1] pixels, "
+                                    "by its scale")
         else:
             decided, why = "unit", "no rescaling layer first, so pixels scaled to [0, 1]"
         if data is not None:
@@ -136,6 +139,18 @@ def decide_input_range(model, choice: str = "auto", log: Callable[[str], None] |
     if log is not None:
         log(f"input range: {decided} ({why}); --input-range raw|unit|symmetric overrides")
     return decided
+
+
+def _takes_raw_pixels(layer) -> bool:
+    """Whether a leading Rescaling or Normalization maps 0-255 pixels: a Rescaling by at most 1/50 (1/255,
+    1/127.5), a Normalization whose means lie above 2 (ImageNet's, times 255); Rescaling(2, offset=-1) and
+    Normalization by [0, 1] statistics take [0, 1] pixels."""
+    if type(layer).__name__ == "Rescaling":
+        return bool(np.all(np.abs(np.asarray(layer.scale, np.float64)) <= 1 / 50))
+    mean = getattr(layer, "mean", None)
+    if mean is None:  # not adapted or built: the common case, raw pixels
+        return True
+    return bool(np.max(np.abs(np.asarray(mean, np.float64))) > 2)
 
 
 def _range_checked_on_data(model, data, decided: str, why: str) -> tuple[str, str]:

@@ -277,3 +277,26 @@ def test_colour_images_are_made_grey_for_a_grey_model_and_said(tmp_path, capsys)
 
     with pytest.raises(CompressError, match="channel count differs"):
         evaluate_file(tmp_path / "out" / "model.onnx", rgb)
+
+
+def test_a_leading_rescaling_or_normalization_says_by_its_scale_which_pixels_it_takes():
+    """Rescaling(1/255) and ImageNet statistics times 255 take 0-255 pixels; Rescaling(2, offset=-1) (to [-1, 1])
+    and a Normalization adapted to [0, 1] images take [0, 1] ones."""
+    import numpy as np
+
+    from compress.checks import decide_input_range
+    from compress.keras import keras
+
+    layers = keras.layers
+
+    def starting_with(first):
+        return keras.Sequential([keras.Input((8, 8, 3)), first, layers.Conv2D(2, 3), layers.Flatten(),
+                                 layers.Dense(3)])
+
+    adapted = layers.Normalization()
+    adapted.adapt(np.random.default_rng(0).random((16, 8, 8, 3), dtype=np.float32))
+    expected = {"raw": [layers.Rescaling(1 / 255), layers.Rescaling(1 / 127.5, offset=-1),
+                        layers.Normalization(mean=[123.7, 116.3, 103.5], variance=[3409, 3262, 3291])],
+                "unit": [layers.Rescaling(2.0, offset=-1.0), adapted]}
+    for decided, firsts in expected.items():
+        assert [decide_input_range(starting_with(first)) for first in firsts] == [decided] * len(firsts)
