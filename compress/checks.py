@@ -112,9 +112,10 @@ def check_batch_memory(input_shape, batch_sizes: Sequence[int]) -> None:
 def decide_input_range(model, choice: str = "auto", log: Callable[[str], None] | None = None, data=None) -> str:
     """The range a model takes its pixels in: `choice` when given; with "auto", raw 0-255 pixels for a model whose
     first layer after its input rescales or normalises them from that range (the Keras guides' pattern,
-    EfficientNet, ConvNeXt; `_takes_raw_pixels`), else [0, 1], then checked on `data`'s validation images when given: a trained model scores clearly better in
-    the range it was trained on (MobileNetV2 without its preprocess_input takes [-1, 1] and has no layer that says
-    so). The decision is said, since every later figure depends on it."""
+    EfficientNet, ConvNeXt; `_takes_raw_pixels`), else [0, 1], then checked on `data`'s validation images when
+    given: a trained model scores clearly better in the range it was trained on (MobileNetV2 without its
+    preprocess_input takes [-1, 1] and has no layer that says so). The decision is said, since every later figure
+    depends on it."""
     from compress.data import INPUT_RANGES
 
     if choice != "auto":

@@ -14,8 +14,8 @@ SUPPORTED_LAYERS = frozenset(
     "Conv2D Conv1D DepthwiseConv2D SeparableConv2D Conv2DTranspose Dense BatchNormalization LayerNormalization "
     "Activation ReLU LeakyReLU Softmax ELU PReLU MaxPooling2D AveragePooling2D GlobalAveragePooling2D "
     "GlobalMaxPooling2D Add Subtract Multiply Concatenate Average Maximum Dropout SpatialDropout2D Reshape Flatten "
-    "ZeroPadding2D Cropping2D UpSampling2D Rescaling Normalization Resizing CenterCrop InputLayer Identity GroupNormalization "
-    "UnitNormalization GaussianNoise GaussianDropout AlphaDropout ActivityRegularization".split()
+    "ZeroPadding2D Cropping2D UpSampling2D Rescaling Normalization Resizing CenterCrop InputLayer Identity "
+    "GroupNormalization UnitNormalization GaussianNoise GaussianDropout AlphaDropout ActivityRegularization".split()
 )
 # Data augmentation layers (the Keras guides put them in the model): they pass images through unchanged at
 # inference, so the translation leaves them out; the translation check on images would catch one that did not.
