@@ -257,18 +257,18 @@ def binary_kind(model) -> str | None:
     return "sigmoid" if outputs_probabilities(model) else "logit"
 
 
-def one_score_model(model):
-    """For the files: `model` with its two scores made the one score of the user's model again (the second
-    probability, or the logit s1 - s0), by a fixed Dense(1); any other model as it is."""
+def one_score_model(model) -> tuple:
+    """(model for the files, binary kind or None): `model` with its two scores made the one score of the user's
+    model again (the second probability, or the logit s1 - s0), by a fixed Dense(1); any other model as it is."""
     from compress.keras import keras
 
     kind = binary_kind(model)
     if kind is None:
-        return model
+        return model, None
     select = keras.layers.Dense(1, use_bias=False, name="binary_score")
     score = select(model.outputs[0])
     select.set_weights([np.array([[0.0], [1.0]] if kind == "sigmoid" else [[-1.0], [1.0]], np.float32)])
-    return keras.Model(model.inputs, score, name=model.name)
+    return keras.Model(model.inputs, score, name=model.name), kind
 
 
 def scores_per_class(outputs: np.ndarray, kind: str | None) -> np.ndarray:

@@ -90,7 +90,9 @@ def test_the_two_scores_give_the_models_predictions_and_probabilities_exactly(tm
         assert kind == binary_kind(two) == activation
         scores = two.predict(images, verbose=0)
         np.testing.assert_allclose(scores, scores_per_class(score, kind), atol=1e-5)
-        np.testing.assert_allclose(one_score_model(two).predict(images, verbose=0), score, atol=1e-5)
+        file_model, file_kind = one_score_model(two)
+        assert file_kind == activation
+        np.testing.assert_allclose(file_model.predict(images, verbose=0), score, atol=1e-5)
         probability = score[:, 0] if activation == "sigmoid" else 1 / (1 + np.exp(-score[:, 0]))
         if activation == "logit":  # the sigmoid model's scores are a softmax's already
             scores = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)

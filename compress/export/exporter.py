@@ -49,7 +49,6 @@ from compress.export.parity import (
 )
 from compress.files import check_output_dir, sha256_file, write_bytes, write_json
 from compress.kerasmodel import (
-    binary_kind,
     is_qat_model,
     keras_outputs,
     keras_weight_sparsity,
@@ -144,8 +143,7 @@ def export_model(
 
     inputs, labels, inputs_description = parity_inputs(input_shape, data, config.parity_samples)
     reference = keras_outputs(model, inputs, config.batch_size)
-    kind = binary_kind(model)
-    file_model = one_score_model(model)  # a binary classifier's files give its one score, as the user's model did
+    file_model, kind = one_score_model(model)  # a binary classifier's files give its one score, as its model did
     keras_sparsity = keras_weight_sparsity(model)
 
     metadata = {

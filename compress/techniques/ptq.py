@@ -108,7 +108,7 @@ def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome
     from compress import __version__
     from compress.checks import check_model_fits_data
     from compress.export.convert import record_metadata
-    from compress.kerasmodel import binary_kind, is_qat_model, one_score_model, strip_training_wrappers
+    from compress.kerasmodel import is_qat_model, one_score_model, strip_training_wrappers
     from compress.runtimes import open_session
 
     out_dir = Path(out_dir)
@@ -120,8 +120,7 @@ def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome
     if unknown:
         raise ConfigError(f"float_layers names {', '.join(unknown)}, not a layer of model {model.name!r}; layers: "
                           f"{', '.join(layer.name for layer in model.layers)}")
-    kind = binary_kind(model)
-    file_model = one_score_model(model)  # a binary classifier's files give its one score, as the user's model did
+    file_model, kind = one_score_model(model)  # a binary classifier's files give its one score, as its model did
     train_images, _ = data.normalized("train")
     calibration = train_images[: config.calibration]
     test_images, test_labels = data.normalized("test")
