@@ -725,3 +725,37 @@ def test_gelu_exports_to_onnx_through_erf(tmp_path):
     result = export_model(model, tmp_path, formats=("onnx",))
     assert result["parity_ok"] and "Erf" in {node.op_type for node in _onnx(result).graph.node}
     assert result["parity"]["files"]["model.onnx"]["max_abs_diff"] < 1e-4
+
+
+def test_a_grouped_convolution_exports_to_float_and_int8_files(synthetic_data, tmp_path):
+    """Keras runs a grouped convolution through an XLA-compiled function, which tf2onnx could not read (ResNeXt- and
+    RegNet-style models were refused); converted, it is an ONNX Conv with `group`, in float, PTQ and QAT files."""
+    import onnx
+    from helpers import optimized_ops
+
+    from compress.export.exporter import export_model
+    from compress.keras import keras
+    from compress.techniques.ptq import PTQConfig, ptq
+    from compress.techniques.qat import QATConfig, qat
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)), layers.Conv2D(16, 3, padding="same", activation="relu"),
+        layers.Conv2D(32, 3, padding="same", groups=4, name="grouped"), layers.ReLU(),
+        layers.GlobalAveragePooling2D(), layers.Dense(3),
+    ])
+    result = export_model(model, tmp_path / "float", formats=("onnx", "tflite"))
+    assert result["parity_ok"] and result["parity"]["files"]["model.onnx"]["max_abs_diff"] < 1e-4
+    groups = [attribute.i for node in onnx.load(result["files"]["onnx"]["path"]).graph.node
+              if node.op_type == "Conv" for attribute in node.attribute if attribute.name == "group"]
+    assert 4 in groups, groups
+    assert "_jit_compiled_convolution_op" not in vars(model.get_layer("grouped"))  # the compiled call is back
+
+    int8 = ptq(model, PTQConfig(formats=("onnx-qdq",), calibration=64), synthetic_data, out_dir=tmp_path / "ptq",
+               verbose=0)
+    assert int8.stats["formats"]["onnx-qdq"]["agreement_with_keras"] >= 0.9, int8.stats["formats"]
+    quantized = qat(model, QATConfig(epochs=0.5, batch_size=32), synthetic_data, verbose=0).model
+    result = export_model(quantized, tmp_path / "qat", data=synthetic_data, parity_samples=32)
+    assert result["parity_ok"], result["parity"]
+    assert optimized_ops(result["files"]["onnx"]["path"], tmp_path).count("QLinearConv") == 2

@@ -31,11 +31,30 @@ def to_tflite(model, *, int8: bool) -> bytes:
         converter = tf.lite.TFLiteConverter.from_keras_model(model)
         if int8:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), grouped_convolutions_traceable(model):
             warnings.simplefilter("ignore")
             return converter.convert()
     except Exception as exc:  # the converter raises ConverterError, ValueError and others, all "cannot convert"
         raise ExportError(f"TFLite conversion failed: {first_line(exc)}") from exc
+
+
+@contextlib.contextmanager
+def grouped_convolutions_traceable(model):
+    """While converting, each grouped convolution (1 < groups) calls TensorFlow's convolution op directly.
+
+    Keras runs a grouped convolution inside an XLA-compiled function (TensorFlow's CPU kernels lack it outside XLA),
+    which converters see as one opaque PartitionedCall that tf2onnx cannot convert; called directly, it is a Conv2D
+    whose kernel has a group's input channels, which tf2onnx writes as an ONNX Conv with `group`.
+    """
+    grouped = [layer for layer in getattr(model, "submodules", ())
+               if getattr(layer, "groups", 1) > 1 and hasattr(layer, "_jit_compiled_convolution_op")]
+    for layer in grouped:
+        layer._jit_compiled_convolution_op = layer.convolution_op
+    try:
+        yield
+    finally:
+        for layer in grouped:
+            del layer._jit_compiled_convolution_op  # the class's compiled method again
 
 
 def with_tflite_metadata(content: bytes, metadata: dict[str, str]) -> bytes:
@@ -170,7 +189,7 @@ def _to_onnx(model, *, opset: int, int8_tflite: bytes | None, input_name: str, i
     from compress.keras import tf
 
     try:
-        with _quiet_tf2onnx():
+        with _quiet_tf2onnx(), grouped_convolutions_traceable(model):
             if int8_tflite is None:
                 spec = (tf.TensorSpec((None, *input_shape), tf.float32, name=input_name),)
                 proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset,
