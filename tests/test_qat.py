@@ -385,3 +385,40 @@ def test_a_resizing_layer_first_is_input_preprocessing(synthetic_data):
     assert decide_input_range(model) == "raw"
     outcome = qat(model, QATConfig(epochs=1, batch_size=32), synthetic_data.with_input_range("raw"), verbose=0)
     assert outcome.stats["float_layers"] == [] and {"resize", "scale"} <= set(outcome.stats["left_alone"])
+
+
+def test_python_operators_between_layer_outputs_become_layers_and_are_quantized(synthetic_data, tmp_path):
+    """`x + shortcut` and `x * gate` in a functional model are TFOpLambda layers in Keras 2, which tfmot refused
+    (keras.applications RegNet): QAT takes them as the Add and Multiply layers they compute; an operator with a
+    constant is left as it is. The int8 file adds on integer kernels."""
+    from helpers import optimized_ops
+
+    from compress.export.exporter import export_model
+    from compress.keras import keras, tf
+    from compress.techniques.qat import operators_as_layers
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    image = keras.Input(synthetic_data.input_shape)
+    shortcut = layers.Conv2D(8, 1, name="project")(image)
+    hidden = layers.ReLU()(layers.Conv2D(8, 3, padding="same", name="conv")(image))
+    hidden = hidden + shortcut
+    gate = layers.Activation("sigmoid")(layers.Conv2D(8, 1, name="gate_conv")(hidden))
+    hidden = layers.ReLU()(tf.math.multiply(hidden, gate))
+    scores = layers.Dense(synthetic_data.num_classes)(layers.GlobalAveragePooling2D()(hidden))
+    model = keras.Model(image, scores)
+    assert [type(layer).__name__ for layer in model.layers].count("TFOpLambda") == 2
+
+    halved = keras.Model(image, scores * 0.5)  # an operator with a constant stays
+    rebuilt, replaced = operators_as_layers(halved)
+    assert sorted(replaced.values()) == ["Add", "Multiply"]
+    assert [type(layer).__name__ for layer in rebuilt.layers].count("TFOpLambda") == 1
+    images = synthetic_data.normalized("test")[0][:8]
+    np.testing.assert_allclose(rebuilt.predict(images, verbose=0), halved.predict(images, verbose=0), atol=1e-5)
+
+    outcome = qat(model, QATConfig(epochs=1, batch_size=32), synthetic_data, verbose=0)
+    assert sorted(outcome.stats["operators_as_layers"].values()) == ["Add", "Multiply"]
+    assert outcome.stats["float_layers"] == []
+    result = export_model(outcome.model, tmp_path, data=synthetic_data, parity_samples=32)
+    assert result["parity_ok"], result["parity"]
+    assert "QLinearAdd" in optimized_ops(result["files"]["onnx"]["path"], tmp_path)

@@ -46,6 +46,9 @@ _OWN_ACTIVATION_FUNCTIONS = frozenset({"relu", "swish", "gelu", "linear", "softm
 # Weightless elementwise layers tfmot's registry does not know (MobileNetV3's hard-swish x * relu6(x + 3) / 6 is made
 # of them) but TFLite runs on int8 kernels: they compute in float and only their output is quantized.
 _OUTPUT_QUANTIZED = frozenset({"Rescaling", "Multiply", "Subtract", "Maximum", "Minimum"})
+# the functions a TFOpLambda layer records for `x + y`, `x - y` and `x * y` of two tensors -> the layer that computes it
+_OPERATOR_LAYERS = {"__operators__.add": "Add", "math.add": "Add", "math.subtract": "Subtract",
+                    "math.multiply": "Multiply"}
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,36 @@ def activations_as_layers(model):
         config["output_layers"] = rerouted_references(config["output_layers"], activation_layers)
     rebuilt = rebuilt_from_config(model, config, {})
     return (model, {}) if rebuilt is None else (rebuilt, moved)
+
+
+def operators_as_layers(model):
+    """(`model` with each `x + y`, `x - y` or `x * y` of two layer outputs as the Add, Subtract or Multiply layer
+    that computes it, {layer: the layer kind}): Keras 2 records such Python operators in a functional model as
+    TFOpLambda layers (keras.applications RegNet adds its shortcuts so, as does code written `x = x + shortcut`),
+    which tfmot refuses and quantizes as those layers. The layer keeps its name; an operator with a constant is
+    left as it is."""
+    config = model.get_config()
+    replaced = {}
+    for position, layer in enumerate(config.get("layers", [])):
+        kind = _OPERATOR_LAYERS.get(layer["config"].get("function")) if layer["class_name"] == "TFOpLambda" else None
+        nodes = layer.get("inbound_nodes") or []
+        if kind is None or len(nodes) != 1:
+            continue
+        # Keras 2 writes the call function(x, y=...) as one entry: [layer, node, tensor, {"y": [layer, node, tensor]}]
+        first = nodes[0]
+        other = first[3].get("y") if len(first) == 4 and isinstance(first[3], dict) else None
+        if (first[0] == "_CONSTANT_VALUE" or not isinstance(other, list) or len(other) != 3
+                or set(first[3]) - {"y", "name"}):
+            continue
+        name = layer["config"]["name"]
+        config["layers"][position] = {"class_name": kind, "name": name,
+                                      "config": {"name": name, "dtype": layer["config"].get("dtype", "float32")},
+                                      "inbound_nodes": [[[*first[:3], {}], [*other, {}]]]}
+        replaced[name] = kind
+    if not replaced:
+        return model, {}
+    rebuilt = rebuilt_from_config(model, config, {})
+    return (model, {}) if rebuilt is None else (rebuilt, replaced)
 
 
 def separable_convolutions_split(model):
@@ -271,6 +304,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
     work, separable = separable_convolutions_split(copy_model(model))
     work, norms = batch_norms_as_depthwise(work)
     work, split = activations_as_layers(work)
+    work, operators = operators_as_layers(work)
     unsupported = unsupported_layers(work)
     preprocessing = [layer.name for layer in input_preprocessing_layers(work)]
     registry = tfmot.quantization.keras.default_8bit.Default8BitQuantizeRegistry()
@@ -320,6 +354,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
         "quantized_layers": [layer.layer.name for layer in wrappers],
         "float_layers": float_names,
         "activations_split": split,
+        "operators_as_layers": operators,
         "separable_convolutions_split": separable,
         "batch_norms_as_depthwise": norms,
         "left_alone": {**{name: "input preprocessing: no weights, only its output quantized" for name in preprocessing},
