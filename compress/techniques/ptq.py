@@ -26,6 +26,7 @@ a QAT model is refused: `compress export` makes its int8 files from the ranges i
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 import warnings
@@ -211,17 +212,22 @@ def prepare_float_onnx(model, work: Path) -> tuple[Path, int]:
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    work = Path(work).resolve()
     float_path, prepared_path = work / "float.onnx", work / "prepared.onnx"
     onnx.save(_float_onnx(model), float_path)
-    try:
-        quant_pre_process(str(float_path), str(prepared_path))
-    except Exception:  # shape inference / optimisation failures surface as many types
-        # Its symbolic shape inference gives up on some graphs (attention's reshapes); ONNX's own inference
-        # still gives the quantizer the shapes it needs.
+    # where symbolic shape inference gives up, onnxruntime saves its partial result to the current folder: let that
+    # be the work folder, not the user's
+    with contextlib.chdir(work):
         try:
-            quant_pre_process(str(float_path), str(prepared_path), skip_symbolic_shape=True)
-        except Exception as exc:
-            raise ExportError(f"onnxruntime quant_pre_process failed on the float ONNX: {first_line(exc)}") from exc
+            quant_pre_process(str(float_path), str(prepared_path))
+        except Exception:  # shape inference / optimisation failures surface as many types
+            # Its symbolic shape inference gives up on some graphs (attention's reshapes); ONNX's own inference
+            # still gives the quantizer the shapes it needs.
+            try:
+                quant_pre_process(str(float_path), str(prepared_path), skip_symbolic_shape=True)
+            except Exception as exc:
+                raise ExportError(f"onnxruntime quant_pre_process failed on the float ONNX: "
+                                  f"{first_line(exc)}") from exc
     return prepared_path, float_path.stat().st_size
 
 
