@@ -39,7 +39,8 @@ def compact_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int 
     return keras.Model(inputs, outputs, name=f"compact_cnn_w{width}")
 
 
-def conv_pool_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int = 32, *, head: str = "logits"):
+def conv_pool_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int = 32, *, head: str = "logits",
+                  first_stride: int = 1):
     """Three blocks of Conv(3x3 'same')-BatchNorm-ReLU-MaxPool with w, 2w, 4w filters, then GlobalAveragePool-Dense.
 
     Pooling after every convolution puts the parameters where the images are small: width 32 has ~95k parameters
@@ -54,19 +55,29 @@ def conv_pool_cnn(input_shape: tuple[int, int, int], num_classes: int, width: in
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     x = inputs
     for block, filters in enumerate((width, 2 * width, 4 * width), start=1):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{block}")(x)
+        stride = first_stride if block == 1 else 1
+        x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"conv{block}")(x)
         x = layers.BatchNormalization(momentum=0.9, name=f"conv{block}_bn")(x)
         x = layers.ReLU(name=f"conv{block}_relu")(x)
-        x = layers.MaxPooling2D(2, padding="same", name=f"conv{block}_pool")(x)
+        if stride == 1:
+            x = layers.MaxPooling2D(2, padding="same", name=f"conv{block}_pool")(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = layers.Dense(num_classes, name=head)(x)
-    return keras.Model(inputs, outputs, name=f"conv_pool_cnn_w{width}")
+    name = "conv_pool_cnn" if first_stride == 1 else "strided_cnn"
+    return keras.Model(inputs, outputs, name=f"{name}_w{width}")
+
+
+def strided_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int = 32, *, head: str = "logits"):
+    """conv_pool_cnn with its first convolution striding 2 in place of its first pooling: a quarter of that
+    convolution's multiply-adds and one operator less, for the fastest files."""
+    return conv_pool_cnn(input_shape, num_classes, width, head=head, first_stride=2)
 
 
 # Student name -> builder(input_shape, num_classes, width). distill's `student` setting names one of these.
 STUDENTS: dict[str, Callable] = {
     "compact_cnn": compact_cnn,
     "conv_pool_cnn": conv_pool_cnn,
+    "strided_cnn": strided_cnn,
 }
 
 

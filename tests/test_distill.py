@@ -35,7 +35,8 @@ def test_distillation_loss_soft_term_vanishes_when_student_matches_teacher():
     assert float(distillation_loss(np.array([1, 0]), logits, logits, 0.0, 3.0)) == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("student, filters", [("compact_cnn", [16, 16, 32, 64]), ("conv_pool_cnn", [16, 32, 64])])
+@pytest.mark.parametrize("student, filters", [("compact_cnn", [16, 16, 32, 64]), ("conv_pool_cnn", [16, 32, 64]),
+                                             ("strided_cnn", [16, 32, 64])])
 @pytest.mark.parametrize("shape, classes", [((32, 32, 3), 10), ((28, 28, 1), 5)])
 def test_students_build_for_the_input_and_scale_with_width(student, filters, shape, classes):
     from compress.students import STUDENTS, build_student
@@ -48,6 +49,18 @@ def test_students_build_for_the_input_and_scale_with_width(student, filters, sha
                      "GlobalAveragePooling2D", "Dense"}
     assert [layer.filters for layer in large.layers if type(layer).__name__ == "Conv2D"] == filters
     assert student in STUDENTS
+
+
+def test_the_strided_student_computes_its_first_convolution_at_half_the_size():
+    from compress.kerasmodel import count_macs
+    from compress.students import build_student
+
+    pooled, strided = (build_student(name, (32, 32, 3), 10, 32) for name in ("conv_pool_cnn", "strided_cnn"))
+    assert strided.get_layer("conv1").output_shape == (None, 16, 16, 32)
+    assert "conv1_pool" not in {layer.name for layer in strided.layers}
+    assert strided.count_params() == pooled.count_params() and strided.output_shape == pooled.output_shape
+    saved = 32 * 32 * 32 * 27 * 3 // 4  # three quarters of conv1's multiply-adds at 32x32
+    assert count_macs(pooled) - count_macs(strided) == saved
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +165,7 @@ def test_config_round_trips_through_dict_and_toml():
     ({"temperature": -1.0}, "temperature"),
     ({"alpha": -0.1}, r"alpha must be in \[0, 1\], got -0.1"),
     ({"alpha": 1.5}, "alpha"),
-    ({"student": "resnet9"}, "unknown student 'resnet9'; known students: compact_cnn, conv_pool_cnn"),
+    ({"student": "resnet9"}, "unknown student 'resnet9'; known students: compact_cnn, conv_pool_cnn, strided_cnn"),
     ({"width": -1}, r"width must be an integer from 0 \(sized from the teacher\) to 1024"),
     ({"epochs": 0}, "epochs"),
     ({"learning_rate": 0.0}, "learning_rate"),
