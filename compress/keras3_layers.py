@@ -32,7 +32,8 @@ APPLICATION_LAYERS = frozenset({"LayerScale"})
 OPERATION_MODULES = ("keras.src.ops.", "keras.ops.")
 # A keras.ops call on one tensor and one number, as the affine map Rescaling computes: x * scale + offset.
 # (scale, offset) from the number c and whether the tensor came first; None where no such map exists (c / x).
-_AFFINE = {
+# operation -> (number, whether the tensor comes first) -> (scale, offset) of the Rescaling computing tensor-op-number
+AFFINE = {
     "Add": lambda c, tensor_first: (1.0, c),
     "Subtract": lambda c, tensor_first: (1.0, -c) if tensor_first else (-1.0, c),
     "Multiply": lambda c, tensor_first: (c, 0.0),
@@ -230,9 +231,9 @@ class Builder:
         layers = self.keras.layers
         name, operation = layer["config"]["name"], layer["class_name"]
         numbers = [isinstance(arg, (int, float)) and not isinstance(arg, bool) for arg in args]
-        if not kwargs and len(args) == 2 and numbers.count(True) == 1 and operation in _AFFINE:
+        if not kwargs and len(args) == 2 and numbers.count(True) == 1 and operation in AFFINE:
             tensor, number = (args[0], args[1]) if numbers[1] else (args[1], args[0])
-            affine = _AFFINE[operation](float(number), numbers[1])
+            affine = AFFINE[operation](float(number), numbers[1])
             if affine is not None:
                 return layers.Rescaling(affine[0], offset=affine[1], name=name)(tensor)
         elif not kwargs and len(args) == 2 and not any(numbers) and operation in _MERGES:

@@ -388,9 +388,10 @@ def test_a_resizing_layer_first_is_input_preprocessing(synthetic_data):
 
 
 def test_python_operators_between_layer_outputs_become_layers_and_are_quantized(synthetic_data, tmp_path):
-    """`x + shortcut` and `x * gate` in a functional model are TFOpLambda layers in Keras 2, which tfmot refused
-    (keras.applications RegNet): QAT takes them as the Add and Multiply layers they compute; an operator with a
-    constant is left as it is. The int8 file adds on integer kernels."""
+    """`x + shortcut`, `x * gate` and MobileNetV3's `relu6(x + 3) * (1 / 6)` in a functional model are TFOpLambda
+    layers in Keras 2, which tfmot refused (keras.applications RegNet, MobileNetV3): QAT takes them as the Add,
+    Multiply and Rescaling layers they compute; an operator with an array constant is left as it is. The int8
+    file adds on integer kernels."""
     from helpers import optimized_ops
 
     from compress.export.exporter import export_model
@@ -403,21 +404,22 @@ def test_python_operators_between_layer_outputs_become_layers_and_are_quantized(
     shortcut = layers.Conv2D(8, 1, name="project")(image)
     hidden = layers.ReLU()(layers.Conv2D(8, 3, padding="same", name="conv")(image))
     hidden = hidden + shortcut
-    gate = layers.Activation("sigmoid")(layers.Conv2D(8, 1, name="gate_conv")(hidden))
+    gate = layers.ReLU(6.0)(layers.Conv2D(8, 1, name="gate_conv")(hidden) + 3.0) * (1.0 / 6.0)
     hidden = layers.ReLU()(tf.math.multiply(hidden, gate))
     scores = layers.Dense(synthetic_data.num_classes)(layers.GlobalAveragePooling2D()(hidden))
     model = keras.Model(image, scores)
-    assert [type(layer).__name__ for layer in model.layers].count("TFOpLambda") == 2
+    assert [type(layer).__name__ for layer in model.layers].count("TFOpLambda") == 4
 
-    halved = keras.Model(image, scores * 0.5)  # an operator with a constant stays
-    rebuilt, replaced = operators_as_layers(halved)
-    assert sorted(replaced.values()) == ["Add", "Multiply"]
-    assert [type(layer).__name__ for layer in rebuilt.layers].count("TFOpLambda") == 1
+    weighted = keras.Model(image, [2.0 - scores / 4.0, scores * np.arange(1, 4, dtype=np.float32)])
+    rebuilt, replaced = operators_as_layers(weighted)
+    assert sorted(replaced.values()) == ["Add", "Multiply", "Rescaling", "Rescaling", "Rescaling", "Rescaling"]
+    assert [type(layer).__name__ for layer in rebuilt.layers].count("TFOpLambda") == 1  # the array constant's
     images = synthetic_data.normalized("test")[0][:8]
-    np.testing.assert_allclose(rebuilt.predict(images, verbose=0), halved.predict(images, verbose=0), atol=1e-5)
+    for got, expected in zip(rebuilt.predict(images, verbose=0), weighted.predict(images, verbose=0)):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
 
     outcome = qat(model, QATConfig(epochs=1, batch_size=32), synthetic_data, verbose=0)
-    assert sorted(outcome.stats["operators_as_layers"].values()) == ["Add", "Multiply"]
+    assert sorted(outcome.stats["operators_as_layers"].values()) == ["Add", "Multiply", "Rescaling", "Rescaling"]
     assert outcome.stats["float_layers"] == []
     result = export_model(outcome.model, tmp_path, data=synthetic_data, parity_samples=32)
     assert result["parity_ok"], result["parity"]

@@ -46,9 +46,9 @@ _OWN_ACTIVATION_FUNCTIONS = frozenset({"relu", "swish", "gelu", "linear", "softm
 # Weightless elementwise layers tfmot's registry does not know (MobileNetV3's hard-swish x * relu6(x + 3) / 6 is made
 # of them) but TFLite runs on int8 kernels: they compute in float and only their output is quantized.
 _OUTPUT_QUANTIZED = frozenset({"Rescaling", "Multiply", "Subtract", "Maximum", "Minimum"})
-# the functions a TFOpLambda layer records for `x + y`, `x - y` and `x * y` of two tensors -> the layer that computes it
-_OPERATOR_LAYERS = {"__operators__.add": "Add", "math.add": "Add", "math.subtract": "Subtract",
-                    "math.multiply": "Multiply"}
+# the functions a TFOpLambda layer records for Python operators -> the operation (keras3_layers.AFFINE's names)
+_OPERATORS = {"__operators__.add": "Add", "math.add": "Add", "math.subtract": "Subtract", "math.multiply": "Multiply",
+              "math.truediv": "TrueDivide"}
 
 
 @dataclass(frozen=True)
@@ -149,29 +149,43 @@ def activations_as_layers(model):
 
 
 def operators_as_layers(model):
-    """(`model` with each `x + y`, `x - y` or `x * y` of two layer outputs as the Add, Subtract or Multiply layer
-    that computes it, {layer: the layer kind}): Keras 2 records such Python operators in a functional model as
-    TFOpLambda layers (keras.applications RegNet adds its shortcuts so, as does code written `x = x + shortcut`),
-    which tfmot refuses and quantizes as those layers. The layer keeps its name; an operator with a constant is
-    left as it is."""
+    """(`model` with each Python operator between layer outputs as the layer that computes it, {layer: its kind}):
+    Keras 2 records `x + y`, `x - y`, `x * y` in a functional model as TFOpLambda layers (keras.applications RegNet
+    adds its shortcuts so, MobileNetV3 writes hard-sigmoid as `relu6(x + 3) * (1 / 6)`), which tfmot refuses. Two
+    tensors become the Add, Subtract or Multiply layer; a tensor and a number the Rescaling computing it (x + 3 ->
+    x * 1 + 3), as the Keras 3 translation writes them. The layer keeps its name."""
+    from compress.keras3_layers import AFFINE
+
     config = model.get_config()
     replaced = {}
     for position, layer in enumerate(config.get("layers", [])):
-        kind = _OPERATOR_LAYERS.get(layer["config"].get("function")) if layer["class_name"] == "TFOpLambda" else None
+        operation = _OPERATORS.get(layer["config"].get("function")) if layer["class_name"] == "TFOpLambda" else None
         nodes = layer.get("inbound_nodes") or []
-        if kind is None or len(nodes) != 1:
+        if operation is None or len(nodes) != 1:
             continue
-        # Keras 2 writes the call function(x, y=...) as one entry: [layer, node, tensor, {"y": [layer, node, tensor]}]
+        # Keras 2 writes the call function(x, y=...) as one entry: [layer, node, tensor, {"y": ...}], a number
+        # first as ["_CONSTANT_VALUE", -1, number, {"y": ...}]
         first = nodes[0]
-        other = first[3].get("y") if len(first) == 4 and isinstance(first[3], dict) else None
-        if (first[0] == "_CONSTANT_VALUE" or not isinstance(other, list) or len(other) != 3
-                or set(first[3]) - {"y", "name"}):
+        if len(first) != 4 or not isinstance(first[3], dict) or set(first[3]) - {"y", "name"}:
             continue
+        operands = [first[2] if first[0] == "_CONSTANT_VALUE" else first[:3], first[3].get("y")]
+        tensors = [isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) for item in operands]
+        numbers = [isinstance(item, (int, float)) and not isinstance(item, bool) for item in operands]
         name = layer["config"]["name"]
-        config["layers"][position] = {"class_name": kind, "name": name,
-                                      "config": {"name": name, "dtype": layer["config"].get("dtype", "float32")},
-                                      "inbound_nodes": [[[*first[:3], {}], [*other, {}]]]}
-        replaced[name] = kind
+        entry = {"name": name, "config": {"name": name, "dtype": layer["config"].get("dtype", "float32")}}
+        if all(tensors) and operation != "TrueDivide":
+            entry.update(class_name=operation, inbound_nodes=[[[*operands[0], {}], [*operands[1], {}]]])
+        elif tensors.count(True) == 1 and numbers.count(True) == 1:
+            tensor_first = tensors[0]
+            affine = AFFINE[operation](float(operands[numbers.index(True)]), tensor_first)
+            if affine is None:
+                continue
+            entry["config"].update(scale=affine[0], offset=affine[1])
+            entry.update(class_name="Rescaling", inbound_nodes=[[[*operands[tensors.index(True)], {}]]])
+        else:
+            continue
+        config["layers"][position] = entry
+        replaced[name] = entry["class_name"]
     if not replaced:
         return model, {}
     rebuilt = rebuilt_from_config(model, config, {})
