@@ -119,7 +119,8 @@ def save_model(model, target: str | os.PathLike) -> Path:
 
 
 def loading_objects() -> dict:
-    """Replacements for two tfmot classes that do not load back from .keras files (tfmot PR 1123, unmerged).
+    """Replacements for two tfmot classes that do not load back from .keras files (tfmot PR 1123, unmerged), and
+    tf_keras' ConvNeXt layers, which it saves by a name it never registers.
 
     QuantizeLayer does not mark itself built, so loading builds it twice (5 variables for 3 saved);
     QuantizeWrapperV2 lists its inner layer's weights before building that layer, so the bias goes missing.
@@ -144,7 +145,11 @@ def loading_objects() -> dict:
                     self.layer.built = True
                 super().build(input_shape)
 
-        _LOADING_OBJECTS = {"QuantizeLayer": QuantizeLayer, "QuantizeWrapperV2": QuantizeWrapperV2}
+        # keras.applications' ConvNeXt layers: tf_keras saves them by name but does not register them for loading
+        from tf_keras.src.applications.convnext import LayerScale, StochasticDepth
+
+        _LOADING_OBJECTS = {"QuantizeLayer": QuantizeLayer, "QuantizeWrapperV2": QuantizeWrapperV2,
+                            "LayerScale": LayerScale, "StochasticDepth": StochasticDepth}
     return dict(_LOADING_OBJECTS)
 
 

@@ -759,3 +759,24 @@ def test_a_grouped_convolution_exports_to_float_and_int8_files(synthetic_data, t
     result = export_model(quantized, tmp_path / "qat", data=synthetic_data, parity_samples=32)
     assert result["parity_ok"], result["parity"]
     assert optimized_ops(result["files"]["onnx"]["path"], tmp_path).count("QLinearConv") == 2
+
+
+def test_a_tf_keras_convnext_file_loads_and_exports(tmp_path, capsys):
+    """tf_keras saves keras.applications ConvNeXt's LayerScale by a name it never registers: its .keras files did
+    not load ("'str' object is not callable"). A ConvNeXt block (grouped 7x7 convolution, LayerNormalization,
+    LayerScale, StochasticDepth) now loads and exports."""
+    from compress.keras import keras  # before tf_keras: it sets which Keras TensorFlow loads
+
+    from tf_keras.src.applications.convnext import LayerScale, StochasticDepth
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    image = keras.Input((8, 8, 8))
+    hidden = layers.Conv2D(8, 7, padding="same", groups=8)(image)
+    hidden = layers.Dense(8)(layers.LayerNormalization(epsilon=1e-6)(hidden))
+    hidden = layers.Add()([image, StochasticDepth(0.1)(LayerScale(0.5, 8)(hidden))])
+    model = keras.Model(image, layers.Dense(3)(layers.GlobalAveragePooling2D()(hidden)))
+    model.save(tmp_path / "convnext_block.keras")
+    assert main(["export", str(tmp_path / "convnext_block.keras"), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.onnx").exists()
+    assert "top-1 agreement 100.00%" in capsys.readouterr().out
