@@ -212,8 +212,8 @@ def test_auto_plans_channel_shares_on_the_model_the_chain_prefix_ends_in(tiny_cn
         return layer_plans(model_path, synthetic_data, 1.0, tmp_path / "sensitivity" / name, unsafe=False,
                            log=log.append, structure="channels")
 
-    trial = optuna.trial.FixedTrial({"chain": "distill-channelplan-qat", "width": 8, "distill_epochs": 10,
-                                     "channel_plan": 0.35, "epochs": 2})
+    trial = optuna.trial.FixedTrial({"chain": "distill-channelplan-qat", "student": "conv_pool_cnn", "width": 8,
+                                     "distill_epochs": 10, "channel_plan": 0.35, "epochs": 2})
     chain, stages = sample(trial, False)
     assert stages[1] == ("prune", {"structure": "channels", "distill": True, "channel_plan": 0.35, "epochs": 2})
     resolved = resolve_channel_plans(stages, run_prefix, plans_of)
