@@ -424,3 +424,39 @@ def test_python_operators_between_layer_outputs_become_layers_and_are_quantized(
     result = export_model(outcome.model, tmp_path, data=synthetic_data, parity_samples=32)
     assert result["parity_ok"], result["parity"]
     assert "QLinearAdd" in optimized_ops(result["files"]["onnx"]["path"], tmp_path)
+
+
+def test_a_densenet_transition_quantizes_and_converts_to_an_int8_file(synthetic_data, tmp_path):
+    """keras.applications DenseNet: a convolution feeding both a batch norm and a Concatenate (tfmot folds neither
+    way: refused), and a transition's AveragePooling2D joining a Concatenate (TFLite's int8 average pooling must
+    keep its input's scale: the int8 conversion failed). The batch norm becomes a 1x1 DepthwiseConv2D, the pooling
+    the DepthwiseConv2D it computes; the int8 file agrees with the QAT model."""
+    from compress.export.exporter import export_model
+    from compress.keras import keras
+    from compress.techniques.qat import average_pools_as_depthwise
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+
+    def dense_block(x, name):
+        grown = layers.Conv2D(4, 3, padding="same", name=f"{name}_conv")(layers.ReLU()(layers.BatchNormalization(
+            name=f"{name}_bn")(x)))
+        return layers.Concatenate(name=f"{name}_concat")([x, grown])
+
+    image = keras.Input(synthetic_data.input_shape)
+    hidden = dense_block(layers.Conv2D(8, 3, padding="same", name="stem")(image), "block1")
+    hidden = layers.AveragePooling2D(2, name="transition_pool")(layers.Conv2D(8, 1, name="transition")(hidden))
+    hidden = layers.ReLU()(layers.BatchNormalization(name="final_bn")(dense_block(hidden, "block2")))
+    model = keras.Model(image, layers.Dense(synthetic_data.num_classes)(layers.GlobalAveragePooling2D()(hidden)))
+
+    rewritten, names = average_pools_as_depthwise(model)
+    assert names == ["transition_pool"] and type(rewritten.get_layer("transition_pool")).__name__ == "DepthwiseConv2D"
+    images = synthetic_data.normalized("test")[0][:8]
+    np.testing.assert_allclose(rewritten.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
+
+    outcome = qat(model, QATConfig(epochs=1, batch_size=32), synthetic_data, verbose=0)
+    assert outcome.stats["average_pools_as_depthwise"] == ["transition_pool"]
+    assert "block1_bn" in outcome.stats["batch_norms_as_depthwise"] and outcome.stats["float_layers"] == []
+    assert type(wrapped(outcome.model)["transition_pool"].layer).__name__ == "DepthwiseConv2D"
+    result = export_model(outcome.model, tmp_path, data=synthetic_data, parity_samples=32)
+    assert result["parity_ok"], result["parity"]

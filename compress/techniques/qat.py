@@ -260,12 +260,43 @@ def batch_norms_as_depthwise(model):
     return (model, []) if rebuilt is None else (rebuilt, sorted(norms))
 
 
+def average_pools_as_depthwise(model):
+    """(`model` with each AveragePooling2D ('valid' padding) made the DepthwiseConv2D that computes it, [their
+    names]): a kernel of 1 / (pool height x width), which fine-tuning then trains like any other. TFLite's int8
+    average pooling must keep its input's scale, which tfmot breaks where the pooled output joins a Concatenate
+    (DenseNet's transitions: the int8 conversion failed); a depthwise convolution has a scale of its own. Layers
+    called more than once and nested models are left as they are."""
+    import numpy as np
+
+    pools = {layer.name: layer for layer in model.layers if type(layer).__name__ == "AveragePooling2D"
+             and layer.padding == "valid" and layer.data_format == "channels_last"
+             and len(layer._inbound_nodes) == 1}  # noqa: SLF001 - Keras 2 exposes calls only this way
+    if not pools:
+        return model, []
+    config = model.get_config()
+    weights = {}
+    for layer in config["layers"]:
+        pool = pools.get(layer["config"]["name"])
+        if pool is None:
+            continue
+        layer["class_name"] = "DepthwiseConv2D"
+        layer["config"] = {"name": pool.name, "dtype": layer["config"].get("dtype"), "kernel_size": list(pool.pool_size), "strides": list(pool.strides), "padding": "valid",
+                           "use_bias": False}
+        kernel = np.full((*pool.pool_size, pool.input_shape[-1], 1), 1 / np.prod(pool.pool_size), np.float32)
+        weights[pool.name] = [kernel]
+    rebuilt = rebuilt_from_config(model, config, weights)
+    return (model, []) if rebuilt is None else (rebuilt, sorted(pools))
+
+
 def _follows_foldable(layer) -> bool:
-    """A batch norm right after a Conv2D/DepthwiseConv2D/Dense (possibly through a Reshape): tfmot folds it."""
+    """A batch norm right after a Conv2D/DepthwiseConv2D/Dense (possibly through a Reshape) that feeds nothing
+    else: tfmot folds it (where the convolution's output also goes elsewhere, as into a DenseNet-style
+    Concatenate, it does not)."""
     source = _single_inbound(layer)
     if source is not None and type(source).__name__ == "Reshape":
         source = _single_inbound(source)
-    return source is not None and type(source).__name__ in _FOLDS_BATCH_NORM
+    return (source is not None and type(source).__name__ in _FOLDS_BATCH_NORM
+            and len(source._outbound_nodes) == 1)  # noqa: SLF001 - Keras 2 exposes the layer graph only this way
 
 
 def _single_inbound(layer):
@@ -317,6 +348,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
     quantization = tfmot.quantization.keras
     work, separable = separable_convolutions_split(copy_model(model))
     work, norms = batch_norms_as_depthwise(work)
+    work, pools = average_pools_as_depthwise(work)
     work, split = activations_as_layers(work)
     work, operators = operators_as_layers(work)
     unsupported = unsupported_layers(work)
@@ -371,6 +403,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
         "operators_as_layers": operators,
         "separable_convolutions_split": separable,
         "batch_norms_as_depthwise": norms,
+        "average_pools_as_depthwise": pools,
         "left_alone": {**{name: "input preprocessing: no weights, only its output quantized" for name in preprocessing},
                        **{name: "no weights, computed in float, only its output quantized" for name in output_only},
                        **{name: "kept in float: not in tfmot's 8-bit scheme" for name in float_names}},
