@@ -237,27 +237,17 @@ def batch_norms_as_depthwise(model):
     once and nested models are left as they are."""
     import numpy as np
 
-    norms = {layer.name: layer for layer in model.layers if type(layer).__name__ in _BATCH_NORMS
-             and not _follows_foldable(layer) and len(layer.input_shape) == 4 and list(layer.axis) in ([3], [-1])
-             and len(layer._inbound_nodes) == 1}  # noqa: SLF001 - Keras 2 exposes calls only this way
-    if not norms:
-        return model, []
-    config = model.get_config()
-    weights = {}
-    for layer in config["layers"]:
-        name = layer["config"]["name"]
-        if name not in norms:
-            continue
-        norm = norms[name]
+    def as_depthwise(norm):
         scale = norm.gamma.numpy() if norm.scale else 1.0
         scale = scale / np.sqrt(norm.moving_variance.numpy() + norm.epsilon)
         offset = (norm.beta.numpy() if norm.center else 0.0) - norm.moving_mean.numpy() * scale
-        layer["class_name"] = "DepthwiseConv2D"
-        layer["config"] = {"name": name, "dtype": layer["config"].get("dtype"), "kernel_size": [1, 1],
-                           "use_bias": True}
-        weights[name] = [scale.reshape(1, 1, -1, 1).astype(np.float32), offset.astype(np.float32)]
-    rebuilt = rebuilt_from_config(model, config, weights)
-    return (model, []) if rebuilt is None else (rebuilt, sorted(norms))
+        return ({"kernel_size": [1, 1], "use_bias": True},
+                [scale.reshape(1, 1, -1, 1).astype(np.float32), offset.astype(np.float32)])
+
+    norms = {layer.name: layer for layer in model.layers if type(layer).__name__ in _BATCH_NORMS
+             and not _follows_foldable(layer) and len(layer.input_shape) == 4 and list(layer.axis) in ([3], [-1])
+             and len(layer._inbound_nodes) == 1}  # noqa: SLF001 - Keras 2 exposes calls only this way
+    return _replaced_by_depthwise(model, norms, as_depthwise)
 
 
 def average_pools_as_depthwise(model):
@@ -268,24 +258,34 @@ def average_pools_as_depthwise(model):
     called more than once and nested models are left as they are."""
     import numpy as np
 
+    def as_depthwise(pool):
+        kernel = np.full((*pool.pool_size, pool.input_shape[-1], 1), 1 / np.prod(pool.pool_size), np.float32)
+        return ({"kernel_size": list(pool.pool_size), "strides": list(pool.strides), "padding": "valid",
+                 "use_bias": False}, [kernel])
+
     pools = {layer.name: layer for layer in model.layers if type(layer).__name__ == "AveragePooling2D"
              and layer.padding == "valid" and layer.data_format == "channels_last"
              and len(layer._inbound_nodes) == 1}  # noqa: SLF001 - Keras 2 exposes calls only this way
-    if not pools:
+    return _replaced_by_depthwise(model, pools, as_depthwise)
+
+
+def _replaced_by_depthwise(model, chosen: dict, as_depthwise) -> tuple:
+    """(`model` with each layer of `chosen` (name -> layer) made a DepthwiseConv2D of the same name,
+    `as_depthwise(layer)` giving its (config options, weights), [their names]); `model` itself where the rebuilt
+    model would compute otherwise."""
+    if not chosen:
         return model, []
     config = model.get_config()
     weights = {}
     for layer in config["layers"]:
-        pool = pools.get(layer["config"]["name"])
-        if pool is None:
+        original = chosen.get(layer["config"]["name"])
+        if original is None:
             continue
+        options, weights[original.name] = as_depthwise(original)
         layer["class_name"] = "DepthwiseConv2D"
-        layer["config"] = {"name": pool.name, "dtype": layer["config"].get("dtype"), "kernel_size": list(pool.pool_size), "strides": list(pool.strides), "padding": "valid",
-                           "use_bias": False}
-        kernel = np.full((*pool.pool_size, pool.input_shape[-1], 1), 1 / np.prod(pool.pool_size), np.float32)
-        weights[pool.name] = [kernel]
+        layer["config"] = {"name": original.name, "dtype": layer["config"].get("dtype"), **options}
     rebuilt = rebuilt_from_config(model, config, weights)
-    return (model, []) if rebuilt is None else (rebuilt, sorted(pools))
+    return (model, []) if rebuilt is None else (rebuilt, sorted(chosen))
 
 
 def _follows_foldable(layer) -> bool:
