@@ -32,7 +32,6 @@ APPLICATION_LAYERS = frozenset({"LayerScale"})
 OPERATION_MODULES = ("keras.src.ops.", "keras.ops.")
 # A keras.ops call on one tensor and one number, as the affine map Rescaling computes: x * scale + offset.
 # (scale, offset) from the number c and whether the tensor came first; None where no such map exists (c / x).
-# operation -> (number, whether the tensor comes first) -> (scale, offset) of the Rescaling computing tensor-op-number
 AFFINE = {
     "Add": lambda c, tensor_first: (1.0, c),
     "Subtract": lambda c, tensor_first: (1.0, -c) if tensor_first else (-1.0, c),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from compress.errors import CompressError  # noqa: E402
 from compress.measure.latency import interleaved_latency, timed_file  # noqa: E402
 
 
@@ -23,12 +24,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     names = [f"{path.parent.name}/{path.name}" for path in args.files]
-    loaded = {name: timed_file(path, 1, threads=args.threads) for name, path in zip(names, args.files)}
+    try:
+        loaded = {name: timed_file(path, 1, threads=args.threads) for name, path in zip(names, args.files)}
+    except CompressError as exc:
+        print(f"time_files: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     for attempt in (1, 2):
         times = interleaved_latency(loaded, rounds=args.rounds, min_seconds=args.seconds)
         reference = times[names[0]]["median_ms"]
-        print(f"pass {attempt}: " + "; ".join(f"{name} {entry['median_ms']:.4f} ms {reference / entry['median_ms']:.2f}x"
-                                             for name, entry in times.items()), flush=True)
+        shown = (f"{name} {entry['median_ms']:.4f} ms {reference / entry['median_ms']:.2f}x"
+                 for name, entry in times.items())
+        print(f"pass {attempt}: " + "; ".join(shown), flush=True)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ PARAMETER_SETTING = {"distill_epochs": "epochs", "channels": "sparsity"}
 # weights to remove, spread over the layers by their channel sensitivity (allocate_channel_shares).
 # clusters: 8 and 4 values a kernel made recipes/cifar10.toml's smallest files (809x and 1146x), 16 its safest.
 CHOICES = {"sparsity": (0.8, 0.5, 0.7, 0.9), "channels": (0.5, 0.25, 0.4, 0.6), "clusters": (8, 4, 16),
-           "student": ("conv_pool_cnn", "strided_cnn"), "width": (32, 8, 16), "epochs": (2, 1, 4), "distill_epochs": (10, 5), "layer_plan": (3, 1, 10),
-           "channel_plan": (0.35, 0.25, 0.5)}
+           "student": ("conv_pool_cnn", "strided_cnn"), "width": (32, 8, 16), "epochs": (2, 1, 4),
+           "distill_epochs": (10, 5), "layer_plan": (3, 1, 10), "channel_plan": (0.35, 0.25, 0.5)}
 # the channel shares the channel sensitivity analysis tries per layer
 CHANNEL_SHARES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 QUICK_CHOICES = {**CHOICES, "epochs": (1,), "distill_epochs": (1,)}

@@ -231,10 +231,10 @@ def separable_convolutions_split(model):
 
 def batch_norms_as_depthwise(model):
     """(`model` with each BatchNormalization that tfmot cannot fold (one behind no convolution: DenseNet's and
-    pre-activation ResNet's, or behind a Concatenate) made the 1x1 DepthwiseConv2D that computes it, [their
-    names]): per channel, x * gamma / sqrt(variance + epsilon) + (beta - mean * that), which tfmot quantizes and
-    onnxruntime runs on integer kernels. Only batch norms over the channels of images; layers called more than
-    once and nested models are left as they are."""
+    pre-activation ResNet's, or behind a Concatenate; or behind a convolution whose output also goes elsewhere)
+    made the 1x1 DepthwiseConv2D that computes it, [their names]): per channel, x * gamma / sqrt(variance +
+    epsilon) + (beta - mean * that), which tfmot quantizes and onnxruntime runs on integer kernels. Only batch
+    norms over the channels of images; layers called more than once and nested models are left as they are."""
     import numpy as np
 
     def as_depthwise(norm):
