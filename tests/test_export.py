@@ -736,7 +736,6 @@ def test_a_grouped_convolution_exports_to_float_and_int8_files(synthetic_data, t
     from compress.export.exporter import export_model
     from compress.keras import keras
     from compress.techniques.ptq import PTQConfig, ptq
-    from compress.techniques.qat import QATConfig, qat
 
     keras.utils.set_random_seed(0)
     layers = keras.layers
@@ -755,7 +754,8 @@ def test_a_grouped_convolution_exports_to_float_and_int8_files(synthetic_data, t
     int8 = ptq(model, PTQConfig(formats=("onnx-qdq",), calibration=64), synthetic_data, out_dir=tmp_path / "ptq",
                verbose=0)
     assert int8.stats["formats"]["onnx-qdq"]["agreement_with_keras"] >= 0.9, int8.stats["formats"]
-    quantized = qat(model, QATConfig(epochs=0.5, batch_size=32), synthetic_data, verbose=0).model
+    quantized = quantization_aware_training(model, QATConfig(epochs=0.5, batch_size=32), synthetic_data,
+                                            verbose=0).model
     result = export_model(quantized, tmp_path / "qat", data=synthetic_data, parity_samples=32)
     assert result["parity_ok"], result["parity"]
     assert optimized_ops(result["files"]["onnx"]["path"], tmp_path).count("QLinearConv") == 2
