@@ -21,7 +21,7 @@ def randomize(model, seed=0):
         weights = []
         for variable in layer.weights:
             shape = tuple(variable.shape)
-            if "moving_variance" in variable.name:
+            if "variance" in variable.name:
                 weights.append(rng.uniform(0.5, 1.5, shape))
             else:
                 weights.append(rng.normal(0.0, 0.5, shape))
@@ -90,6 +90,21 @@ def depthwise_model():
     return randomize(keras.Model(inputs, outputs, name="depthwise"))
 
 
+def separable_model():
+    """(e) The Keras image-classification guide's shape: its preprocessing, Conv2D, then SeparableConv2D blocks."""
+    from compress.keras import keras
+
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Normalization(axis=-1, name="norm")(layers.Rescaling(1 / 255, name="rescale")(inputs))
+    x = layers.Conv2D(8, 3, padding="same", name="c1")(x)
+    x = layers.SeparableConv2D(12, 3, padding="same", depth_multiplier=2, name="s1")(x)
+    x = layers.ReLU(name="relu")(layers.BatchNormalization(name="bn")(x))
+    x = layers.SeparableConv2D(10, 3, padding="same", name="s2")(x)
+    outputs = layers.Dense(3, name="logits")(layers.GlobalAveragePooling2D(name="gap")(x))
+    return randomize(keras.Model(inputs, outputs, name="separable"))
+
+
 def concat_model():
     """Two convolutions of the input concatenated, then a convolution reading both."""
     from compress.keras import keras
@@ -118,6 +133,9 @@ def masked_copy(model, info):
         if entry["type"] in ("Conv2D", "Dense"):
             weights[0][..., removed] = 0
             weights[1][removed] = 0
+        elif entry["type"] == "SeparableConv2D":  # the pointwise filters and the bias
+            weights[1][..., removed] = 0
+            weights[2][removed] = 0
         elif entry["type"] == "DepthwiseConv2D":
             multiplier = weights[0].shape[-1]
             for channel in removed:
@@ -143,6 +161,7 @@ SHAPES = {
     "residual": (residual_model, ["c0", "c1", "c2"]),
     "depthwise": (depthwise_model, ["c1", "c2"]),
     "concat": (concat_model, ["a", "b", "c"]),
+    "separable": (separable_model, ["c1", "s1", "s2"]),
 }
 
 
@@ -159,9 +178,10 @@ def test_pruned_model_computes_what_the_masked_original_computes(shape):
         assert entry["channels_after"] == entry["channels_before"] - entry["channels_before"] // 2, name
         assert len(entry["removed"]) == entry["channels_before"] // 2
         assert entry["score"] == "l1"
-        assert pruned.get_layer(name).get_weights()[0].shape[-1] == entry["channels_after"]
+        assert pruned.get_layer(name).output.shape[-1] == entry["channels_after"]
     assert info["layers"]["logits"]["channels_after"] == info["layers"]["logits"]["channels_before"]
     assert "logits" in info["left_alone"] and "classifier" in info["left_alone"]["logits"]
+    assert set(info["left_alone"]) == {"logits"}  # preprocessing at the input is followed, not left whole
     assert info["params_after"] == pruned.count_params() < model.count_params() == info["params_before"]
     assert info["macs_after"] == count_macs(pruned) < count_macs(model) == info["macs_before"]
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # original untouched
@@ -272,12 +292,26 @@ def test_unsupported_layers_are_left_whole_and_reported():
     pruned, info = remove_channels(model, sparsity=0.5)
     assert "LayerNormalization" in info["left_alone"]["norm"]
     assert "norm" in info["left_alone"]["c1"] and info["layers"]["c1"]["channels_after"] == 8
-    assert info["layers"]["c2"]["channels_after"] == 3 and info["layers"]["sep"]["channels_after"] == 4
+    assert info["layers"]["c2"]["channels_after"] == 3 and info["layers"]["sep"]["channels_after"] == 2
     assert pruned.get_layer("sep").get_weights()[0].shape == (3, 3, 3, 1)
     json.dumps(info)
     input_shape = (8, 8, 3)
     np.testing.assert_allclose(outputs_of(pruned, input_shape), outputs_of(masked_copy(model, info), input_shape),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_a_rescaling_of_each_channel_by_its_own_factor_keeps_the_channels_it_reads():
+    from compress.keras import keras
+
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(4, 3, padding="same", name="c1")(inputs)
+    x = layers.Rescaling([1.0, 2.0, 3.0, 4.0], name="scale")(x)
+    x = layers.Conv2D(6, 3, padding="same", name="c2")(x)
+    outputs = layers.Dense(2, name="logits")(layers.GlobalAveragePooling2D(name="gap")(x))
+    _, info = remove_channels(randomize(keras.Model(inputs, outputs)), sparsity=0.5)
+    assert info["left_alone"]["scale"] == "rescales each channel by its own factor"
+    assert info["layers"]["c1"]["channels_after"] == 4 and info["layers"]["c2"]["channels_after"] == 3
 
 
 def test_add_with_the_model_input_leaves_the_group_whole():

@@ -13,10 +13,10 @@ from collections import Counter
 
 from compress.kerasmodel import flat_tensors, graph_nodes
 
-# Layers whose output channels are their own and can be removed.
-PRUNABLE = ("Conv2D", "Dense")
+# Layers whose output channels are their own and can be removed (a SeparableConv2D's: its pointwise filters).
+PRUNABLE = ("Conv2D", "SeparableConv2D", "Dense")
 # Layers that read channels and whose weights follow the kept input channels; their output channels stay whole.
-FIXED_OUTPUT = ("SeparableConv2D", "Conv2DTranspose")
+FIXED_OUTPUT = ("Conv2DTranspose",)
 # Element-wise joins: every input must keep the same channels.
 JOINS = ("Add", "Subtract", "Multiply", "Maximum", "Average")
 # Per-channel or spatial-only layers: the output has the input's channels.
@@ -24,7 +24,7 @@ PASS_THROUGH = (
     "ReLU", "LeakyReLU", "ELU", "ThresholdedReLU", "Activation", "BatchNormalization",
     "Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout", "ActivityRegularization",
     "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D", "GlobalMaxPooling2D",
-    "ZeroPadding2D", "Cropping2D", "UpSampling2D",
+    "ZeroPadding2D", "Cropping2D", "UpSampling2D", "Resizing", "CenterCrop", "Rescaling", "Normalization",
 )
 SUPPORTED = PRUNABLE + FIXED_OUTPUT + JOINS + PASS_THROUGH + ("DepthwiseConv2D", "Flatten", "Concatenate")
 # Activations that mix channels: removing one changes the others.
@@ -124,7 +124,7 @@ class ChannelTrace:
     def _describe(self, layer, inputs, descs) -> list:
         kind = type(layer).__name__
         if kind in PRUNABLE:
-            width = layer.filters if kind == "Conv2D" else layer.units
+            width = layer.units if kind == "Dense" else layer.filters
             activation = layer.get_config().get("activation")
             reason = f"activation {activation} mixes channels" if activation in CROSS_CHANNEL_ACTIVATIONS else None
             gid = self.groups.new(width, member=layer.name, reason=reason)
@@ -161,6 +161,8 @@ class ChannelTrace:
 
 def _unsupported_reason(layer, inputs, outputs, descs, calls: int) -> str | None:
     """Why the trace cannot follow `layer` (None: it can)."""
+    import numpy as np
+
     from compress.keras import keras
 
     kind = type(layer).__name__
@@ -180,6 +182,10 @@ def _unsupported_reason(layer, inputs, outputs, descs, calls: int) -> str | None
     if kind == "Conv2D" and layer.groups != 1:
         return "a grouped convolution"
     if kind == "BatchNormalization" and list(layer.axis) not in ([rank - 1], [-1]):
+        return "normalises an axis other than the channels"
+    if kind == "Rescaling" and (np.ndim(layer.scale) or np.ndim(layer.offset)):
+        return "rescales each channel by its own factor"
+    if kind == "Normalization" and list(layer.axis) not in ([rank - 1], [-1]):
         return "normalises an axis other than the channels"
     if kind == "Activation" and layer.get_config()["activation"] in CROSS_CHANNEL_ACTIVATIONS:
         return f"activation {layer.get_config()['activation']} mixes channels"

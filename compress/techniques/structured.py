@@ -1,4 +1,4 @@
-"""Structured pruning: remove whole Conv2D filters and Dense units and rebuild a smaller model.
+"""Structured pruning: remove whole Conv2D / SeparableConv2D filters and Dense units and rebuild a smaller model.
 
 Magnitude pruning (tfmot) only zeroes weights, so the exported files are no faster; removing channels makes the
 layers themselves smaller, so parameters and multiply-adds really go down. The model's graph is traced once
@@ -26,8 +26,9 @@ def remove_channels(model, *, sparsity: float, layer_sparsity: Mapping[str, floa
                     score: str = "l1", multiple: int = 1) -> tuple:
     """Remove the share `sparsity` of each prunable layer's output channels; return (smaller model, info).
 
-    Prunable: Conv2D filters and Dense units, except those reaching a model output (the classifier) or joined
-    with channels that cannot change (the model input, a layer the trace cannot follow). `layer_sparsity`
+    Prunable: Conv2D and SeparableConv2D filters and Dense units, except those reaching a model output (the
+    classifier) or joined with channels that cannot change (the model input, a layer the trace cannot follow).
+    `layer_sparsity`
     overrides the share per layer name; a group of joined layers takes the smallest share of its members.
     Channels are ranked by the `l1` or `l2` norm of their filter weights (summed over a group): a norm needs
     no data, is the standard criterion (Li et al. 2017, "Pruning Filters for Efficient ConvNets") and is
@@ -107,10 +108,10 @@ def kept_count(width: int, share: float, multiple: int = 1) -> int:
 
 
 def _channel_scores(layer, score: str):
-    """The norm of each output channel's kernel weights."""
+    """The norm of each output channel's kernel weights (a SeparableConv2D's pointwise kernel)."""
     import numpy as np
 
-    kernel = layer.get_weights()[0]
+    kernel = layer.get_weights()[1 if type(layer).__name__ == "SeparableConv2D" else 0]
     flat = kernel.reshape(-1, kernel.shape[-1])
     return np.abs(flat).sum(axis=0) if score == "l1" else np.sqrt(np.square(flat).sum(axis=0))
 
@@ -162,19 +163,22 @@ def _slice(layer, weights: list, kept_in, kept_out) -> list:
         return [kernel] + [take(bias, kept_out, 0) for bias in weights[1:]]
     if kind == "DepthwiseConv2D":
         return [take(weights[0], kept_in, 2)] + [take(bias, kept_out, 0) for bias in weights[1:]]
-    if kind == "SeparableConv2D":
+    if kind == "SeparableConv2D":  # depthwise (h, w, in, multiplier), pointwise (1, 1, in * multiplier, filters)
         multiplier = layer.depth_multiplier
         middle = None if kept_in is None else [c * multiplier + k for c in kept_in for k in range(multiplier)]
-        return [take(weights[0], kept_in, 2), take(weights[1], middle, 2)] + weights[2:]
+        pointwise = take(take(weights[1], middle, 2), kept_out, 3)
+        return [take(weights[0], kept_in, 2), pointwise] + [take(bias, kept_out, 0) for bias in weights[2:]]
     if kind == "Conv2DTranspose":  # kernel (h, w, filters, input channels)
         return [take(weights[0], kept_in, 3)] + weights[1:]
     if kind == "BatchNormalization":
         return [take(weight, kept_out, 0) for weight in weights]
+    if kind == "Normalization":  # mean and variance per channel, then a scalar count
+        return [take(weight, kept_out, -1) if np.ndim(weight) else weight for weight in weights]
     return weights
 
 
 def _left_alone(trace: ChannelTrace) -> dict[str, str]:
-    """Layers left whole: those the trace cannot follow, and Conv2D/Dense layers whose channel set is fixed."""
+    """Layers left whole: those the trace cannot follow, and prunable layers whose channel set is fixed."""
     left = dict(trace.unsupported)
     groups = trace.groups
     for root in groups.roots():
