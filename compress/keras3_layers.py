@@ -63,6 +63,12 @@ _RENAMED = {"LeakyReLU": {"negative_slope": "alpha"}, "InputLayer": {"batch_shap
 _BASE_LAYER_KWARGS = frozenset({"input_dim", "input_shape", "batch_input_shape", "batch_size", "weights", "autocast"})
 
 
+def _spatial_axes(axis) -> bool:
+    """Whether `axis` names exactly the height and width axes of an NHWC tensor."""
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    return sorted(int(a) % 4 for a in axes if isinstance(a, int)) == [1, 2] and len(axes) == 2
+
+
 def check_layers(path: Path, layers: list[tuple[str, str, str]]) -> None:
     """Refuse, in one line naming them all, the layers ((name, class name, module) of a Keras 3 model) that have
     no tf_keras translation. A Lambda layer's Python code was written for Keras 3, so --unsafe cannot help it."""
@@ -240,9 +246,34 @@ class Builder:
         elif not kwargs and len(args) == 1 and not numbers[0] and operation in _UNARY:
             class_name, options = _UNARY[operation]
             return getattr(layers, class_name)(name=name, **options)(args[0])
+        elif (built := self._configured_operation(layer, args, kwargs)) is not None:
+            return built
         shown = ", ".join("a tensor" if not number else repr(arg) for arg, number in zip(args, numbers))
         raise self._refuse(name, f"is the Keras 3 operation {layer.get('module')}.{operation}({shown}), which has no "
                                  "tf_keras translation; use a layer instead, or save the model with tf_keras")
+
+    def _configured_operation(self, layer: dict, args: list, kwargs: dict):
+        """The keras.ops calls whose options sit in their config, as the tf_keras layer computing the same: a mean or
+        max over an image's height and width as global pooling, a concatenation, hard_sigmoid / hard_silu and
+        leaky_relu; None for any other call."""
+        layers = self.keras.layers
+        config, operation = layer["config"], layer["class_name"]
+        name = config["name"]
+        if kwargs or len(args) != 1:
+            return None
+        if isinstance(args[0], (list, tuple)):
+            return layers.Concatenate(axis=config.get("axis", 0), name=name)(list(args[0])) if (
+                operation == "Concatenate" and len(args[0]) > 1) else None
+        tensor = args[0]
+        if operation in ("Mean", "Max") and len(tensor.shape) == 4 and _spatial_axes(config.get("axis")) and (
+                config.get("initial") is None):
+            pooling = layers.GlobalAveragePooling2D if operation == "Mean" else layers.GlobalMaxPooling2D
+            return pooling(keepdims=bool(config.get("keepdims")), name=name)(tensor)
+        if operation in ("HardSigmoid", "HardSilu", "HardSwish"):
+            return self._activation(name, "hard_sigmoid" if operation == "HardSigmoid" else "hard_silu", tensor)
+        if operation == "LeakyRelu":
+            return layers.LeakyReLU(alpha=config.get("negative_slope", 0.2), name=name)(tensor)
+        return None
 
     def _activation(self, name: str, activation: str, x):
         """hard_sigmoid(x) = clip(x/6 + 1/2, 0, 1) as Keras 3 defines it; hard_silu(x) = x * hard_sigmoid(x)."""

@@ -114,6 +114,15 @@ keras.Model(inputs, L.Dense(5, name="logits")(x)).save(out / "arithmetic.keras")
 inputs = keras.Input((16, 16, 3))
 keras.Model(inputs, L.Dense(2)(L.Flatten()(keras.ops.square(inputs)))).save(out / "square.keras")
 
+# Pooling, joins and activations written as keras.ops calls, with their options in the saved config.
+inputs = keras.Input((16, 16, 3))
+x = keras.ops.leaky_relu(L.Conv2D(8, 3, name="conv")(inputs), negative_slope=0.1)
+x = keras.ops.hard_silu(x) + keras.ops.hard_sigmoid(x)
+pooled = keras.ops.mean(x, axis=[1, 2], keepdims=True)
+x = x * keras.ops.sigmoid(pooled)
+x = keras.ops.concatenate([keras.ops.mean(x, axis=[1, 2]), keras.ops.max(x, axis=(-3, -2))], axis=-1)
+keras.Model(inputs, L.Dense(5, name="logits")(x)).save(out / "ops.keras")
+
 # The Keras guide's image classifier: augmentation in the model (a nested Sequential and a layer of its own).
 augmentation = keras.Sequential([L.RandomFlip("horizontal"), L.RandomRotation(0.1)], name="augmentation")
 inputs = keras.Input((16, 16, 3))
@@ -191,6 +200,14 @@ def test_arithmetic_on_tensors_translates(keras3_files):
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds.count("Rescaling") == 4 and "Multiply" in kinds and "ReLU" in kinds  # x + 3, x / 6, x / 2, 1 - x
     assert {"noise", "groups"} <= {layer.name for layer in model.layers}
+
+
+def test_pooling_joins_and_activations_written_as_ops_translate(keras3_files):
+    model, info = translate_keras3(keras3_files / "ops.keras")
+    assert info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-4
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds.count("GlobalAveragePooling2D") == 2 and "GlobalMaxPooling2D" in kinds
+    assert {"Concatenate", "LeakyReLU"} <= set(kinds) and kinds.count("Rescaling") == 2  # two hard sigmoids
 
 
 def test_images_the_model_cannot_take_leave_the_size_check_to_the_caller(keras3_files):
