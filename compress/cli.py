@@ -203,6 +203,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = data.with_input_range(file_input_range(args.file, args.input_range, unsafe=args.unsafe,
                                                   log=lambda message: info(args, message), data=data))
     result = evaluate_file(args.file, data, batch_size=args.batch_size, unsafe=args.unsafe, limit=args.limit)
+    if "images_converted" in result:
+        info(args, f"images: {result['images_converted']} for {Path(args.file).name}")
     print(f"{result['file']}: accuracy {result['accuracy']:.4f} on {result['images']} {data.source} test images "
           f"({result['runtime']}, {result['device']})", flush=True)
     note = near_chance_note("the file", result["accuracy"], data)

@@ -56,6 +56,9 @@ def load_model_with_source(path: str | os.PathLike, *, unsafe: bool = False,
         raise ModelError(f"model file {path} does not exist")
     if path.suffix not in MODEL_SUFFIXES:
         raise ModelError(f"{path} is not a .keras or .h5 model file")
+    if path.suffix == ".h5" and _holds_weights_only(path):
+        raise ModelError(f"{path} holds weights only (model.save_weights), not the model; save the whole model with "
+                         "model.save('model.keras')")
     version = file_keras_version(path)
     if is_keras3_file(path) or (path.suffix == ".h5" and major_version(version) >= 3):
         model, info = translate_keras3(path, safe_mode=not unsafe, sample_images=sample_images)
@@ -75,6 +78,17 @@ def load_model_with_source(path: str | os.PathLike, *, unsafe: bool = False,
         return model, {"file": path.name, "keras": "Keras 3", "translated_to_tf_keras": True,
                        **{key: info[key] for key in ("max_abs_diff", "top1_agreement", "images", "left_out")}}
     return model, {"file": path.name, "keras": f"tf_keras {version}".strip(), "translated_to_tf_keras": False}
+
+
+def _holds_weights_only(path: Path) -> bool:
+    """An HDF5 file of layer weights without the model config that save() writes beside them."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            return "model_config" not in handle.attrs and ("layers" in handle or "layer_names" in handle.attrs)
+    except OSError:  # not HDF5: the loader names the file as damaged
+        return False
 
 
 def translation_note(source: dict) -> str | None:

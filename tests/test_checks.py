@@ -70,10 +70,24 @@ def test_settings_are_bounded(argv, message, tmp_path, capsys, monkeypatch):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_savedmodel_folder_is_named_as_such(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["prune", "evaluate"])
+def test_a_savedmodel_folder_is_named_as_such(command, tmp_path, capsys):
     (tmp_path / "saved").mkdir()
-    assert main(["prune", str(tmp_path / "saved"), "--out", str(tmp_path / "out")]) == 2
+    assert main([command, str(tmp_path / "saved"), "--out" if command == "prune" else "--limit",
+                 str(tmp_path / "out") if command == "prune" else "8"]) == 2
     assert "is a folder (a SavedModel?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["model.weights.h5", "weights.h5"])
+def test_a_weights_only_file_is_named_as_such(name, tmp_path, capsys):
+    from compress.keras import keras
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    model.save_weights(tmp_path / name)
+    assert main(["export", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "holds weights only (model.save_weights)" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_one_class_data_is_refused(tmp_path):
@@ -254,7 +268,7 @@ def test_a_model_of_any_input_size_is_built_at_the_datas_size(tmp_path, capsys):
 
 def test_colour_images_are_made_grey_for_a_grey_model_and_said(tmp_path, capsys):
     """A model taking one channel gets cifar10-mini's RGB images as PIL's grey conversion of them; a file of it
-    evaluated on the RGB images directly is refused with the channel count named, not a resize hint."""
+    evaluated on the RGB images gets them the same way, and says so."""
     import numpy as np
     from PIL import Image
 
@@ -275,8 +289,12 @@ def test_colour_images_are_made_grey_for_a_grey_model_and_said(tmp_path, capsys)
     assert "has RGB images and the model takes grey ones: made grey" in capsys.readouterr().out
     from compress.measure.accuracy import evaluate_file
 
-    with pytest.raises(CompressError, match="channel count differs"):
-        evaluate_file(tmp_path / "out" / "model.onnx", rgb)
+    on_rgb = evaluate_file(tmp_path / "out" / "model.onnx", rgb)
+    on_grey = evaluate_file(tmp_path / "out" / "model.onnx", grey)
+    assert on_rgb["images_converted"] == "RGB images made grey" and "images_converted" not in on_grey
+    assert on_rgb["accuracy"] == on_grey["accuracy"]
+    assert main(["evaluate", str(tmp_path / "out" / "model.onnx"), "--data", "cifar10-mini"]) == 0
+    assert "images: RGB images made grey for model.onnx" in capsys.readouterr().out
 
 
 def test_a_leading_rescaling_or_normalization_says_by_its_scale_which_pixels_it_takes():
@@ -300,3 +318,19 @@ def test_a_leading_rescaling_or_normalization_says_by_its_scale_which_pixels_it_
                 "unit": [layers.Rescaling(2.0, offset=-1.0), adapted]}
     for decided, firsts in expected.items():
         assert [decide_input_range(starting_with(first)) for first in firsts] == [decided] * len(firsts)
+
+
+@pytest.mark.parametrize("shape, hint", [
+    ((16, 16, 3), "pass --image-size HxW to resize them$"),
+    ((32, 32, 2), "the data has 32x32x2; its channel count differs from the images'$"),
+    ((16, 16, 2), "pass --image-size HxW to resize them; its channel count differs from the images'$"),
+])
+def test_a_file_refuses_images_of_another_shape_naming_each_difference(shape, hint):
+    from pathlib import Path
+
+    from compress.runtimes.session import Session
+
+    session = Session(Path("model.onnx"), "onnxruntime", (32, 32, 3), {})
+    session.check_input_shape((32, 32, 3))
+    with pytest.raises(CompressError, match=hint):
+        session.check_input_shape(shape)

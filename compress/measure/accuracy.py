@@ -19,6 +19,11 @@ def evaluate_file(
     Searches decide on "val", so that the test split stays unseen until the chosen files are reported.
     """
     session = open_session(path, unsafe=unsafe)
+    channels = session.input_shape[-1] if len(session.input_shape) == 3 else None
+    converted = None
+    if {channels, data.input_shape[-1]} == {1, 3}:  # as `compress run` fits a model's data: grey <-> RGB
+        converted = f"{'RGB' if channels == 1 else 'grey'} images made {'grey' if channels == 1 else 'RGB'}"
+        data = data.with_channels(channels)
     images, labels = data.normalized(split)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
@@ -37,4 +42,5 @@ def evaluate_file(
         "split": split,
         "images": int(len(labels)),
         "accuracy": float(np.mean(outputs.argmax(-1) == labels)),
+        **({"images_converted": converted} if converted else {}),
     }

@@ -27,6 +27,9 @@ def open_session(path: str | os.PathLike, *, threads: int | None = None, provide
     graph computed op by op in float, not fused into integer kernels), LiteRT with its reference kernels.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder (a SavedModel?); compress reads .onnx, .tflite, .keras and .h5 files: "
+                         "load it in Keras and save it with model.save('model.keras')")
     runtime = RUNTIMES.get(path.suffix.lower())
     if runtime is None:
         raise ModelError(f"{path} is not a .onnx, .tflite, .keras or .h5 file")

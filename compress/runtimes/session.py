@@ -47,8 +47,14 @@ class Session:
         if len(shape) != len(self.input_shape) or any(
             want is not None and want != got for want, got in zip(self.input_shape, shape)
         ):
-            hint = ("pass --image-size HxW to resize them" if len(shape) == len(self.input_shape)
-                    and self.input_shape[-1] in (None, shape[-1]) else "its channel count differs from the images'")
+            if len(shape) != len(self.input_shape):
+                hint = "compress handles images of height x width x channels"
+            else:
+                size_differs = any(want not in (None, got) for want, got in zip(self.input_shape[:-1], shape[:-1]))
+                hints = (["pass --image-size HxW to resize them"] if size_differs else []) + (
+                    ["its channel count differs from the images'"] if self.input_shape[-1] not in (None, shape[-1])
+                    else [])
+                hint = "; ".join(hints)
             raise DataError(f"{self.path.name} takes {shape_text(self.input_shape)} images, the data has "
                             f"{shape_text(shape)}; {hint}")
 
