@@ -254,8 +254,9 @@ class Builder:
 
     def _configured_operation(self, layer: dict, args: list, kwargs: dict):
         """The keras.ops calls whose options sit in their config, as the tf_keras layer computing the same: a mean or
-        max over an image's height and width as global pooling, a concatenation, hard_sigmoid / hard_silu and
-        leaky_relu; None for any other call."""
+        max over an image's height and width as global pooling, a concatenation, hard_sigmoid / hard_silu,
+        leaky_relu, softmax over channels, exact gelu, clip from 0 as a capped ReLU, a cast to float32 of a float32
+        tensor as nothing; None for any other call."""
         layers = self.keras.layers
         config, operation = layer["config"], layer["class_name"]
         name = config["name"]
@@ -273,6 +274,14 @@ class Builder:
             return self._activation(name, "hard_sigmoid" if operation == "HardSigmoid" else "hard_silu", tensor)
         if operation == "LeakyRelu":
             return layers.LeakyReLU(alpha=config.get("negative_slope", 0.2), name=name)(tensor)
+        if operation == "Softmax" and config.get("axis", -1) in (-1, len(tensor.shape) - 1):
+            return layers.Softmax(name=name)(tensor)
+        if operation == "Gelu" and not config.get("approximate", True):  # tf_keras' gelu layer is the exact one
+            return layers.Activation("gelu", name=name)(tensor)
+        if operation == "Clip" and config.get("x_min") == 0 and isinstance(config.get("x_max"), (int, float)):
+            return layers.ReLU(max_value=float(config["x_max"]), name=name)(tensor)
+        if operation == "Cast" and config.get("dtype") == "float32" and tensor.dtype == "float32":
+            return tensor
         return None
 
     def _activation(self, name: str, activation: str, x):

@@ -120,8 +120,9 @@ x = keras.ops.leaky_relu(L.Conv2D(8, 3, name="conv")(inputs), negative_slope=0.1
 x = keras.ops.hard_silu(x) + keras.ops.hard_sigmoid(x)
 pooled = keras.ops.mean(x, axis=[1, 2], keepdims=True)
 x = x * keras.ops.sigmoid(pooled)
+x = keras.ops.clip(keras.ops.gelu(keras.ops.cast(x, "float32"), approximate=False), 0.0, 6.0)
 x = keras.ops.concatenate([keras.ops.mean(x, axis=[1, 2]), keras.ops.max(x, axis=(-3, -2))], axis=-1)
-keras.Model(inputs, L.Dense(5, name="logits")(x)).save(out / "ops.keras")
+keras.Model(inputs, keras.ops.softmax(L.Dense(5, name="logits")(x))).save(out / "ops.keras")
 
 # The Keras guide's image classifier: augmentation in the model (a nested Sequential and a layer of its own).
 augmentation = keras.Sequential([L.RandomFlip("horizontal"), L.RandomRotation(0.1)], name="augmentation")
@@ -207,7 +208,8 @@ def test_pooling_joins_and_activations_written_as_ops_translate(keras3_files):
     assert info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-4
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds.count("GlobalAveragePooling2D") == 2 and "GlobalMaxPooling2D" in kinds
-    assert {"Concatenate", "LeakyReLU"} <= set(kinds) and kinds.count("Rescaling") == 2  # two hard sigmoids
+    assert {"Concatenate", "LeakyReLU", "Softmax", "Activation"} <= set(kinds)
+    assert kinds.count("Rescaling") == 2 and kinds.count("ReLU") == 3  # two hard sigmoids' clips, the clip
 
 
 def test_images_the_model_cannot_take_leave_the_size_check_to_the_caller(keras3_files):
