@@ -371,6 +371,42 @@ def test_a_batch_norm_behind_no_convolution_becomes_a_depthwise_convolution_and_
     assert outcome.stats["batch_norms_as_depthwise"] == ["bn"] and outcome.stats["float_layers"] == []
 
 
+def test_batch_norms_behind_an_activated_layer_are_rewritten_and_quantized(synthetic_data, tmp_path):
+    """The tutorials' order, `Conv2D(activation="relu")` then BatchNormalization and `Dense(activation="relu")`
+    then BatchNormalization, Dropout, Dense: tfmot folds neither batch norm (the activation comes between) and
+    refused the model; the image one becomes a 1x1 DepthwiseConv2D, the flat one a per-unit Rescaling, both
+    computing the same, and the int8 file passes parity."""
+    from compress.export.exporter import export_model
+    from compress.keras import keras
+    from compress.techniques.qat import batch_norms_as_depthwise, flat_batch_norms_as_rescaling
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([
+        keras.Input(synthetic_data.input_shape),
+        layers.Conv2D(8, 3, activation="relu", name="conv"), layers.BatchNormalization(name="conv_bn"),
+        layers.MaxPooling2D(), layers.Flatten(),
+        layers.Dense(16, activation="relu", name="hidden"), layers.BatchNormalization(name="hidden_bn"),
+        layers.Dropout(0.5), layers.Dense(synthetic_data.num_classes, activation="softmax"),
+    ])
+    rng = np.random.default_rng(0)
+    for name, width in (("conv_bn", 8), ("hidden_bn", 16)):
+        gamma, beta, variance = (rng.uniform(0.5, 2, width).astype(np.float32) for _ in range(3))
+        model.get_layer(name).set_weights([gamma, beta, rng.normal(0, 1, width).astype(np.float32), variance])
+    images = synthetic_data.normalized("test")[0][:8]
+    rewritten, names = batch_norms_as_depthwise(model)
+    assert names == ["conv_bn"] and type(rewritten.get_layer("conv_bn")).__name__ == "DepthwiseConv2D"
+    rewritten, names = flat_batch_norms_as_rescaling(rewritten)
+    assert names == ["hidden_bn"] and type(rewritten.get_layer("hidden_bn")).__name__ == "Rescaling"
+    np.testing.assert_allclose(rewritten.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
+
+    outcome = qat(model, QATConfig(epochs=1, batch_size=32), synthetic_data, verbose=0)
+    assert outcome.stats["batch_norms_as_depthwise"] == ["conv_bn"]
+    assert outcome.stats["flat_batch_norms_as_rescaling"] == ["hidden_bn"] and outcome.stats["float_layers"] == []
+    result = export_model(outcome.model, tmp_path, formats=("onnx",), data=synthetic_data)
+    assert result["parity_ok"] and result["files"]["onnx"]["precision"] == "int8"
+
+
 def test_a_resizing_layer_first_is_input_preprocessing(synthetic_data):
     """A model that resizes its input first (Resizing, then Rescaling) takes raw pixels as the Rescaling says, and
     QAT leaves both in float with their outputs quantized (tfmot refused the Resizing)."""

@@ -231,23 +231,50 @@ def separable_convolutions_split(model):
 
 def batch_norms_as_depthwise(model):
     """(`model` with each BatchNormalization that tfmot cannot fold (one behind no convolution: DenseNet's and
-    pre-activation ResNet's, or behind a Concatenate; or behind a convolution whose output also goes elsewhere)
-    made the 1x1 DepthwiseConv2D that computes it, [their names]): per channel, x * gamma / sqrt(variance +
-    epsilon) + (beta - mean * that), which tfmot quantizes and onnxruntime runs on integer kernels. Only batch
-    norms over the channels of images; layers called more than once and nested models are left as they are."""
+    pre-activation ResNet's, or behind a Concatenate; behind a convolution whose output also goes elsewhere, or
+    whose own activation comes first, as in `Conv2D(activation="relu")` then BatchNormalization) made the 1x1
+    DepthwiseConv2D that computes it, [their names]): per channel, x * gamma / sqrt(variance + epsilon) + (beta -
+    mean * that), which tfmot quantizes and onnxruntime runs on integer kernels. Only batch norms over the channels
+    of images; layers called more than once and nested models are left as they are."""
     import numpy as np
 
     def as_depthwise(norm):
-        scale = norm.gamma.numpy() if norm.scale else 1.0
-        scale = scale / np.sqrt(norm.moving_variance.numpy() + norm.epsilon)
-        offset = (norm.beta.numpy() if norm.center else 0.0) - norm.moving_mean.numpy() * scale
-        return ({"kernel_size": [1, 1], "use_bias": True},
-                [scale.reshape(1, 1, -1, 1).astype(np.float32), offset.astype(np.float32)])
+        scale, offset = _batch_norm_affine(norm)
+        return "DepthwiseConv2D", {"kernel_size": [1, 1], "use_bias": True}, [scale.reshape(1, 1, -1, 1), offset]
 
-    norms = {layer.name: layer for layer in model.layers if type(layer).__name__ in _BATCH_NORMS
-             and not _follows_foldable(layer) and len(layer.input_shape) == 4 and list(layer.axis) in ([3], [-1])
-             and len(layer._inbound_nodes) == 1}  # noqa: SLF001 - Keras 2 exposes calls only this way
-    return _replaced_by_depthwise(model, norms, as_depthwise)
+    return _replaced(model, _unfoldable_batch_norms(model, rank=4), as_depthwise)
+
+
+def flat_batch_norms_as_rescaling(model):
+    """(`model` with each BatchNormalization of a flat (batch, units) tensor that tfmot cannot fold (behind a
+    Dense whose own activation comes first, the classic `Dense(256, activation="relu")` then BatchNormalization,
+    or behind no Dense) made the per-unit Rescaling that computes it at inference, x * scale + offset, [their
+    names]): a depthwise convolution needs an image, and tfmot refuses the batch norm. The Rescaling computes in
+    float with its output quantized, on a vector per image."""
+
+    def as_rescaling(norm):
+        scale, offset = _batch_norm_affine(norm)
+        return "Rescaling", {"scale": scale.tolist(), "offset": offset.tolist()}, None
+
+    return _replaced(model, _unfoldable_batch_norms(model, rank=2), as_rescaling)
+
+
+def _unfoldable_batch_norms(model, rank: int) -> dict:
+    """Name -> batch norm over the last axis of a rank-`rank` tensor, called once, that tfmot does not fold."""
+    return {layer.name: layer for layer in model.layers if type(layer).__name__ in _BATCH_NORMS
+            and not _follows_foldable(layer) and len(layer.input_shape) == rank
+            and list(layer.axis) in ([rank - 1], [-1])
+            and len(layer._inbound_nodes) == 1}  # noqa: SLF001 - Keras 2 exposes calls only this way
+
+
+def _batch_norm_affine(norm) -> tuple:
+    """(scale, offset) per channel of a batch norm at inference: x * scale + offset."""
+    import numpy as np
+
+    scale = norm.gamma.numpy() if norm.scale else 1.0
+    scale = scale / np.sqrt(norm.moving_variance.numpy() + norm.epsilon)
+    offset = (norm.beta.numpy() if norm.center else 0.0) - norm.moving_mean.numpy() * scale
+    return scale.astype(np.float32), offset.astype(np.float32)
 
 
 def average_pools_as_depthwise(model):
@@ -260,19 +287,19 @@ def average_pools_as_depthwise(model):
 
     def as_depthwise(pool):
         kernel = np.full((*pool.pool_size, pool.input_shape[-1], 1), 1 / np.prod(pool.pool_size), np.float32)
-        return ({"kernel_size": list(pool.pool_size), "strides": list(pool.strides), "padding": "valid",
-                 "use_bias": False}, [kernel])
+        return "DepthwiseConv2D", {"kernel_size": list(pool.pool_size), "strides": list(pool.strides),
+                                   "padding": "valid", "use_bias": False}, [kernel]
 
     pools = {layer.name: layer for layer in model.layers if type(layer).__name__ == "AveragePooling2D"
              and layer.padding == "valid" and layer.data_format == "channels_last"
              and len(layer._inbound_nodes) == 1}  # noqa: SLF001 - Keras 2 exposes calls only this way
-    return _replaced_by_depthwise(model, pools, as_depthwise)
+    return _replaced(model, pools, as_depthwise)
 
 
-def _replaced_by_depthwise(model, chosen: dict, as_depthwise) -> tuple:
-    """(`model` with each layer of `chosen` (name -> layer) made a DepthwiseConv2D of the same name,
-    `as_depthwise(layer)` giving its (config options, weights), [their names]); `model` itself where the rebuilt
-    model would compute otherwise."""
+def _replaced(model, chosen: dict, replacement) -> tuple:
+    """(`model` with each layer of `chosen` (name -> layer) made another layer of the same name,
+    `replacement(layer)` giving its (class name, config options, weights or None), [their names]); `model` itself
+    where the rebuilt model would compute otherwise."""
     if not chosen:
         return model, []
     config = model.get_config()
@@ -281,21 +308,23 @@ def _replaced_by_depthwise(model, chosen: dict, as_depthwise) -> tuple:
         original = chosen.get(layer["config"]["name"])
         if original is None:
             continue
-        options, weights[original.name] = as_depthwise(original)
-        layer["class_name"] = "DepthwiseConv2D"
+        layer["class_name"], options, layer_weights = replacement(original)
+        if layer_weights is not None:
+            weights[original.name] = layer_weights
         layer["config"] = {"name": original.name, "dtype": layer["config"].get("dtype"), **options}
     rebuilt = rebuilt_from_config(model, config, weights)
     return (model, []) if rebuilt is None else (rebuilt, sorted(chosen))
 
 
 def _follows_foldable(layer) -> bool:
-    """A batch norm right after a Conv2D/DepthwiseConv2D/Dense (possibly through a Reshape) that feeds nothing
-    else: tfmot folds it (where the convolution's output also goes elsewhere, as into a DenseNet-style
-    Concatenate, it does not)."""
+    """A batch norm right after a Conv2D/DepthwiseConv2D/Dense (possibly through a Reshape) without an activation of
+    its own that feeds nothing else: tfmot folds it (where the convolution's output also goes elsewhere, as into a
+    DenseNet-style Concatenate, or passes its activation first, it does not)."""
     source = _single_inbound(layer)
     if source is not None and type(source).__name__ == "Reshape":
         source = _single_inbound(source)
     return (source is not None and type(source).__name__ in _FOLDS_BATCH_NORM
+            and source.get_config().get("activation", "linear") == "linear"
             and len(source._outbound_nodes) == 1)  # noqa: SLF001 - Keras 2 exposes the layer graph only this way
 
 
@@ -348,6 +377,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
     quantization = tfmot.quantization.keras
     work, separable = separable_convolutions_split(copy_model(model))
     work, norms = batch_norms_as_depthwise(work)
+    work, flat_norms = flat_batch_norms_as_rescaling(work)
     work, pools = average_pools_as_depthwise(work)
     work, split = activations_as_layers(work)
     work, operators = operators_as_layers(work)
@@ -403,6 +433,7 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
         "operators_as_layers": operators,
         "separable_convolutions_split": separable,
         "batch_norms_as_depthwise": norms,
+        "flat_batch_norms_as_rescaling": flat_norms,
         "average_pools_as_depthwise": pools,
         "left_alone": {**{name: "input preprocessing: no weights, only its output quantized" for name in preprocessing},
                        **{name: "no weights, computed in float, only its output quantized" for name in output_only},
