@@ -351,3 +351,17 @@ def test_model_without_prunable_layer_is_refused():
     with pytest.raises(ModelError, match="no layer whose channels can be removed") as caught:
         remove_channels(model, sparsity=0.5)
     assert "\n" not in str(caught.value)
+
+
+def test_a_model_of_many_layers_left_whole_is_refused_in_a_short_line():
+    from compress.keras import keras
+
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = inputs
+    for index in range(12):
+        x = layers.GroupNormalization(2, name=f"norm{index}")(layers.Conv2D(4, 3, padding="same", name=f"c{index}")(x))
+    outputs = layers.Dense(2, name="logits")(layers.GlobalAveragePooling2D()(x))
+    with pytest.raises(ModelError, match=r"norm0: GroupNormalization layers are not supported; .*; and \d+ more$") as caught:
+        remove_channels(keras.Model(inputs, outputs), sparsity=0.5)
+    assert len(str(caught.value)) < 400

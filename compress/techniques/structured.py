@@ -51,10 +51,9 @@ def remove_channels(model, *, sparsity: float, layer_sparsity: Mapping[str, floa
     trace = ChannelTrace(model)
     keep = _choose_channels(model, trace, targets, score, multiple)
     if not any(keep[root] is not None for root in trace.groups.roots()):
-        raise ModelError(
-            f"model {model.name!r} has no layer whose channels can be removed: "
-            + "; ".join(f"{name}: {reason}" for name, reason in _left_alone(trace).items())
-        )
+        reasons = [f"{name}: {reason}" for name, reason in _left_alone(trace).items()]
+        shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+        raise ModelError(f"model {model.name!r} has no layer whose channels can be removed: {shown}")
     new_model = _rebuild(model, trace, keep)
     return new_model, {**_info(model, new_model, trace, keep, targets, score), "channel_multiple": multiple}
 
