@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 import auto_standin
+
 from compress.auto import AutoConfig, run_auto
 from compress.cli import main
+from compress.errors import ConfigError
 from compress.pipeline import parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +128,16 @@ def test_bad_input_is_one_line_and_exit_2(setup, capsys):
     assert main(["auto", *common, "--max-drop", "2", "--quick"]) == 2  # another setting: another study
     err = capsys.readouterr().err.strip()
     assert "holds the study compress-auto-" in err and "\n" not in err
+
+
+def test_a_search_space_of_another_version_is_another_study_refused_in_one_line(setup, monkeypatch):
+    """Optuna cannot continue a study whose choices changed; a version with other choices names its study apart."""
+    from compress.auto import space
+
+    _auto(setup, trials=1)
+    monkeypatch.setattr(space, "QUICK_CHOICES", {"factor": (0.5, 1.0, 4.0)})
+    with pytest.raises(ConfigError, match=r"holds the study compress-auto-\w+ of another .* search space"):
+        _auto(setup, trials=2)
 
 
 def test_two_workers_share_one_study_and_stop_at_the_asked_count(setup):

@@ -61,7 +61,8 @@ def run_auto(model: str | Path, data_args: dict, out: str | Path, config: AutoCo
     out.mkdir(parents=True, exist_ok=True)
     name = STUDY_PREFIX + digest_of({"model": sha256_file(model), "data": jsonable(data_args),
                                      "data_fingerprint": load_data(**data_args).fingerprint(), "quick": config.quick,
-                                     "max_drop": config.max_drop, "objective": config.objective})
+                                     "max_drop": config.max_drop, "objective": config.objective,
+                                     "space": space.fingerprint(config.quick)})
     url = config.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     with FileLock(out / ".study.lock"):  # processes starting together would race to create the tables
         study = open_study(config, url, name)

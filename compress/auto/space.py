@@ -55,6 +55,13 @@ CHANNEL_SHARES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 QUICK_CHOICES = {**CHOICES, "epochs": (1,), "distill_epochs": (1,)}
 
 
+def fingerprint(quick: bool) -> dict:
+    """The search space (chains, each stage's sampled parameters, their choices) as data: part of the study's name,
+    since Optuna cannot continue a study whose choices changed (as they may between versions)."""
+    return {"chains": {chain: [list(sampled) for _, _, sampled in stages] for chain, stages in CHAINS.items()},
+            "choices": {name: list(values) for name, values in (QUICK_CHOICES if quick else CHOICES).items()}}
+
+
 def sample(trial, quick: bool, plans: dict | None = None) -> tuple[str, list[tuple[str, dict]]]:
     """The trial's chain and each stage's settings. One `epochs` serves every fine-tuning stage, so that prefixes
     are shared more. `plans`: `layer_plans`' result, for the layer_plan parameter. A channel_plan stays a setting

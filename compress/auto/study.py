@@ -61,8 +61,9 @@ def open_study(config: AutoConfig, url: str, name: str):
         raise ConfigError(f"--storage {url}: cannot open it: {first_line(exc, 120)}") from None
     others = [other for other in names if other.startswith(STUDY_PREFIX) and other != name]
     if others:
-        raise ConfigError(f"--storage {url} holds the study {others[0]} of another model, data or setting "
-                          "(max-drop, objective, quick); use another --out or --storage")
+        raise ConfigError(f"--storage {url} holds the study {others[0]} of another model, data, setting "
+                          "(max-drop, objective, quick) or search space (another compress version's); use another "
+                          "--out or --storage")
     sampler = optuna.samplers.NSGAIISampler(population_size=POPULATION, seed=config.seed)
     return optuna.create_study(storage=storage, study_name=name, directions=config.directions(), sampler=sampler,
                                load_if_exists=True)
