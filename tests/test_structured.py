@@ -105,6 +105,24 @@ def separable_model():
     return randomize(keras.Model(inputs, outputs, name="separable"))
 
 
+def squeeze_excite_model():
+    """(f) EfficientNet's squeeze-and-excitation: pooled channels reshaped to (1, 1, C), reduced, expanded, and
+    multiplied back onto the block; then Reshapes that keep the channels last and that flatten, as Flatten does."""
+    from compress.keras import keras
+
+    layers = keras.layers
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inputs)
+    gate = layers.Reshape((1, 1, 8), name="se_reshape")(layers.GlobalAveragePooling2D(name="se_pool")(x))
+    gate = layers.Conv2D(4, 1, activation="relu", name="se_reduce")(gate)
+    gate = layers.Conv2D(8, 1, activation="sigmoid", name="se_expand")(gate)
+    x = layers.Multiply(name="se_excite")([x, gate])
+    x = layers.Conv2D(6, 3, strides=2, name="c2")(x)
+    x = layers.Reshape((4, 6), name="pixels")(x)  # (2, 2, 6) -> (pixels, channels)
+    outputs = layers.Dense(3, name="logits")(layers.Reshape((-1,), name="flat")(x))
+    return randomize(keras.Model(inputs, outputs, name="squeeze_excite"))
+
+
 def concat_model():
     """Two convolutions of the input concatenated, then a convolution reading both."""
     from compress.keras import keras
@@ -162,6 +180,7 @@ SHAPES = {
     "depthwise": (depthwise_model, ["c1", "c2"]),
     "concat": (concat_model, ["a", "b", "c"]),
     "separable": (separable_model, ["c1", "s1", "s2"]),
+    "squeeze_excite": (squeeze_excite_model, ["c1", "se_reduce", "c2"]),
 }
 
 
@@ -312,6 +331,19 @@ def test_a_rescaling_of_each_channel_by_its_own_factor_keeps_the_channels_it_rea
     _, info = remove_channels(randomize(keras.Model(inputs, outputs)), sparsity=0.5)
     assert info["left_alone"]["scale"] == "rescales each channel by its own factor"
     assert info["layers"]["c1"]["channels_after"] == 4 and info["layers"]["c2"]["channels_after"] == 3
+
+
+def test_a_reshape_across_the_channels_keeps_the_channels_it_reads():
+    from compress.keras import keras
+
+    layers = keras.layers
+    inputs = keras.Input((4, 4, 3))
+    x = layers.Conv2D(6, 3, padding="same", name="c1")(inputs)
+    x = layers.Reshape((4, 4, 2, 3), name="split")(x)
+    x = layers.Dense(4, name="d1")(layers.Flatten(name="flat")(x))
+    _, info = remove_channels(randomize(keras.Model(inputs, layers.Dense(2, name="logits")(x))), sparsity=0.5)
+    assert info["left_alone"]["split"] == "reshapes across the channels"
+    assert info["layers"]["c1"]["channels_after"] == 6 and info["layers"]["d1"]["channels_after"] == 2
 
 
 def test_add_with_the_model_input_leaves_the_group_whole():

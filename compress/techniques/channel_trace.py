@@ -26,7 +26,7 @@ PASS_THROUGH = (
     "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D", "GlobalMaxPooling2D",
     "ZeroPadding2D", "Cropping2D", "UpSampling2D", "Resizing", "CenterCrop", "Rescaling", "Normalization",
 )
-SUPPORTED = PRUNABLE + FIXED_OUTPUT + JOINS + PASS_THROUGH + ("DepthwiseConv2D", "Flatten", "Concatenate")
+SUPPORTED = PRUNABLE + FIXED_OUTPUT + JOINS + PASS_THROUGH + ("DepthwiseConv2D", "Flatten", "Reshape", "Concatenate")
 # Activations that mix channels: removing one changes the others.
 CROSS_CHANNEL_ACTIVATIONS = ("softmax", "log_softmax")
 
@@ -134,7 +134,7 @@ class ChannelTrace:
             return [(gid, channel) for channel in range(layer.filters)]
         if kind == "DepthwiseConv2D":  # output channel c * multiplier + k reads input channel c
             return [pair for pair in descs[0] for _ in range(layer.depth_multiplier)]
-        if kind == "Flatten":  # NHWC: position p * C + c holds channel c of pixel p
+        if kind == "Flatten" or reshape_kind(layer) == "flatten":  # NHWC: position p * C + c: channel c of pixel p
             return descs[0] * math.prod(inputs[0].shape[1:-1])
         if kind == "Concatenate":
             return [pair for desc in descs for pair in desc]
@@ -193,6 +193,24 @@ def _unsupported_reason(layer, inputs, outputs, descs, calls: int) -> str | None
         return "concatenates along an axis other than the channels"
     if kind == "Flatten" and any(dim is None for dim in inputs[0].shape[1:]):
         return "flattens a tensor of unknown size"
+    if kind == "Reshape" and reshape_kind(layer) is None:
+        return "reshapes across the channels"
+    return None
+
+
+def reshape_kind(layer) -> str | None:
+    """How a Reshape moves channels: "channels" where it keeps the last axis (an SE block's (C,) -> (1, 1, C),
+    (H, W, C) -> (H * W, C)): row-major order leaves each value in its channel; "flatten" where it flattens an image
+    as Flatten does; None for anything else (or another layer)."""
+    if type(layer).__name__ != "Reshape":
+        return None
+    before, after = tuple(layer.input_shape[1:]), tuple(layer.output_shape[1:])
+    if None in before or None in after or not before or not after:
+        return None
+    if before[-1] == after[-1]:
+        return "channels"
+    if len(after) == 1 and len(before) > 1 and after[0] == math.prod(before):
+        return "flatten"
     return None
 
 

@@ -132,12 +132,14 @@ def _rebuild(model, trace: ChannelTrace, keep):
 
     sizes = {}
     for name, (_, out_desc) in trace.io.items():
-        if trace.types[name] in PRUNABLE and (kept := _kept(trace, keep, out_desc)) is not None:
+        if (trace.types[name] in PRUNABLE + ("Reshape",)) and (kept := _kept(trace, keep, out_desc)) is not None:
             sizes[name] = len(kept)
 
     def clone(layer):
         config = layer.get_config()
-        if layer.name in sizes:
+        if layer.name in sizes and type(layer).__name__ == "Reshape":  # its shape is written out: the new last axis
+            config["target_shape"] = (*tuple(config["target_shape"])[:-1], sizes[layer.name])
+        elif layer.name in sizes:
             config["filters" if "filters" in config else "units"] = sizes[layer.name]
         return layer.__class__.from_config(config)
 
