@@ -123,8 +123,9 @@ def decide_input_range(model, choice: str = "auto", log: Callable[[str], None] |
             raise ConfigError(f"input range must be auto or one of {', '.join(INPUT_RANGES)}, got {choice!r}")
         decided, why = choice, "as given"
     else:
+        # A QAT model starts with tfmot's QuantizeLayer, which only rounds the pixels to its int8 grid.
         first = next((layer for layer in model.layers
-                      if type(getattr(layer, "layer", layer)).__name__ not in ("InputLayer",
+                      if type(getattr(layer, "layer", layer)).__name__ not in ("InputLayer", "QuantizeLayer",
                                                                                *GEOMETRIC_PREPROCESSING_LAYERS)),
                      None)
         inner = getattr(first, "layer", first)

@@ -308,12 +308,13 @@ def test_depthwise_relu6_block_runs_on_integer_kernels(synthetic_data, tmp_path)
 
 
 def test_model_with_its_own_rescaling_quantizes_by_default(synthetic_data, tmp_path):
-    """A model taking raw pixels (Rescaling first): QAT quantizes only the Rescaling's output by default and says so,
-    and the int8 file takes the same raw pixels, agrees with the QAT model and runs on integer kernels, the first
+    """A model taking raw pixels (Rescaling first): QAT quantizes only the Rescaling's output by default and says so;
+    the QAT model, behind tfmot's QuantizeLayer, still says it takes raw pixels; the int8 file takes them, agrees with the QAT model and runs on integer kernels, the first
     convolution included, widened to 4 input channels for onnxruntime's fast kernels (`input_channels_widened`)."""
     import onnx
     from helpers import optimized_ops
 
+    from compress.checks import decide_input_range
     from compress.export.exporter import export_model
     from compress.keras import keras
     from compress.kerasmodel import load_model, save_model
@@ -333,6 +334,7 @@ def test_model_with_its_own_rescaling_quantizes_by_default(synthetic_data, tmp_p
     loaded = load_model(save_model(outcome.model, tmp_path / "qat.keras"))
     images = raw.normalized("test")[0][:16]
     np.testing.assert_allclose(loaded.predict(images, verbose=0), outcome.model.predict(images, verbose=0), atol=1e-6)
+    assert type(loaded.layers[0]).__name__ == "QuantizeLayer" and decide_input_range(loaded) == "raw"
 
     result = export_model(loaded, tmp_path / "export", data=raw, parity_samples=64)
     assert result["parity_ok"], result["parity"]
