@@ -237,3 +237,27 @@ def test_ptq_file_parity_compares_the_file_with_the_quantized_model_it_holds(mod
 
     monkeypatch.setattr(parity, "open_session", shifted_reference)
     assert not parity.check_quantized_file(outcome.files[name], inputs, source, labels=labels)["ok"]
+
+
+def test_a_format_whose_converter_fails_is_refused_and_the_others_kept(synthetic_data, tmp_path, monkeypatch):
+    """TFLite's int8 calibration failed on GroupNormalization (BROADCAST_TO) and took the ONNX file down with it:
+    now the failing format is recorded as refused, the others are written, and all failing is still an error."""
+    from compress.errors import ExportError
+    from compress.keras import keras
+    from compress.techniques import ptq as ptq_module
+
+    layers = keras.layers
+    net = keras.Sequential([keras.Input(synthetic_data.input_shape), layers.Conv2D(8, 3), layers.GroupNormalization(2),
+                            layers.ReLU(), layers.GlobalAveragePooling2D(), layers.Dense(synthetic_data.num_classes)])
+    config = PTQConfig(calibration=32, formats=("onnx-qdq", "tflite-int8"))
+    outcome = ptq(net, config, synthetic_data, out_dir=tmp_path, verbose=0)
+    assert set(outcome.files) == {"onnx-qdq"} and (tmp_path / "model.int8.onnx").is_file()
+    assert "TFLite" in outcome.stats["refused_formats"]["tflite-int8"]
+    assert not (tmp_path / "model.int8.tflite").exists()
+
+    def fails(*args, **kwargs):
+        raise ExportError("converter failed")
+
+    monkeypatch.setattr(ptq_module, "_write_onnx_qdq", fails)
+    with pytest.raises(ExportError, match="converter failed"):
+        ptq(net, config, synthetic_data, out_dir=tmp_path / "none", verbose=0)

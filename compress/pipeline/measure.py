@@ -40,6 +40,8 @@ def measure_run(recipe: RunRecipe, options: RunOptions, data, names: list[str], 
         manifest = read_manifest(folder)
         if manifest.get("refused") is not None:
             refused[name] = manifest["refused"]
+        for label, reason in _stats(folder).get("refused_formats", {}).items():  # a PTQ format its converter failed
+            refused[f"{name}:{label}"] = reason
         previous = {} if options.remeasure else _read_measurements(folder, settings)
         for label, entry in manifest["export"].items():
             path = folder / Path(entry["path"]).name
@@ -105,11 +107,16 @@ def measure_run(recipe: RunRecipe, options: RunOptions, data, names: list[str], 
 
 def _left_alone(folder: Path) -> dict:
     """The layers a stage's technique did not touch, with its reasons (from the stage's stats.json)."""
+    stats = _stats(folder)
+    return stats.get("left_alone") or stats.get("channels", {}).get("left_alone") or {}
+
+
+def _stats(folder: Path) -> dict:
+    """A stage's technique stats (its stats.json), {} where it has none."""
     try:
-        stats = json.loads((folder / "stats.json").read_text()).get("stats", {})
+        return json.loads((folder / "stats.json").read_text()).get("stats", {})
     except (OSError, ValueError):
         return {}
-    return stats.get("left_alone") or stats.get("channels", {}).get("left_alone") or {}
 
 
 def _input_model(options: RunOptions) -> dict | None:

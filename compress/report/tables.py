@@ -167,7 +167,8 @@ def render_markdown(results: dict, summary: dict, rows: list[dict]) -> str:
     lines += _cuda_lines(rows, cuda_batch_sizes(results))
     refused = results.get("refused") or {}
     if refused:
-        lines += ["", "Stages refused (the technique cannot handle this model; nothing was exported for them):", ""]
+        lines += ["", "Stages refused, or a stage's file formats (`stage:format`): the technique or converter cannot "
+                      "handle this model, nothing was exported for them:", ""]
         lines += [f"- {_md(name)}: {_md(str(reason))}" for name, reason in refused.items()]
     untouched = [(v["name"], layer, reason) for v in results["variants"]
                  for layer, reason in (v.get("left_alone") or {}).items()]

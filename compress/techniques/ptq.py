@@ -137,15 +137,23 @@ def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome
     if stripped:
         stats["stripped_wrappers"] = stripped
     files: dict[str, Path] = {}
+    failures: dict[str, ExportError | ModelError] = {}
     for name in config.formats:
         target = out_dir / FILE_NAMES[name]
         started = time.perf_counter()
-        if name == "onnx-qdq":
-            details = _write_onnx_qdq(file_model, calibration, config.per_channel, resolve_reduce_range(config), target,
-                                      config.float_layers)
-        else:
-            details = _write_tflite(file_model, calibration, config.per_channel, target,
-                                    full_integer=name == "tflite-int8")
+        try:
+            if name == "onnx-qdq":
+                details = _write_onnx_qdq(file_model, calibration, config.per_channel, resolve_reduce_range(config),
+                                          target, config.float_layers)
+            else:
+                details = _write_tflite(file_model, calibration, config.per_channel, target,
+                                        full_integer=name == "tflite-int8")
+        except (ExportError, ModelError) as exc:  # one converter failing leaves the other formats worth having
+            failures[name] = exc
+            stats.setdefault("refused_formats", {})[name] = str(exc)
+            if verbose:
+                print(f"ptq: {target.name} not made: {exc}", flush=True)
+            continue
         record_metadata(target, {"compress_version": __version__, "technique_chain": '["ptq"]', "precision": "int8",
                                  "input_range": data.input_range,  # which pixels the file takes, for evaluate
                                  **({"binary_output": kind} if kind else {})})
@@ -164,6 +172,8 @@ def ptq(model, config: PTQConfig, data, *, out_dir, verbose: int = 1) -> Outcome
             entry = stats["formats"][name]
             print(f"ptq: {target.name}: {entry['bytes']:,} bytes, test accuracy {entry['test_accuracy']:.4f} "
                   f"(agrees with Keras on {entry['agreement_with_keras']:.1%})", flush=True)
+    if not files:
+        raise next(iter(failures.values()))
     return Outcome(model=None, stats=stats, files=files)
 
 
