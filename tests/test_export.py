@@ -309,8 +309,9 @@ def test_depthwise_relu6_block_runs_on_integer_kernels(synthetic_data, tmp_path)
 
 def test_model_with_its_own_rescaling_quantizes_by_default(synthetic_data, tmp_path):
     """A model taking raw pixels (Rescaling first): QAT quantizes only the Rescaling's output by default and says so;
-    the QAT model, behind tfmot's QuantizeLayer, still says it takes raw pixels; the int8 file takes them, agrees with the QAT model and runs on integer kernels, the first
-    convolution included, widened to 4 input channels for onnxruntime's fast kernels (`input_channels_widened`)."""
+    the QAT model, behind tfmot's QuantizeLayer, still says it takes raw pixels; the int8 file takes them, agrees
+    with the QAT model and runs on integer kernels, the first convolution included, widened to 4 input channels for
+    onnxruntime's fast kernels (`input_channels_widened`)."""
     import onnx
     from helpers import optimized_ops
 

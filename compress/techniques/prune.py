@@ -86,8 +86,8 @@ class PruneConfig(TechniqueConfig):
     layer_sparsity: dict = option(FrozenDict(), "per-layer targets overriding --sparsity, e.g. dense1=0.95,conv2=0.5",
                                   parse=lambda text: parse_name_values(text, "layer_sparsity"), metavar="NAME=S,...")
     structure: str = option("none", "none (single weights); channels: remove the share --sparsity of whole Conv2D "
-                            "and SeparableConv2D filters and Dense units by L1 norm, so that the model gets smaller and faster (the "
-                            "classifier's outputs stay); or N:M: keep at most N non-zero weights in every M "
+                            "and SeparableConv2D filters and Dense units by L1 norm, so that the model gets smaller "
+                            "and faster (the classifier's outputs stay); or N:M: keep at most N non-zero weights in every M "
                             "consecutive input-channel weights (e.g. 2:4; replaces --sparsity/--schedule)",
                             parse=parse_structure, metavar="none|channels|N:M")
     channel_multiple: int = option(CHANNEL_MULTIPLE, "structure channels: each layer keeps the nearest multiple of "
