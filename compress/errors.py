@@ -31,3 +31,9 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def listed(items: list[str], shown: int = 4, separator: str = ", ") -> str:
+    """The first `shown` items joined, the rest counted: a refusal naming many layers stays one short line."""
+    rest = len(items) - shown
+    return separator.join(items[:shown]) + (f"{separator}and {rest} more" if rest > 0 else "")

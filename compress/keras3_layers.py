@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.errors import ModelError, first_line
+from compress.errors import ModelError, first_line, listed
 
 SUPPORTED_LAYERS = frozenset(
     "Conv2D Conv1D DepthwiseConv2D SeparableConv2D Conv2DTranspose Dense BatchNormalization LayerNormalization "
@@ -78,16 +78,12 @@ def check_layers(path: Path, layers: list[tuple[str, str, str]]) -> None:
               and class_name != "Lambda"
               and not module.startswith(OPERATION_MODULES)]
     if lambdas:
-        raise ModelError(f"{path}: layer(s) {_listed(lambdas)} are Lambda layers, Python code written for Keras 3, "
+        raise ModelError(f"{path}: layer(s) {listed(lambdas)} are Lambda layers, Python code written for Keras 3, "
                          "which cannot run on tf_keras (even with --unsafe); rebuild them from built-in layers or "
                          "save the model with tf_keras")
     if others:
-        raise ModelError(f"{path}: layer(s) {_listed(others)} have no tf_keras translation; rebuild the model from "
+        raise ModelError(f"{path}: layer(s) {listed(others)} have no tf_keras translation; rebuild the model from "
                          "the layers in compress.keras3_layers.SUPPORTED_LAYERS or save it with tf_keras")
-
-
-def _listed(names: list[str], shown: int = 4) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 class Builder:

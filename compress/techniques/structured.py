@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from compress.errors import ConfigError, ModelError
+from compress.errors import ConfigError, ModelError, listed
 from compress.kerasmodel import count_macs
 from compress.techniques.channel_trace import FIXED_OUTPUT, PRUNABLE, ChannelTrace
 from compress.techniques.finetune import is_number
@@ -52,8 +52,8 @@ def remove_channels(model, *, sparsity: float, layer_sparsity: Mapping[str, floa
     keep = _choose_channels(model, trace, targets, score, multiple)
     if not any(keep[root] is not None for root in trace.groups.roots()):
         reasons = [f"{name}: {reason}" for name, reason in _left_alone(trace).items()]
-        shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
-        raise ModelError(f"model {model.name!r} has no layer whose channels can be removed: {shown}")
+        raise ModelError(f"model {model.name!r} has no layer whose channels can be removed: "
+                         f"{listed(reasons, 3, '; ')}")
     new_model = _rebuild(model, trace, keep)
     return new_model, {**_info(model, new_model, trace, keep, targets, score), "channel_multiple": multiple}
 
