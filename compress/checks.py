@@ -60,19 +60,25 @@ def matched_to_data(model, data, log: Callable[[str], None] | None = None) -> tu
     height or width (None in its input shape, as keras.applications backbones built without an input_shape) is
     built at the data's size, at which every later technique, export and timing then works; a binary classifier
     giving one score (Dense(1), as in the Keras guides) is given one score per class (`two_score_model`), and its
-    files give the one score back; data augmentation layers in the model are left out (`without_augmentation`).
+    files give the one score back; layers that act only in training (data augmentation, noise) are left out
+    (`without_training_only_layers`), and the model is given the plain form every technique works on
+    (`plain_model`: nested models inlined, float32 compute and input, layers trainable).
     Anything else that does not fit is left for `check_model_fits_data` to refuse."""
-    from compress.kerasmodel import built_at_size, two_score_model, without_augmentation
+    from compress.kerasmodel import built_at_size, two_score_model, without_training_only_layers
+    from compress.plain_model import plain_model
 
     inputs = getattr(model, "inputs", None)
     if not inputs or len(inputs) != 1 or len(inputs[0].shape) != 4:
         return model, data
     shape = tuple(inputs[0].shape[1:])
     say = log if log is not None else (lambda _: None)
-    model, dropped = without_augmentation(model)
+    model, dropped = without_training_only_layers(model)
     if dropped:
-        say(f"model: left out {', '.join(dropped)}: data augmentation, which acts only in training and passes "
-            "images through unchanged at inference")
+        say(f"model: left out {', '.join(dropped)}: layers that act only in training (augmentation, noise, "
+            "regularization) and pass their input through unchanged at inference")
+    model, changes = plain_model(model)
+    for change in changes:
+        say(change)
     if {shape[2], data.input_shape[2]} == {1, 3}:
         data = data.with_channels(shape[2])
         say(f"images: {data.source} has {'RGB' if shape[2] == 1 else 'grey'} images and the model takes "

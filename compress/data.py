@@ -3,7 +3,9 @@
 Sources:
 - ``cifar10-mini``: a class-balanced CIFAR-10 subset shipped inside the package (no network, no extra files).
 - ``cifar10``: the full set, from a class-folder copy (``data_dir`` or $COMPRESS_CIFAR10_DIR), else Keras' download.
-- ``folder:PATH``: class folders, either ``PATH/train/<class>/`` + ``PATH/test/<class>/`` or ``PATH/<class>/``.
+- ``folder:PATH``: class folders, either ``PATH/train/<class>/`` + ``PATH/test/<class>/`` (a ``val/`` folder beside
+  them is the validation split; ``train/`` + ``val/`` alone, the layout of many published sets, take ``val/`` as the
+  test split) or ``PATH/<class>/``.
 
 Decoded images are cached as .npz under $COMPRESS_CACHE_DIR (default ~/.cache/compress), keyed on the source files'
 names, sizes and modification times, so a second load reads one file instead of decoding thousands.
@@ -32,7 +34,8 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 CIFAR10_DIR_ENV = "COMPRESS_CIFAR10_DIR"
 CACHE_DIR_ENV = "COMPRESS_CACHE_DIR"
 KNOWN_SOURCES = ("cifar10-mini", "cifar10", "folder:PATH")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+VALIDATION_FOLDERS = ("val", "valid", "validation")  # a folder of one of these names beside train/
 MINI_ARCHIVE = "cifar10_mini.zip"
 PREFETCH_BATCHES = 2  # batches made ahead of training: one takes ~7 ms to augment, a training step 100+ ms
 # A single-folder set is split into train/test with this fixed seed, so that --seed changes the
@@ -59,6 +62,7 @@ class Dataset:
     y_test: np.ndarray
     seed: int = 0
     input_range: str = "unit"  # what the model takes: see INPUT_RANGES
+    splits_note: str = ""  # where the validation and test splits came from, when a folder's layout decided it
 
     def __post_init__(self):
         if self.input_range not in INPUT_RANGES:
@@ -107,6 +111,7 @@ class Dataset:
             "counts": {name: int(len(self.split(name)[1])) for name in ("train", "val", "test")},
             "seed": self.seed,
             "input_range": self.input_range,
+            **({"splits": self.splits_note} if self.splits_note else {}),
         }
 
     def fingerprint(self) -> str:
@@ -199,13 +204,15 @@ def load_data(
         raise DataError(f"image size must be two integers from 1 to {MAX_IMAGE_SIDE} (height, width), got {image_size}")
     cache = Path(cache_dir or os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "compress")
 
+    note = ""
     if source == "cifar10-mini":
         tree = _zip_tree(resources.files("compress") / "datasets" / MINI_ARCHIVE)
         raw = _decode_cached(tree, image_size, cache)
     elif source == "cifar10":
         folder = data_dir or os.environ.get(CIFAR10_DIR_ENV)
         if folder:
-            raw = _decode_cached(_folder_tree(Path(folder), test_fraction), image_size, cache)
+            tree, note = _folder_tree(Path(folder), test_fraction)
+            raw = _decode_cached(tree, image_size, cache)
             if raw[4] != CIFAR10_CLASSES:
                 raise DataError(f"{folder} does not hold the CIFAR-10 classes ({', '.join(CIFAR10_CLASSES)})")
         else:
@@ -215,25 +222,32 @@ def load_data(
             raise DataError("folder: needs the path of your image folder, e.g. --data folder:/data/flowers")
         if data_dir is not None:
             raise DataError("--data-dir applies to the cifar10 source; for folder:PATH the path is in the name")
-        raw = _decode_cached(_folder_tree(Path(source[len("folder:"):]), test_fraction), image_size, cache)
+        tree, note = _folder_tree(Path(source[len("folder:"):]), test_fraction)
+        raw = _decode_cached(tree, image_size, cache)
     else:
         raise DataError(f"unknown data source {source!r}; known sources: {', '.join(KNOWN_SOURCES)}")
 
-    x_train_all, y_train_all, x_test, y_test, class_names = raw
+    x_train_all, y_train_all, x_test, y_test, class_names, given_val = raw
     if len(class_names) < 2:
         raise DataError(f"{source} has {len(class_names)} class ({', '.join(class_names)}); a classifier needs two or "
                         "more class folders")
-    train_idx, val_idx = stratified_split(y_train_all, val_fraction, seed, class_names)
+    if given_val is None:
+        train_idx, val_idx = stratified_split(y_train_all, val_fraction, seed, class_names)
+        x_val, y_val = x_train_all[val_idx], y_train_all[val_idx]
+    else:  # the user's own validation images; the training images all train, shuffled as a split would be
+        train_idx = np.random.default_rng(seed).permutation(len(y_train_all))
+        x_val, y_val = given_val
     return Dataset(
         source=source,
         class_names=class_names,
         x_train=x_train_all[train_idx],
         y_train=y_train_all[train_idx],
-        x_val=x_train_all[val_idx],
-        y_val=y_train_all[val_idx],
+        x_val=x_val,
+        y_val=y_val,
         x_test=x_test,
         y_test=y_test,
         seed=seed,
+        splits_note=note,
     )
 
 
@@ -257,23 +271,41 @@ Entry = tuple[str, int, float, Callable[[], bytes]]
 Tree = dict[str, dict[str, list[Entry]]]
 
 
-def _folder_tree(root: Path, test_fraction: float) -> Tree:
+def _folder_tree(root: Path, test_fraction: float) -> tuple[Tree, str]:
+    """(tree of the folder's splits, a line saying where the validation and test splits come from where the
+    layout decided it, else "")."""
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data folder {root} is not a folder")
-    if (root / "train").is_dir() or (root / "test").is_dir():
-        for split in ("train", "test"):
-            if not (root / split).is_dir():
-                raise DataError(f"{root} has a train/ or test/ folder but no {split}/ folder beside it")
-        tree = {split: _class_folders(root / split) for split in ("train", "test")}
-        only_train = sorted(set(tree["train"]) - set(tree["test"]))
-        only_test = sorted(set(tree["test"]) - set(tree["train"]))
-        if only_train:
-            raise DataError(f"class(es) {', '.join(only_train)} in {root / 'train'} have no images in {root / 'test'}")
-        if only_test:
-            raise DataError(f"class(es) {', '.join(only_test)} in {root / 'test'} have no images in {root / 'train'}")
-        return tree
+    val_dir = next((root / name for name in VALIDATION_FOLDERS if (root / name).is_dir()), None)
+    if (root / "train").is_dir() or (root / "test").is_dir() or val_dir is not None:
+        if not (root / "train").is_dir():
+            raise DataError(f"{root} has a {'test' if (root / 'test').is_dir() else val_dir.name}/ folder but no "
+                            "train/ folder beside it")
+        if (root / "test").is_dir():
+            splits = {"train": root / "train", "test": root / "test", **({"val": val_dir} if val_dir else {})}
+            note = (f"validation split: the images of {val_dir.name}/ (--val-fraction does not apply)"
+                    if val_dir else "")
+        elif val_dir is not None:
+            splits = {"train": root / "train", "test": val_dir}
+            note = (f"test split: the images of {val_dir.name}/ (there is no test/ folder); validation split: "
+                    "part of train/ (--val-fraction)")
+        else:
+            raise DataError(f"{root} has a train/ folder but no test/ (or val/) folder beside it")
+        tree = {split: _class_folders(folder) for split, folder in splits.items()}
+        for split in tree:
+            if split == "train":
+                continue
+            only_train = sorted(set(tree["train"]) - set(tree[split]))
+            only_other = sorted(set(tree[split]) - set(tree["train"]))
+            if only_train:
+                raise DataError(f"class(es) {', '.join(only_train)} in {splits['train']} have no images in "
+                                f"{splits[split]}")
+            if only_other:
+                raise DataError(f"class(es) {', '.join(only_other)} in {splits[split]} have no images in "
+                                f"{splits['train']}")
+        return tree, note
     classes = _class_folders(root)
     # Split a single tree per class by ratio, with a fixed seed so the test images never depend on --seed.
     tree: Tree = {"train": {}, "test": {}}
@@ -284,7 +316,7 @@ def _folder_tree(root: Path, test_fraction: float) -> Tree:
         n_test = max(1, round(len(entries) * test_fraction))
         tree["test"][name] = [entries[i] for i in sorted(order[:n_test])]
         tree["train"][name] = [entries[i] for i in sorted(order[n_test:])]
-    return tree
+    return tree, ""
 
 
 def _class_folders(root: Path) -> dict[str, list[Entry]]:
@@ -325,35 +357,42 @@ def _zip_tree(archive_path) -> Tree:
 
 
 def _decode_cached(tree: Tree, image_size, cache_dir: Path):
+    """(x_train, y_train, x_test, y_test, class names, (x_val, y_val) or None) of a tree, from the cache when its
+    listing was decoded before."""
     class_names = tuple(sorted(tree["train"]))
+    splits = [split for split in ("train", "test", "val") if split in tree]
     listing = hashlib.sha256(f"{DECODER_VERSION}|{image_size!r}".encode())
-    for split in ("train", "test"):
+    for split in splits:
         for class_name in class_names:
             for name, size, mtime, _ in tree[split][class_name]:
                 listing.update(f"{split}|{name}|{size}|{mtime}\n".encode())
     cache_file = cache_dir / f"images-{listing.hexdigest()[:24]}.npz"
+    arrays = None
     if cache_file.exists():
         try:
             with np.load(cache_file) as cached:
-                return (cached["x_train"], cached["y_train"], cached["x_test"], cached["y_test"], class_names)
+                arrays = {split: (cached[f"x_{split}"], cached[f"y_{split}"]) for split in splits}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # a damaged cache file is rebuilt below
-    x_train, y_train = _decode_split(tree["train"], class_names, image_size)
-    x_test, y_test = _decode_split(tree["test"], class_names, image_size)
-    if x_train.shape[-1] != x_test.shape[-1]:  # a grayscale split beside a colour one: both become RGB
-        x_train, x_test = (np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x for x in (x_train, x_test))
-    if x_train.shape[1:3] != x_test.shape[1:3]:
-        raise DataError(f"training images are {x_train.shape[1]}x{x_train.shape[2]} but test images "
-                        f"{x_test.shape[1]}x{x_test.shape[2]}; pass --image-size HxW to resize both")
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_suffix(f".{os.getpid()}.partial")
-        with open(partial, "wb") as handle:
-            np.savez(handle, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-        os.replace(partial, cache_file)
-    except OSError:
-        pass  # a read-only or full cache folder costs speed, not correctness
-    return x_train, y_train, x_test, y_test, class_names
+    if arrays is None:
+        arrays = {split: _decode_split(tree[split], class_names, image_size) for split in splits}
+        if len({x.shape[-1] for x, _ in arrays.values()}) > 1:  # a grayscale split beside a colour one: all RGB
+            arrays = {split: (np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x, y) for split, (x, y) in arrays.items()}
+        train = arrays["train"][0]
+        for split, (x, _) in list(arrays.items())[1:]:
+            if x.shape[1:3] != train.shape[1:3]:
+                raise DataError(f"training images are {train.shape[1]}x{train.shape[2]} but {split} images "
+                                f"{x.shape[1]}x{x.shape[2]}; pass --image-size HxW to resize them all")
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            partial = cache_file.with_suffix(f".{os.getpid()}.partial")
+            with open(partial, "wb") as handle:
+                np.savez(handle, **{f"{kind}_{split}": array for split, pair in arrays.items()
+                                    for kind, array in zip("xy", pair)})
+            os.replace(partial, cache_file)
+        except OSError:
+            pass  # a read-only or full cache folder costs speed, not correctness
+    return (*arrays["train"], *arrays["test"], class_names, arrays.get("val"))
 
 
 def _decode_split(classes: dict[str, list[Entry]], class_names, image_size):
@@ -407,4 +446,5 @@ def _download_cifar10(image_size):
         ) from exc
     if image_size is not None and tuple(image_size) != x_train.shape[1:3]:
         raise DataError("--image-size is not supported for the downloaded CIFAR-10; use a class-folder copy")
-    return x_train, y_train.ravel().astype(np.int64), x_test, y_test.ravel().astype(np.int64), CIFAR10_CLASSES
+    return (x_train, y_train.ravel().astype(np.int64), x_test, y_test.ravel().astype(np.int64), CIFAR10_CLASSES,
+            None)

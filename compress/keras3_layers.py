@@ -25,6 +25,8 @@ AUGMENTATION_LAYERS = frozenset(
     "RandomPosterization RandomErasing RandomGaussianBlur RandomInvert RandomPerspective RandAugment AugMix MixUp "
     "CutMix".split()
 )
+# Layers that act only in training, as augmentation does: identities at inference (tf_keras models drop them all).
+TRAINING_ONLY_LAYERS = AUGMENTATION_LAYERS | {"GaussianNoise", "GaussianDropout", "AlphaDropout", "ActivityRegularization"}
 # keras.applications' own layers, rebuilt from tf_keras layers that compute the same: ConvNeXt's LayerScale
 # (each channel times a learned factor) as a 1x1 DepthwiseConv2D without bias, its factors as the kernel.
 APPLICATION_LAYERS = frozenset({"LayerScale"})

@@ -6,6 +6,7 @@ training wrappers, the one-image-input / one-output shape every technique assume
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -101,16 +102,22 @@ def translation_note(source: dict) -> str | None:
             + (f"; left out {', '.join(left_out)}: data augmentation, which acts only in training" if left_out else ""))
 
 
-def _load_tf_keras(path: Path, unsafe: bool):
+def loading_scope() -> contextlib.ExitStack:
+    """The classes a saved model may name: models saved mid-compression carry tfmot wrappers and quantizers, and
+    two of tfmot's quantization classes need the fixed builds in loading_objects() to load from .keras files."""
     from compress.keras import keras, tfmot
 
-    # Models saved mid-compression carry tfmot wrappers; their classes must be known to deserialize, and two of
-    # tfmot's quantization classes need the fixed builds in loading_objects() to load from .keras files.
-    with (
-        tfmot.quantization.keras.quantize_scope(),
-        tfmot.clustering.keras.cluster_scope(),
-        keras.utils.custom_object_scope(loading_objects()),
-    ):
+    scope = contextlib.ExitStack()
+    for context in (tfmot.quantization.keras.quantize_scope(), tfmot.clustering.keras.cluster_scope(),
+                    keras.utils.custom_object_scope(loading_objects())):
+        scope.enter_context(context)
+    return scope
+
+
+def _load_tf_keras(path: Path, unsafe: bool):
+    from compress.keras import keras
+
+    with loading_scope():
         try:
             return keras.models.load_model(path, compile=False, safe_mode=not unsafe)
         except ValueError as exc:
@@ -300,37 +307,39 @@ def scores_per_class(outputs: np.ndarray, kind: str | None) -> np.ndarray:
     return np.concatenate([-outputs / 2, outputs / 2], axis=1)
 
 
-def rebuilt_from_config(model, config: dict, weights: dict):
+def rebuilt_from_config(model, config: dict, weights: dict, *, probe: np.ndarray | None = None, atol: float = 1e-5,
+                        rtol: float = 0.0):
     """`model` rebuilt from its rewritten `config`, each layer's weights from `weights` (by name) or else from the
-    layer of that name in `model`; None where the rebuilt model does not compute what `model` does (a graph the
-    rewrite does not understand: left to the refusal that names the layer)."""
-    from compress.keras import keras
-
-    with keras.utils.custom_object_scope(loading_objects()):
+    layer of that name in `model`; None where the rebuilt model does not compute what `model` does on `probe`
+    (default: two random [0, 1) images) within `atol` + `rtol` (a graph the rewrite does not understand: left to the
+    refusal that names the layer)."""
+    with loading_scope():
         rebuilt = type(model).from_config(config)
     for layer in rebuilt.layers:
         if layer.weights:
             layer.set_weights(weights[layer.name] if layer.name in weights else
                               model.get_layer(layer.name).get_weights())
-    shape = [32 if dim is None else dim for dim in model.input_shape[1:]]  # any size a fully convolutional model takes
-    probe = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
-    if not np.allclose(model(probe, training=False), rebuilt(probe, training=False), atol=1e-5):
+    if probe is None:
+        shape = [32 if dim is None else dim for dim in model.input_shape[1:]]  # any size a convolutional model takes
+        probe = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
+    if not np.allclose(model(probe, training=False), rebuilt(probe, training=False), atol=atol, rtol=rtol):
         return None
     return rebuilt
 
 
-def without_augmentation(model) -> tuple:
-    """(`model` without its data augmentation layers, [their names]): RandomFlip, RandomRotation and their kind
-    (also a nested model made of nothing else, as the Keras guides' `data_augmentation` block) pass images through
-    unchanged at inference, and tfmot's quantization refuses them.
+def without_training_only_layers(model) -> tuple:
+    """(`model` without the layers that act only in training, [their names]): data augmentation (RandomFlip,
+    RandomRotation and their kind, also a nested model made of nothing else, as the Keras guides'
+    `data_augmentation` block), noise (GaussianNoise, GaussianDropout, AlphaDropout) and ActivityRegularization pass
+    their input through unchanged at inference, and tfmot's quantization refuses them.
     The model is rebuilt without them and checked to compute the same."""
-    from compress.keras3_layers import AUGMENTATION_LAYERS
+    from compress.keras3_layers import TRAINING_ONLY_LAYERS
 
-    def augmentation_only(layer) -> bool:
+    def training_only(layer) -> bool:
         inner = [item for item in getattr(layer, "layers", None) or [] if type(item).__name__ != "InputLayer"]
-        return type(layer).__name__ in AUGMENTATION_LAYERS or (bool(inner) and all(map(augmentation_only, inner)))
+        return type(layer).__name__ in TRAINING_ONLY_LAYERS or (bool(inner) and all(map(training_only, inner)))
 
-    dropped = [layer.name for layer in model.layers if augmentation_only(layer)
+    dropped = [layer.name for layer in model.layers if training_only(layer)
                and len(layer._inbound_nodes) == 1]  # noqa: SLF001 - Keras 2 exposes calls only this way
     if not dropped:
         return model, []
@@ -347,7 +356,7 @@ def without_augmentation(model) -> tuple:
         config["output_layers"] = rerouted_references(config["output_layers"], sources)
     rebuilt = rebuilt_from_config(model, config, {})
     if rebuilt is None:
-        raise ModelError(f"leaving out the augmentation layers {', '.join(dropped)} changed what the model computes; "
+        raise ModelError(f"leaving out the training-only layers {', '.join(dropped)} changed what the model computes; "
                          "save the model without them")
     return rebuilt, dropped
 

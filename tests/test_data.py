@@ -115,6 +115,36 @@ def test_mixed_sizes_need_image_size(tmp_path):
     assert load_data(f"folder:{root}", cache_dir=tmp_path / "c", image_size=(16, 16)).input_shape == (16, 16, 3)
 
 
+def test_a_val_folder_beside_train_and_test_is_the_validation_split(tmp_path):
+    """The user's own validation images are used as such (they were ignored), and said; --val-fraction is not."""
+    root = make_folder_set(tmp_path / "set")
+    (root / "train").rename(root / "all")
+    make_folder_set(tmp_path / "v", per_class=4)
+    (tmp_path / "v" / "train").rename(root / "val")
+    (root / "all").rename(root / "train")
+    data = load_data(f"folder:{root}", cache_dir=tmp_path / "c", val_fraction=0.5)
+    assert np.bincount(data.y_val).tolist() == [4, 4, 4] and np.bincount(data.y_train).tolist() == [6, 6, 6]
+    assert "val/" in data.splits_note and "validation" in data.describe()["splits"]
+    again = load_data(f"folder:{root}", cache_dir=tmp_path / "c", val_fraction=0.5)  # from the cache
+    assert np.array_equal(again.x_val, data.x_val) and np.array_equal(again.x_test, data.x_test)
+
+
+def test_train_and_val_folders_alone_take_val_as_the_test_split(tmp_path):
+    root = make_folder_set(tmp_path / "set")
+    (root / "test").rename(root / "validation")
+    data = load_data(f"folder:{root}", cache_dir=tmp_path / "c", val_fraction=0.34)
+    assert np.bincount(data.y_test).tolist() == [3, 3, 3] and np.bincount(data.y_val).tolist() == [2, 2, 2]
+    assert data.splits_note.startswith("test split: the images of validation/")
+
+
+def test_webp_tiff_and_gif_images_are_read(tmp_path):
+    root = make_folder_set(tmp_path / "set")
+    for number, suffix in enumerate((".webp", ".tif", ".gif")):
+        Image.new("RGB", (10, 12), (number * 50, 0, 0)).save(root / "train" / "cat" / f"extra{suffix}")
+    data = load_data(f"folder:{root}", cache_dir=tmp_path / "c", val_fraction=0.2)
+    assert len(data.y_train) + len(data.y_val) == 6 * 3 + 3
+
+
 def test_cifar10_from_class_folder_copy_via_environment(tmp_path, monkeypatch):
     root = make_folder_set(tmp_path / "c10", classes=CIFAR10_CLASSES, per_class=4, size=(32, 32))
     monkeypatch.setenv("COMPRESS_CIFAR10_DIR", str(root))
@@ -142,8 +172,11 @@ def test_cifar10_offline_without_a_copy_says_how_to_provide_it(monkeypatch, tmp_
         (lambda root: _drop_test_class(make_folder_set(root / "s"), "fox"), "fox"),
         (lambda root: _corrupt_image(make_folder_set(root / "s")), "broken.png"),
         (lambda root: _empty_class(make_folder_set(root / "s"), "owl"), "owl in .* hold no"),
+        (lambda root: (make_folder_set(root / "s") / "train").rename(root / "s" / "val") and root / "s",
+         "folder but no train/ folder"),
     ],
-    ids=["missing-folder", "no-images", "class-missing-in-test", "unreadable-image", "empty-class-folder"],
+    ids=["missing-folder", "no-images", "class-missing-in-test", "unreadable-image", "empty-class-folder",
+         "no-train-folder"],
 )
 def test_bad_folders_are_refused_in_one_line(tmp_path, prepare, message):
     path = prepare(tmp_path)

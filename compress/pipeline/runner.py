@@ -129,6 +129,8 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
     for name in (BASELINE, *(stage.name for stage in recipe.stages)):
         stage_dir(out, name)
     data = load_data(**options.data_args)
+    if data.splits_note:
+        options.log(f"data: {data.splits_note}")
     check_batch_memory(data.input_shape, recipe.batch_sizes)
     source = model = None
     if options.model is not None:  # refuse a model that cannot work with this data before any work is done

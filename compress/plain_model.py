@@ -1,0 +1,174 @@
+"""A user's model in the plain form every technique works on: one flat functional model computing in float32 on a
+float image input, its layers trainable. Each change is checked to leave the predictions as they were, and said.
+
+Users bring models that are not plain: a keras.applications backbone nested in their own model (the
+transfer-learning guides), which tfmot's quantization and the channel trace treat as one opaque layer; layers that
+compute in float16 (mixed precision, trained on a GPU), which TFLite's converter and tfmot refuse and which run
+slowly on a CPU; an input of uint8 pixels, which the float calibration and training data do not fit; a backbone
+frozen for transfer learning, which fine-tuning after pruning or quantization could not adapt.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compress.errors import ModelError, first_line, listed
+
+MIXED_PRECISION_ATOL = 0.05  # float16 vs float32 compute: logits and probabilities differ by ~1e-3, never this much
+
+
+def plain_model(model) -> tuple:
+    """(model in the plain form, [one line per change made]); `model` itself where nothing needs changing."""
+    notes = []
+    nested = [layer.name for layer in model.layers if _is_model(layer)]
+    if nested:
+        model = _inlined(model)
+        notes.append(f"model: nested model(s) {listed(nested)} inlined, so that every technique sees their layers")
+    config = model.get_config()
+    float16 = _float32_compute(model, config)
+    if float16:
+        notes.append(f"model: {len(float16)} layer(s) computing in {float16[0][1]} (mixed precision) made to compute "
+                     "in float32, as a CPU runs them; their weights are float32 already")
+    integer_input = _float_input(config)
+    if integer_input:
+        notes.append(f"model: takes {integer_input} pixels; compressed as the same model taking float32 ones (its "
+                     "files take float32 pixel values)")
+    unfrozen = _unfrozen(model, config)
+    if unfrozen:
+        notes.append(f"model: {len(unfrozen)} frozen layer(s) ({listed(unfrozen)}) made trainable, so that "
+                     "fine-tuning after compression can adapt them; frozen BatchNormalization layers stay frozen")
+    if not (float16 or integer_input or unfrozen):
+        return model, notes
+    return _rebuilt(model, config, loose=bool(float16), integer_input=bool(integer_input)), notes
+
+
+def _is_model(layer) -> bool:
+    return hasattr(layer, "_nodes_by_depth") and hasattr(layer, "layers")
+
+
+def _inlined(model):
+    """`model` with the layers of its nested models called in its own graph (names made unique where they clash),
+    rebuilt from its config as an independent model."""
+    from compress.keras import keras
+    from compress.kerasmodel import rebuilt_from_config
+
+    taken = {layer.name for layer in model.layers if not _is_model(layer)}
+    renamed = set()
+
+    def run(graph, inputs, outer: str):
+        values = {str(id(tensor)): _Reusable(value) for tensor, value in zip(graph.inputs, inputs)}
+        for depth in sorted(graph._nodes_by_depth, reverse=True):  # noqa: SLF001 - tf_keras exposes its graph so
+            for node in graph._nodes_by_depth[depth]:  # noqa: SLF001
+                if node.is_input:
+                    continue
+                args, kwargs = node.map_arguments(values)
+                layer = node.layer
+                if _is_model(layer):
+                    flat = [value for value in _flattened(args[0] if args else next(iter(kwargs.values())))]
+                    outputs = run(layer, flat, layer.name)
+                else:
+                    if outer and id(layer) not in renamed:
+                        renamed.add(id(layer))
+                        if layer.name in taken:
+                            layer._name = _unique(f"{outer}_{layer.name}", taken)  # noqa: SLF001 - Keras 2's only way
+                        taken.add(layer.name)
+                    outputs = layer(*args, **kwargs)
+                for tensor_id, value in zip(node.flat_output_ids, _flattened(outputs)):
+                    values[tensor_id] = _Reusable(value)
+        outputs = [values[str(id(tensor))].pop() for tensor in graph.outputs]
+        return outputs if len(outputs) > 1 else outputs[0]
+
+    try:
+        inputs = [keras.Input(tensor.shape[1:], dtype=tensor.dtype, name=name)
+                  for tensor, name in zip(model.inputs, model.input_names)]
+        flat = keras.Model(inputs if len(inputs) > 1 else inputs[0], run(model, inputs, ""), name=model.name)
+        rebuilt = rebuilt_from_config(flat, flat.get_config(), {})
+    except Exception as exc:  # Keras raises several types for graphs it cannot call again
+        raise ModelError(f"cannot inline the model's nested models: {first_line(exc)}; save the model with their "
+                         "layers in its own graph") from None
+    if rebuilt is None:
+        raise ModelError("inlining the model's nested models changed what it computes; save the model with their "
+                         "layers in its own graph")
+    return rebuilt
+
+
+class _Reusable(list):
+    """A computed tensor that every consumer may take: tf_keras' nodes pop their inputs from the graph's table."""
+
+    def __init__(self, value):
+        super().__init__([value])
+
+    def pop(self, *_):
+        return self[0]
+
+
+def _flattened(structure) -> list:
+    import tensorflow as tf
+
+    return tf.nest.flatten(structure)
+
+
+def _unique(name: str, taken: set) -> str:
+    candidate, number = name, 1
+    while candidate in taken:
+        number += 1
+        candidate = f"{name}_{number}"
+    return candidate
+
+
+def _float32_compute(model, config: dict) -> list:
+    """Layers of a mixed-precision policy set to float32 in `config`: [(name, compute dtype)]."""
+    changed = []
+    for layer, entry in _with_entries(model, config):
+        policy = getattr(layer, "dtype_policy", None)
+        if policy is not None and type(layer).__name__ != "InputLayer" and policy.compute_dtype not in (None, "float32"):
+            entry["config"]["dtype"] = "float32"
+            changed.append((layer.name, policy.name))
+    return changed
+
+
+def _with_entries(model, config: dict) -> list:
+    """(layer, its entry in `config`) for each layer of `model`."""
+    entries = {entry["config"]["name"]: entry for entry in config["layers"]}
+    return [(layer, entries[layer.name]) for layer in model.layers]
+
+
+def _float_input(config: dict) -> str | None:
+    """The integer dtype of the image input, set to float32 in `config`; None for a float input."""
+    for entry in config["layers"]:
+        dtype = entry["config"].get("dtype")
+        if entry["class_name"] == "InputLayer" and isinstance(dtype, str) and ("int" in dtype):
+            entry["config"]["dtype"] = "float32"
+            return dtype
+    return None
+
+
+def _unfrozen(model, config: dict) -> list:
+    """Names of the frozen layers holding weights, made trainable in `config` (BatchNormalization excepted: frozen,
+    it keeps its moving statistics, as the Keras transfer-learning guide fine-tunes)."""
+    from compress.keras import keras
+
+    names = []
+    for layer, entry in _with_entries(model, config):
+        inner = getattr(layer, "layer", layer)  # a tfmot wrapper's layer
+        if (not layer.trainable and layer.weights and not isinstance(inner, keras.layers.BatchNormalization)
+                and not _is_model(layer)):
+            entry["config"]["trainable"] = True
+            names.append(layer.name)
+    return names
+
+
+def _rebuilt(model, config: dict, *, loose: bool, integer_input: bool):
+    """`model` rebuilt from `config`, weights copied; checked on pixel values (integers 0-255 for an integer
+    input), exactly or, where float16 compute became float32, to within MIXED_PRECISION_ATOL."""
+    from compress.kerasmodel import rebuilt_from_config
+
+    rng = np.random.default_rng(0)
+    shape = (4, *model.input_shape[1:])
+    probe = rng.integers(0, 256, shape).astype(np.float32) if integer_input else rng.random(shape, dtype=np.float32)
+    rebuilt = rebuilt_from_config(model, config, {}, probe=probe, atol=MIXED_PRECISION_ATOL if loose else 1e-5,
+                                  rtol=0.01 if loose else 0.0)
+    if rebuilt is None:
+        raise ModelError("the model computing in float32 on a float input, its layers trainable, differs from the "
+                         "saved one; save it with float32 layers and input")
+    return rebuilt

@@ -1,0 +1,110 @@
+"""Models users bring in forms tfmot and the converters refuse: a nested backbone (transfer learning, frozen),
+mixed precision, a uint8 input, noise layers. Each is made the plain model it computes, said, and compressed."""
+
+import numpy as np
+import pytest
+
+from compress.cli import main
+
+
+def _transfer_model():
+    """The Keras transfer-learning pattern: a frozen backbone model called inside the user's model, a new head; the
+    backbone's first convolution is named as a layer of the outer model is."""
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    image = keras.Input((32, 32, 3))
+    hidden = layers.Conv2D(16, 3, padding="same", use_bias=False, name="conv")(image)
+    hidden = layers.ReLU()(layers.BatchNormalization(name="bn")(hidden))
+    hidden = layers.Conv2D(16, 3, strides=2, activation="relu", name="conv_2")(hidden)
+    backbone = keras.Model(image, hidden, name="backbone")
+    backbone.trainable = False
+    inputs = keras.Input((32, 32, 3))
+    hidden = backbone(layers.Rescaling(1 / 255, name="scale")(inputs), training=False)
+    hidden = layers.Conv2D(16, 1, activation="relu", name="conv")(hidden)
+    return keras.Model(inputs, layers.Dense(10, name="logits")(layers.GlobalAveragePooling2D()(hidden)))
+
+
+def test_a_nested_frozen_backbone_is_inlined_and_made_trainable():
+    from compress.plain_model import plain_model
+
+    model = _transfer_model()
+    plain, notes = plain_model(model)
+    kinds = {layer.name: type(layer).__name__ for layer in plain.layers}
+    assert "Functional" not in kinds.values() and {"conv", "backbone_conv", "bn", "conv_2"} <= set(kinds)
+    assert plain.get_layer("backbone_conv").trainable and not plain.get_layer("bn").trainable
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(plain(images), model(images), atol=1e-5)
+    assert notes[0].startswith("model: nested model(s) backbone inlined")
+    assert "frozen layer(s) (backbone_conv, conv_2) made trainable" in notes[1]
+
+
+def test_a_transfer_learning_model_is_quantized_and_its_channels_pruned(tmp_path, capsys):
+    """tfmot refused the nested backbone ("cannot quantize layer(s) backbone (Functional)"), and the channel trace
+    stopped at it ("Functional layers are not supported")."""
+    import json
+
+    from compress.kerasmodel import save_model
+
+    path = save_model(_transfer_model(), tmp_path / "transfer.keras")
+    assert main(["qat", str(path), "--out", str(tmp_path / "qat"), "--epochs", "0.02"]) == 0
+    assert "nested model(s) backbone inlined" in capsys.readouterr().out
+    assert main(["prune", str(path), "--out", str(tmp_path / "channels"), "--structure", "channels",
+                 "--sparsity", "0.5", "--epochs", "0.02"]) == 0
+    channels = json.loads((tmp_path / "channels" / "stats.json").read_text())["stats"]["channels"]
+    assert channels["params_after"] < channels["params_before"] / 2
+    assert {"backbone_conv", "conv_2", "conv"} <= set(channels["layers"])
+
+
+def _mixed_precision_model():
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((32, 32, 3)), layers.Rescaling(1 / 255, dtype="mixed_float16"),
+        layers.Conv2D(8, 3, activation="relu", dtype="mixed_float16"),
+        layers.GlobalAveragePooling2D(dtype="mixed_float16"), layers.Dense(10, dtype="mixed_float16"),
+        layers.Activation("softmax", dtype="float32"),
+    ])
+
+
+def _uint8_input_model():
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    image = keras.Input((32, 32, 3), dtype="uint8")
+    hidden = layers.Conv2D(8, 3, activation="relu")(layers.Rescaling(1 / 255)(image))
+    return keras.Model(image, layers.Dense(10)(layers.GlobalAveragePooling2D()(hidden)))
+
+
+def _noisy_model():
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((32, 32, 3)), layers.GaussianNoise(0.1, name="noise"),
+        layers.Conv2D(8, 3, activation="relu"), layers.ActivityRegularization(l1=1e-5, name="regularize"),
+        layers.GlobalAveragePooling2D(), layers.Dense(10),
+    ])
+
+
+@pytest.mark.parametrize("build, said", [
+    (_mixed_precision_model, "4 layer(s) computing in mixed_float16 (mixed precision) made to compute in float32"),
+    (_uint8_input_model, "model: takes uint8 pixels; compressed as the same model taking float32 ones"),
+    (_noisy_model, "model: left out noise, regularize: layers that act only in training"),
+], ids=["mixed-precision", "uint8-input", "noise-layers"])
+def test_a_model_in_a_form_tfmot_refuses_is_quantized_and_converted(build, said, tmp_path, capsys):
+    """Each failed before: tfmot's QAT raised inside its QuantizeLayer or refused GaussianNoise, and TFLite's int8
+    converter refused float16 Mul ops or a uint8 input fed float calibration images."""
+    from compress.kerasmodel import save_model
+
+    path = save_model(build(), tmp_path / "model.keras")
+    assert main(["qat", str(path), "--out", str(tmp_path / "qat"), "--epochs", "0.02"]) == 0
+    assert said in capsys.readouterr().out
+    assert main(["ptq", str(path), "--out", str(tmp_path / "ptq"), "--formats", "tflite-int8",
+                 "--calibration", "64"]) == 0
+    assert (tmp_path / "ptq" / "model.int8.tflite").is_file()
