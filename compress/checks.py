@@ -64,21 +64,14 @@ def matched_to_data(model, data, log: Callable[[str], None] | None = None) -> tu
     (`without_training_only_layers`), and the model is given the plain form every technique works on
     (`plain_model`: nested models inlined, float32 compute and input, layers trainable).
     Anything else that does not fit is left for `check_model_fits_data` to refuse."""
-    from compress.kerasmodel import built_at_size, two_score_model, without_training_only_layers
-    from compress.plain_model import plain_model
+    from compress.kerasmodel import built_at_size, two_score_model
 
     inputs = getattr(model, "inputs", None)
     if not inputs or len(inputs) != 1 or len(inputs[0].shape) != 4:
         return model, data
     shape = tuple(inputs[0].shape[1:])
     say = log if log is not None else (lambda _: None)
-    model, dropped = without_training_only_layers(model)
-    if dropped:
-        say(f"model: left out {', '.join(dropped)}: layers that act only in training (augmentation, noise, "
-            "regularization) and pass their input through unchanged at inference")
-    model, changes = plain_model(model)
-    for change in changes:
-        say(change)
+    model = in_plain_form(model, say)
     if {shape[2], data.input_shape[2]} == {1, 3}:
         data = data.with_channels(shape[2])
         say(f"images: {data.source} has {'RGB' if shape[2] == 1 else 'grey'} images and the model takes "
@@ -95,6 +88,22 @@ def matched_to_data(model, data, log: Callable[[str], None] | None = None) -> tu
         say(f"model: one score per image, {'a sigmoid probability' if kind == 'sigmoid' else 'a logit'} of class "
             f"{positive}: compressed as a score per class ({negative}, {positive}); each file gives the one score back")
     return model, data
+
+
+def in_plain_form(model, say: Callable[[str], None]):
+    """`model` without the layers that act only in training and in the plain form of `plain_model` (nested models
+    inlined, float32 compute and input, layers trainable), each change said."""
+    from compress.kerasmodel import without_training_only_layers
+    from compress.plain_model import plain_model
+
+    model, dropped = without_training_only_layers(model)
+    if dropped:
+        say(f"model: left out {', '.join(dropped)}: layers that act only in training (augmentation, noise, "
+            "regularization) and pass their input through unchanged at inference")
+    model, changes = plain_model(model)
+    for change in changes:
+        say(change)
+    return model
 
 
 PREPROCESSING_LAYERS = ("Rescaling", "Normalization")

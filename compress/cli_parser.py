@@ -29,7 +29,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, default: str | None =
     )
     group.add_argument("--seed", type=int, default=0, help="seed for the validation split, shuffling and training")
     group.add_argument(
-        "--val-fraction", type=float, default=0.1, help="share of each class's training images kept for validation"
+        "--val-fraction", type=float, default=0.1, help="share of each class's training images kept for validation (unless the folder has a val/ "
+        "folder beside train/ and test/)"
     )
     group.add_argument(
         "--image-size", type=_image_size, metavar="HxW", help="resize every image to HxW (e.g. 32x32)"

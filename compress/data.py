@@ -234,9 +234,10 @@ def load_data(
     if given_val is None:
         train_idx, val_idx = stratified_split(y_train_all, val_fraction, seed, class_names)
         x_val, y_val = x_train_all[val_idx], y_train_all[val_idx]
-    else:  # the user's own validation images; the training images all train, shuffled as a split would be
-        train_idx = np.random.default_rng(seed).permutation(len(y_train_all))
-        x_val, y_val = given_val
+    else:  # the user's own validation images; both shuffled as a split's are (a check on the first few sees all)
+        rng = np.random.default_rng(seed)
+        train_idx, val_idx = rng.permutation(len(y_train_all)), rng.permutation(len(given_val[1]))
+        x_val, y_val = given_val[0][val_idx], given_val[1][val_idx]
     return Dataset(
         source=source,
         class_names=class_names,

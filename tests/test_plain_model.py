@@ -108,3 +108,19 @@ def test_a_model_in_a_form_tfmot_refuses_is_quantized_and_converted(build, said,
     assert main(["ptq", str(path), "--out", str(tmp_path / "ptq"), "--formats", "tflite-int8",
                  "--calibration", "64"]) == 0
     assert (tmp_path / "ptq" / "model.int8.tflite").is_file()
+
+
+def test_a_mixed_precision_model_exported_without_data_computes_in_float32(tmp_path, capsys):
+    """Exported as saved, its file computed in float16 (Casts around every layer), slow on a CPU."""
+    import onnx
+
+    from compress.kerasmodel import save_model
+
+    path = save_model(_mixed_precision_model(), tmp_path / "mixed.keras")
+    assert main(["export", str(path), "--out", str(tmp_path / "out")]) == 0
+    assert "made to compute in float32" in capsys.readouterr().out
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+    float16 = [node.name for node in graph.node for attribute in node.attribute
+               if node.op_type == "Cast" and attribute.name == "to" and attribute.i == onnx.TensorProto.FLOAT16]
+    assert not float16 and not [tensor.name for tensor in graph.initializer
+                                if tensor.data_type == onnx.TensorProto.FLOAT16]
