@@ -28,7 +28,7 @@ def data_arguments(args: argparse.Namespace) -> dict:
 def load_data_from_args(args: argparse.Namespace):
     from compress.data import load_data
 
-    data = load_data(**data_arguments(args))
+    data = load_data(**data_arguments(args), log=lambda message: info(args, message))
     if data.splits_note:
         info(args, f"data: {data.splits_note}")
     return data

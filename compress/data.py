@@ -17,6 +17,8 @@ import dataclasses
 import hashlib
 import io
 import os
+import threading
+import time
 import unicodedata
 import zipfile
 from collections import Counter
@@ -43,6 +45,7 @@ PREFETCH_BATCHES = 2  # batches made ahead of training: one takes ~7 ms to augme
 TEST_SPLIT_SEED = 1234
 # How 0-255 pixels become a model's input: (scale, offset). "raw" is for models that rescale inside themselves.
 INPUT_RANGES = {"unit": (1 / 255, 0.0), "raw": (1.0, 0.0), "symmetric": (2 / 255, -1.0)}
+PROGRESS_MIN_IMAGES = 5000  # decoding fewer takes seconds: nothing said
 MAX_IMAGE_SIDE = 4096  # --image-size beyond this asks for more memory than any image classifier here needs
 # Part of the decoded-image cache key: raise it when decoding changes, so that no cache holds the old decoding.
 DECODER_VERSION = 2  # 2: 16-bit images scaled to 8 bits (they were clipped)
@@ -194,8 +197,10 @@ def load_data(
     test_fraction: float = 0.2,
     image_size: tuple[int, int] | None = None,
     cache_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Dataset:
-    """Load a data source and split it: validation is stratified from the training images, never the test ones."""
+    """Load a data source and split it: validation is stratified from the training images, never the test ones.
+    Decoding a folder the cache does not hold yet is said through `log`, with progress on a large one."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"validation fraction must be between 0 and 1, got {val_fraction}")
     if not 0.0 < test_fraction < 1.0:
@@ -207,12 +212,12 @@ def load_data(
     note = ""
     if source == "cifar10-mini":
         tree = _zip_tree(resources.files("compress") / "datasets" / MINI_ARCHIVE)
-        raw = _decode_cached(tree, image_size, cache)
+        raw = _decode_cached(tree, image_size, cache, log)
     elif source == "cifar10":
         folder = data_dir or os.environ.get(CIFAR10_DIR_ENV)
         if folder:
             tree, note = _folder_tree(Path(folder), test_fraction)
-            raw = _decode_cached(tree, image_size, cache)
+            raw = _decode_cached(tree, image_size, cache, log)
             if raw[4] != CIFAR10_CLASSES:
                 raise DataError(f"{folder} does not hold the CIFAR-10 classes ({', '.join(CIFAR10_CLASSES)})")
         else:
@@ -223,7 +228,7 @@ def load_data(
         if data_dir is not None:
             raise DataError("--data-dir applies to the cifar10 source; for folder:PATH the path is in the name")
         tree, note = _folder_tree(Path(source[len("folder:"):]), test_fraction)
-        raw = _decode_cached(tree, image_size, cache)
+        raw = _decode_cached(tree, image_size, cache, log)
     else:
         raise DataError(f"unknown data source {source!r}; known sources: {', '.join(KNOWN_SOURCES)}")
 
@@ -357,7 +362,7 @@ def _zip_tree(archive_path) -> Tree:
     return tree
 
 
-def _decode_cached(tree: Tree, image_size, cache_dir: Path):
+def _decode_cached(tree: Tree, image_size, cache_dir: Path, log: Callable[[str], None] | None = None):
     """(x_train, y_train, x_test, y_test, class names, (x_val, y_val) or None) of a tree, from the cache when its
     listing was decoded before."""
     class_names = tuple(sorted(tree["train"]))
@@ -376,9 +381,12 @@ def _decode_cached(tree: Tree, image_size, cache_dir: Path):
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # a damaged cache file is rebuilt below
     if arrays is None:
-        arrays = {split: _decode_split(tree[split], class_names, image_size) for split in splits}
+        progress = _DecodeProgress(sum(len(entries) for split in splits for entries in tree[split].values()), log)
+        arrays = {split: _decode_split(tree[split], class_names, image_size, progress) for split in splits}
+        progress.done(cache_file)
         if len({x.shape[-1] for x, _ in arrays.values()}) > 1:  # a grayscale split beside a colour one: all RGB
-            arrays = {split: (np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x, y) for split, (x, y) in arrays.items()}
+            arrays = {split: (np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x, y)
+                      for split, (x, y) in arrays.items()}
         train = arrays["train"][0]
         for split, (x, _) in list(arrays.items())[1:]:
             if x.shape[1:3] != train.shape[1:3]:
@@ -396,10 +404,39 @@ def _decode_cached(tree: Tree, image_size, cache_dir: Path):
     return (*arrays["train"], *arrays["test"], class_names, arrays.get("val"))
 
 
-def _decode_split(classes: dict[str, list[Entry]], class_names, image_size):
+class _DecodeProgress:
+    """Says that `total` images are being decoded and, for a large set, each further tenth of them."""
+
+    def __init__(self, total: int, log: Callable[[str], None] | None):
+        self.total, self.log, self.count, self.started = total, log, 0, time.perf_counter()
+        self.lock = threading.Lock()  # images are decoded on several threads
+        self.step = max(total // 10, PROGRESS_MIN_IMAGES)
+        if log is not None and total >= PROGRESS_MIN_IMAGES:
+            log(f"decoding {total:,} images (once: they are cached for later runs) ...")
+
+    def advance(self) -> None:
+        with self.lock:
+            self.count += 1
+            count = self.count
+        if self.log is not None and count % self.step == 0 and count < self.total:
+            self.log(f"    {count:,} of {self.total:,} images decoded ({time.perf_counter() - self.started:.0f} s)")
+
+    def done(self, cache_file: Path) -> None:
+        if self.log is not None and self.total >= PROGRESS_MIN_IMAGES:
+            self.log(f"    {self.total:,} images decoded in {time.perf_counter() - self.started:.0f} s, cached in "
+                     f"{cache_file}")
+
+
+def _decode_split(classes: dict[str, list[Entry]], class_names, image_size, progress: _DecodeProgress):
     entries = [(entry, label) for label, name in enumerate(class_names) for entry in classes[name]]
+
+    def decode(item):
+        image = _decode_image(item[0], image_size)
+        progress.advance()
+        return image
+
     with ThreadPoolExecutor(max_workers=4) as pool:
-        images = list(pool.map(lambda item: _decode_image(item[0], image_size), entries))
+        images = list(pool.map(decode, entries))
     shapes = Counter(image.shape[:2] for image in images)
     if len(shapes) > 1:
         (a, _), (b, _) = shapes.most_common(2)

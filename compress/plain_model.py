@@ -121,7 +121,8 @@ def _float32_compute(model, config: dict) -> list:
     changed = []
     for layer, entry in _with_entries(model, config):
         policy = getattr(layer, "dtype_policy", None)
-        if policy is not None and type(layer).__name__ != "InputLayer" and policy.compute_dtype not in (None, "float32"):
+        if (policy is not None and type(layer).__name__ != "InputLayer"
+                and policy.compute_dtype not in (None, "float32")):
             entry["config"]["dtype"] = "float32"
             changed.append((layer.name, policy.name))
     return changed

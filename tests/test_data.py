@@ -145,6 +145,22 @@ def test_webp_tiff_and_gif_images_are_read(tmp_path):
     assert len(data.y_train) + len(data.y_val) == 6 * 3 + 3
 
 
+def test_decoding_a_large_folder_shows_progress_once(tmp_path, monkeypatch):
+    """Decoding tens of thousands of images takes minutes: said, with progress; a cached load says nothing."""
+    import compress.data
+
+    monkeypatch.setattr(compress.data, "PROGRESS_MIN_IMAGES", 5)  # this folder stands in for a large one
+    root = make_folder_set(tmp_path / "set")
+    said = []
+    load_data(f"folder:{root}", cache_dir=tmp_path / "c", log=said.append)
+    assert said[0] == "decoding 27 images (once: they are cached for later runs) ..."
+    assert any(line.startswith("    5 of 27 images decoded") for line in said)
+    assert said[-1].startswith("    27 images decoded in ") and str(tmp_path / "c") in said[-1]
+    said.clear()
+    load_data(f"folder:{root}", cache_dir=tmp_path / "c", log=said.append)
+    assert said == []
+
+
 def test_cifar10_from_class_folder_copy_via_environment(tmp_path, monkeypatch):
     root = make_folder_set(tmp_path / "c10", classes=CIFAR10_CLASSES, per_class=4, size=(32, 32))
     monkeypatch.setenv("COMPRESS_CIFAR10_DIR", str(root))

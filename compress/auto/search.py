@@ -59,8 +59,9 @@ def run_auto(model: str | Path, data_args: dict, out: str | Path, config: AutoCo
         raise ConfigError(f"model file {model} does not exist")
     compare_text = None if compare_recipe is None else read_compare_recipe(compare_recipe, config.quick)
     out.mkdir(parents=True, exist_ok=True)
+    fingerprint = load_data(**data_args, log=log).fingerprint()
     name = STUDY_PREFIX + digest_of({"model": sha256_file(model), "data": jsonable(data_args),
-                                     "data_fingerprint": load_data(**data_args).fingerprint(), "quick": config.quick,
+                                     "data_fingerprint": fingerprint, "quick": config.quick,
                                      "max_drop": config.max_drop, "objective": config.objective,
                                      "space": space.fingerprint(config.quick)})
     url = config.storage or f"sqlite:///{(out / 'study.db').resolve()}"

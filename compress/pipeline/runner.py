@@ -79,7 +79,8 @@ def describe_plan(recipe: RunRecipe, options: RunOptions) -> list[str]:
     """The resolved plan, one line per stage, saying which would run and which are finished."""
     from compress.data import load_data
 
-    keys = stage_keys(recipe, options, baseline_key(recipe, options, load_data(**options.data_args).fingerprint()))
+    keys = stage_keys(recipe, options, baseline_key(recipe, options,
+                                                   load_data(**options.data_args, log=options.log).fingerprint()))
     lines = []
     source = (f"model {options.model}" if options.model
               else f"train ({recipe.baseline_recipe}, {recipe.baseline_epochs} epochs)")
@@ -128,7 +129,7 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
     check_writable(out)
     for name in (BASELINE, *(stage.name for stage in recipe.stages)):
         stage_dir(out, name)
-    data = load_data(**options.data_args)
+    data = load_data(**options.data_args, log=options.log)
     if data.splits_note:
         options.log(f"data: {data.splits_note}")
     check_batch_memory(data.input_shape, recipe.batch_sizes)
