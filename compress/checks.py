@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from compress.errors import ConfigError, DataError, ModelError
+from compress.errors import ConfigError, DataError, ModelError, listed
 from compress.kerasmodel import shape_text
 
 MAX_BATCH_BYTES = 2 << 30  # one timed or evaluated batch of float32 images
@@ -110,6 +110,8 @@ PREPROCESSING_LAYERS = ("Rescaling", "Normalization")
 # Weightless geometric preprocessing a model may start with (images of any size made the size it was trained at);
 # the layer that says which pixel range the model takes may come after them.
 GEOMETRIC_PREPROCESSING_LAYERS = ("Resizing", "CenterCrop")
+CLASS_ORDER_IMAGES = 512  # validation images the class-order check predicts
+CLASS_ORDER_MARGIN = 0.25  # accuracy by which outputs matched to other classes must beat the outputs as given
 RANGE_CHECK_IMAGES = 256  # validation images an automatic input range is checked on
 RANGE_CHECK_MARGIN = 0.10  # accuracy by which another range must beat the layer rule's to replace it
 
@@ -228,6 +230,38 @@ def near_chance_note(what: str, accuracy: float, data) -> str | None:
     return (f"{what} scores {accuracy:.1%}, near chance ({chance:.1%}) for {data.num_classes} classes; its images "
             f"were given in the {data.input_range!r} range: if the model expects another, pass "
             "--input-range raw|unit|symmetric")
+
+
+def class_order_note(model, data) -> str | None:
+    """A warning where the model's outputs seem to follow another class order than the data's (its output k is read
+    as the k-th class folder in sorted order, as Keras' image_dataset_from_directory orders them): on up to
+    CLASS_ORDER_IMAGES validation images, the outputs matched to classes one to one by the most images (greedily)
+    score at least CLASS_ORDER_MARGIN more than, and twice, the outputs as given. None otherwise."""
+    from compress.kerasmodel import keras_outputs
+
+    images, labels = data.normalized("val")
+    images, labels = images[:CLASS_ORDER_IMAGES], labels[:CLASS_ORDER_IMAGES]
+    if not len(labels):
+        return None
+    count = data.num_classes
+    confusion = np.zeros((count, count), dtype=np.int64)  # [output, class]
+    np.add.at(confusion, (keras_outputs(model, images).argmax(axis=1), labels), 1)
+    as_given = np.trace(confusion) / len(labels)
+    matched, cells = {}, confusion.astype(np.float64)
+    for _ in range(count):
+        output, label = np.unravel_index(np.argmax(cells), cells.shape)
+        matched[int(output)] = int(label)
+        cells[output, :], cells[:, label] = -1, -1
+    reordered = sum(confusion[output, label] for output, label in matched.items()) / len(labels)
+    if reordered < as_given + CLASS_ORDER_MARGIN or reordered < 2 * as_given:
+        return None
+    moved = [f"{output} as {data.class_names[label]!r}" for output, label in sorted(matched.items())
+             if output != label]
+    return (f"the model's outputs seem to follow another class order than {data.source}'s: on {len(labels)} "
+            f"validation images it scores {as_given:.0%} as given, {reordered:.0%} with its output "
+            f"{listed(moved, separator=', ')}; compress reads output k as the k-th class folder in sorted order "
+            f"({listed([repr(name) for name in data.class_names], separator=', ')}): save the model with its "
+            "outputs in that order, or name the folders so that they sort in the model's order")
 
 
 def file_metadata(path: Path) -> dict[str, str]:

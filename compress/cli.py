@@ -138,7 +138,8 @@ def _user_model(args: argparse.Namespace, data):
     """(model, data, source): the model of `args.model`, `data` in the range that model takes, the two checked
     against each other before any work, and where the model came from (a Keras 3 file is translated to tf_keras
     and must reproduce the original on the first test images)."""
-    from compress.checks import check_model_fits_data, decide_input_range, in_plain_form, matched_to_data
+    from compress.checks import (check_model_fits_data, class_order_note, decide_input_range, in_plain_form,
+                                 matched_to_data)
     from compress.kerasmodel import load_model_with_source, translation_note
 
     log = lambda message: info(args, message)  # noqa: E731
@@ -150,6 +151,9 @@ def _user_model(args: argparse.Namespace, data):
         model, data = matched_to_data(model, data, log)
         data = data.with_input_range(decide_input_range(model, args.input_range, log, data))
         check_model_fits_data(model, data, log=log)
+        note = class_order_note(model, data)
+        if note is not None:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
     elif len(getattr(model, "inputs", None) or []) == 1:
         model = in_plain_form(model, log)
     return model, data, source

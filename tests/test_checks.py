@@ -334,3 +334,55 @@ def test_a_file_refuses_images_of_another_shape_naming_each_difference(shape, hi
     session.check_input_shape((32, 32, 3))
     with pytest.raises(CompressError, match=hint):
         session.check_input_shape(shape)
+
+
+def _colour_folder(root, per_class=12):
+    """Class folders blue/green/red (sorted: blue, green, red) of 8x8 images bright in their own colour."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("test", per_class // 2)):
+        for channel, name in enumerate(("red", "green", "blue")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 60, (8, 8, 3)).astype(np.uint8)
+                pixels[..., channel] += 180
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+def _channel_classifier(order):
+    """Mean of each colour channel as the score of class `order[k]` at output k: right in that class order."""
+    import numpy as np
+
+    from compress.keras import keras
+
+    image = keras.Input((8, 8, 3))
+    scores = keras.layers.Dense(3, name="scores")(keras.layers.GlobalAveragePooling2D()(image))
+    model = keras.Model(image, scores)
+    channels = {"red": 0, "green": 1, "blue": 2}
+    kernel = np.zeros((3, 3), np.float32)
+    for output, name in enumerate(order):
+        kernel[channels[name], output] = 10.0
+    model.get_layer("scores").set_weights([kernel, np.zeros(3, np.float32)])
+    return model
+
+
+def test_outputs_in_another_class_order_than_the_folders_are_warned_of(tmp_path, capsys):
+    """A model built with its classes as red, green, blue, on folders that sort as blue, green, red: every figure
+    would be of a model reading the wrong classes. Said, naming the outputs; a model in the folders' order is not."""
+    from compress.checks import class_order_note
+    from compress.data import load_data
+    from compress.kerasmodel import save_model
+
+    root = _colour_folder(tmp_path / "colours")
+    data = load_data(f"folder:{root}", cache_dir=tmp_path / "cache", val_fraction=0.5)
+    assert data.class_names == ("blue", "green", "red")
+    assert class_order_note(_channel_classifier(("blue", "green", "red")), data) is None
+    note = class_order_note(_channel_classifier(("red", "green", "blue")), data)
+    assert "scores 33% as given, 100% with its output 0 as 'red', 2 as 'blue'" in note
+    path = save_model(_channel_classifier(("red", "green", "blue")), tmp_path / "rgb_order.keras")
+    assert main(["export", str(path), "--out", str(tmp_path / "out"), "--data", f"folder:{root}"]) == 0
+    assert "warning: the model's outputs seem to follow another class order" in capsys.readouterr().err

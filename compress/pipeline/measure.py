@@ -84,7 +84,9 @@ def measure_run(recipe: RunRecipe, options: RunOptions, data, names: list[str], 
         cached[variant.name]["latency"] = timing
     _write_measurements(options.out, names, variants, cached, settings)
     batches = list(recipe.batch_sizes)
-    notes = _chance_warning(variants, data, options) + _small_test_split_warning(data, options)
+    input_model = _input_model(options)
+    notes = (_chance_warning(variants, data, options) + _small_test_split_warning(data, options)
+             + [note for note in [(input_model or {}).get("class_order_warning")] if note])
     machine = {**machine_info(threads=recipe.threads), "latency_rounds": DEFAULT_ROUNDS}
     if cuda_ok:
         machine["gpu"] = gpu_info()
@@ -99,7 +101,7 @@ def measure_run(recipe: RunRecipe, options: RunOptions, data, names: list[str], 
         "variants": [variant.to_dict(batches) for variant in variants],
         "keras_reference": _keras_reference(stage_dir(options.out, BASELINE), recipe, options, settings),
         "cuda": {"measured": cuda_ok, "reason": cuda_reason},
-        "input_model": _input_model(options),
+        "input_model": input_model,
         "refused": refused,
         "notes": notes,
     }

@@ -119,8 +119,8 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
 
     `compress auto` runs each trial's chain through this, into one stage folder that trials share.
     """
-    from compress.checks import (check_batch_memory, check_model_fits_data, check_writable, decide_input_range,
-                                 matched_to_data)
+    from compress.checks import (check_batch_memory, check_model_fits_data, check_writable, class_order_note,
+                                 decide_input_range, matched_to_data)
     from compress.data import load_data
     from compress.kerasmodel import load_model_with_source, translation_note
 
@@ -143,6 +143,9 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
         data = data.with_input_range(decide_input_range(model, options.input_range, options.log, data))
         check_model_fits_data(model, data, batch_sizes=recipe.batch_sizes, log=options.log)
         check_named_layers(recipe, model)
+        if (note := class_order_note(model, data)) is not None:
+            options.log(f"warning: {note}")
+            source["class_order_warning"] = note  # for the report
     elif options.input_range not in ("auto", "unit"):
         raise ConfigError("--input-range applies to a --model; the baseline compress trains takes [0, 1] pixels")
     out.mkdir(parents=True, exist_ok=True)
