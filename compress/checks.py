@@ -236,14 +236,15 @@ def class_order_note(model, data) -> str | None:
     """A warning where the model's outputs seem to follow another class order than the data's (its output k is read
     as the k-th class folder in sorted order, as Keras' image_dataset_from_directory orders them): on up to
     CLASS_ORDER_IMAGES validation images, the outputs matched to classes one to one by the most images (greedily)
-    score at least CLASS_ORDER_MARGIN more than, and twice, the outputs as given. None otherwise."""
+    score at least CLASS_ORDER_MARGIN more than, and twice, the outputs as given. None otherwise, and with fewer than
+    three validation images a class."""
     from compress.kerasmodel import keras_outputs
 
     images, labels = data.normalized("val")
     images, labels = images[:CLASS_ORDER_IMAGES], labels[:CLASS_ORDER_IMAGES]
-    if not len(labels):
-        return None
     count = data.num_classes
+    if len(labels) < 3 * count:  # too few to tell a moved class from a few wrong answers
+        return None
     confusion = np.zeros((count, count), dtype=np.int64)  # [output, class]
     np.add.at(confusion, (keras_outputs(model, images).argmax(axis=1), labels), 1)
     as_given = np.trace(confusion) / len(labels)
