@@ -384,5 +384,6 @@ def test_outputs_in_another_class_order_than_the_folders_are_warned_of(tmp_path,
     note = class_order_note(_channel_classifier(("red", "green", "blue")), data)
     assert "scores 33% as given, 100% with its output 0 as 'red', 2 as 'blue'" in note
     path = save_model(_channel_classifier(("red", "green", "blue")), tmp_path / "rgb_order.keras")
-    assert main(["export", str(path), "--out", str(tmp_path / "out"), "--data", f"folder:{root}"]) == 0
+    assert main(["export", str(path), "--out", str(tmp_path / "out"), "--data", f"folder:{root}",
+                 "--val-fraction", "0.5"]) == 0
     assert "warning: the model's outputs seem to follow another class order" in capsys.readouterr().err
