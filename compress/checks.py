@@ -232,6 +232,36 @@ def near_chance_note(what: str, accuracy: float, data) -> str | None:
             "--input-range raw|unit|symmetric")
 
 
+def declared_image_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) of the image input a model file declares, read without loading it: a .keras or .h5 model's
+    InputLayer, an .onnx file's NHWC graph input; None for a size left open, another file kind, or a file that
+    cannot be read (its loader names the problem)."""
+    if path.suffix == ".onnx":
+        import onnx
+
+        try:
+            graph = onnx.load(str(path), load_external_data=False).graph
+        except Exception:  # noqa: BLE001 - a damaged file is named by the runtime that loads it
+            return None
+        constants = {tensor.name for tensor in graph.initializer}
+        inputs = [value for value in graph.input if value.name not in constants]
+        dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else []
+        shape = [dim.dim_value if dim.HasField("dim_value") else None for dim in dims]
+    elif path.suffix in (".keras", ".h5"):
+        from compress.keras3 import file_config
+
+        layers = ((file_config(path) or {}).get("config") or {}).get("layers") or []
+        entries = [layer.get("config", {}) for layer in layers if isinstance(layer, dict)]
+        declared = [entry.get("batch_shape") or entry.get("batch_input_shape") for entry in entries
+                    if entry.get("batch_shape") or entry.get("batch_input_shape")]
+        shape = list(declared[0]) if len(declared) == 1 else []
+    else:
+        return None
+    if len(shape) != 4 or shape[3] not in (1, 3) or not all(isinstance(side, int) for side in shape[1:3]):
+        return None
+    return shape[1], shape[2]
+
+
 def class_order_note(model, data) -> str | None:
     """A warning where the model's outputs seem to follow another class order than the data's (its output k is read
     as the k-th class folder in sorted order, as Keras' image_dataset_from_directory orders them): on up to

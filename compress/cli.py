@@ -25,10 +25,31 @@ def data_arguments(args: argparse.Namespace) -> dict:
                 seed=args.seed, val_fraction=args.val_fraction, image_size=args.image_size)
 
 
+def data_arguments_for_model(args: argparse.Namespace, model_path, log) -> dict:
+    """`data_arguments`, with the images resized to the input size the model file declares where --image-size is
+    not given and the images (their first few of each class) are not all that size already; said."""
+    from compress.checks import declared_image_size
+    from compress.data import sample_image_sizes
+
+    arguments = data_arguments(args)
+    if arguments["image_size"] is not None or not model_path:
+        return arguments
+    size = declared_image_size(Path(model_path))
+    found = sample_image_sizes(**arguments) if size is not None else set()
+    if not found or found == {size}:
+        return arguments
+    sizes = ", ".join(f"{height}x{width}" for height, width in sorted(found)[:3]) + (" ..." if len(found) > 3 else "")
+    log(f"images: {sizes} resized to {size[0]}x{size[1]}, the input size of {Path(model_path).name} "
+        "(--image-size HxW sets another)")
+    return {**arguments, "image_size": size}
+
+
 def load_data_from_args(args: argparse.Namespace):
     from compress.data import load_data
 
-    data = load_data(**data_arguments(args), log=lambda message: info(args, message))
+    log = lambda message: info(args, message)  # noqa: E731
+    model_path = getattr(args, "model", None) or getattr(args, "file", None)
+    data = load_data(**data_arguments_for_model(args, model_path, log), log=log)
     if data.splits_note:
         info(args, f"data: {data.splits_note}")
     return data
@@ -63,15 +84,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, quick=args.quick)
     out = args.out or default_run_dir(args)
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     options = RunOptions(
         out=Path(out),
-        data_args=data_arguments(args),
+        data_args=data_arguments_for_model(args, args.model, log),
         model=Path(args.model) if args.model else None,
         unsafe=args.unsafe,
         remeasure=args.remeasure,
         input_range=args.input_range,
         verbose=keras_verbosity(args),
-        log=(lambda message: None) if args.quiet else (lambda message: print(message, flush=True)),
+        log=log,
     )
     if args.dry_run:
         print(f"plan for {out}:")
@@ -91,8 +113,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
                         time_budget=args.time_budget, storage=args.storage, quick=args.quick,
                         seed=args.sampler_seed)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
-    run_auto(args.model, data_arguments(args), args.out, config, unsafe=args.unsafe, input_range=args.input_range,
-             compare_recipe=args.compare_recipe, log=log)
+    run_auto(args.model, data_arguments_for_model(args, args.model, log), args.out, config, unsafe=args.unsafe,
+             input_range=args.input_range, compare_recipe=args.compare_recipe, log=log)
     return 0
 
 

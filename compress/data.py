@@ -257,6 +257,32 @@ def load_data(
     )
 
 
+def sample_image_sizes(source: str, *, data_dir: str | os.PathLike | None = None, test_fraction: float = 0.2,
+                       per_class: int = 5, **_load_arguments) -> set[tuple[int, int]]:
+    """(height, width) of the first `per_class` training images of each class of a source, read from their headers
+    without decoding them (an empty set where none can be read: loading names the problem)."""
+    from PIL import Image
+
+    if source == "cifar10-mini":
+        tree = _zip_tree(resources.files("compress") / "datasets" / MINI_ARCHIVE)
+    elif source == "cifar10" and not (data_dir or os.environ.get(CIFAR10_DIR_ENV)):
+        return {(32, 32)}  # Keras' download
+    elif source == "cifar10" or source.startswith("folder:"):
+        folder = source[len("folder:"):] if source.startswith("folder:") else (data_dir or os.environ[CIFAR10_DIR_ENV])
+        tree, _ = _folder_tree(Path(folder), test_fraction)
+    else:
+        return set()
+    sizes = set()
+    for entries in tree["train"].values():
+        for name, _, _, read in entries[:per_class]:
+            try:
+                with Image.open(io.BytesIO(read())) as image:
+                    sizes.add((image.height, image.width))
+            except Exception:  # noqa: BLE001 - an unreadable image is named by load_data, with its reason
+                continue
+    return sizes
+
+
 def stratified_split(labels: np.ndarray, fraction: float, seed: int, class_names=()) -> tuple[np.ndarray, np.ndarray]:
     """Split indices so that `fraction` of every class goes to the second part; both parts are shuffled."""
     rng = np.random.default_rng(seed)

@@ -387,3 +387,28 @@ def test_outputs_in_another_class_order_than_the_folders_are_warned_of(tmp_path,
     assert main(["export", str(path), "--out", str(tmp_path / "out"), "--data", f"folder:{root}",
                  "--val-fraction", "0.5"]) == 0
     assert "warning: the model's outputs seem to follow another class order" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["other-size", "mixed-sizes"])
+def test_images_are_resized_to_the_input_size_the_model_declares_and_said(mixed, tmp_path, capsys):
+    """They were refused ("pass --image-size HxW"): the model's own input size is the one obvious choice."""
+    import json
+
+    from PIL import Image
+
+    from compress.keras import keras
+    from compress.kerasmodel import save_model
+    from helpers import make_folder_set
+
+    root = make_folder_set(tmp_path / "set", size=(12, 10))
+    if mixed:
+        Image.new("RGB", (40, 30)).save(root / "train" / "dog" / "big.png")
+    image = keras.Input((16, 16, 3))
+    model = keras.Model(image, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(image)))
+    path = save_model(model, tmp_path / "sixteen.keras")
+    assert main(["export", str(path), "--out", str(tmp_path / "out"), "--data", f"folder:{root}"]) == 0
+    said = capsys.readouterr().out
+    assert "images: 12x10 resized to 16x16, the input size of sixteen.keras" in said
+    assert json.loads((tmp_path / "out" / "parity.json").read_text())["parity_ok"]
+    assert main(["export", str(path), "--out", str(tmp_path / "again"), "--data", f"folder:{root}",
+                 "--image-size", "16x16"]) == 0 and "resized to" not in capsys.readouterr().out

@@ -623,8 +623,13 @@ def test_cli_export_and_evaluate_every_format(models, data, tmp_path, monkeypatc
     assert "on 40 " in capsys.readouterr().out
 
 
-def test_evaluate_refuses_data_of_the_wrong_shape(exports, tmp_path, capsys):
-    code = main(["evaluate", exports["float"]["files"]["onnx"]["path"], "--data", "cifar10-mini", "--limit", "8"])
+def test_evaluate_resizes_images_to_the_files_input_size_and_says_so(exports, tmp_path, capsys):
+    """The file takes 16x16 images, cifar10-mini's are 32x32 (this was refused); with --image-size given, a size
+    the file does not take is refused in one line naming both."""
+    path = exports["float"]["files"]["onnx"]["path"]
+    assert main(["evaluate", path, "--data", "cifar10-mini", "--limit", "8"]) == 0
+    assert "images: 32x32 resized to 16x16, the input size of model.onnx" in capsys.readouterr().out
+    code = main(["evaluate", path, "--data", "cifar10-mini", "--limit", "8", "--image-size", "32x32"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "16x16x3" in err[0] and "32x32x3" in err[0]
 
