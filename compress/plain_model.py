@@ -24,12 +24,18 @@ def plain_model(model) -> tuple:
     if nested:
         model = _inlined(model)
         notes.append(f"model: nested model(s) {listed(nested)} inlined, so that every technique sees their layers")
-    config = model.get_config()
+    if not any(_needs_change(layer) for layer in model.layers):
+        return model, notes
+    try:
+        config = model.get_config()
+    except Exception as exc:  # a layer without a config: nothing can be rebuilt
+        raise ModelError(f"the model needs float32 layers, a float input or trainable layers, and cannot be rebuilt "
+                         f"for that: {first_line(exc)}") from None
     float16 = _float32_compute(model, config)
     if float16:
         notes.append(f"model: {len(float16)} layer(s) computing in {float16[0][1]} (mixed precision) made to compute "
                      "in float32, as a CPU runs them; their weights are float32 already")
-    integer_input = _float_input(config)
+    integer_input = _float_input(model, config)
     if integer_input:
         notes.append(f"model: takes {integer_input} pixels; compressed as the same model taking float32 ones (its "
                      "files take float32 pixel values)")
@@ -37,9 +43,30 @@ def plain_model(model) -> tuple:
     if unfrozen:
         notes.append(f"model: {len(unfrozen)} frozen layer(s) ({listed(unfrozen)}) made trainable, so that "
                      "fine-tuning after compression can adapt them; frozen BatchNormalization layers stay frozen")
-    if not (float16 or integer_input or unfrozen):
-        return model, notes
     return _rebuilt(model, config, loose=bool(float16), integer_input=bool(integer_input)), notes
+
+
+def _needs_change(layer) -> bool:
+    return _computes_in_lower_precision(layer) or _integer_input(layer) or _frozen(layer)
+
+
+def _computes_in_lower_precision(layer) -> bool:
+    policy = getattr(layer, "dtype_policy", None)
+    return (type(layer).__name__ != "InputLayer" and policy is not None
+            and policy.compute_dtype not in (None, "float32"))
+
+
+def _integer_input(layer) -> bool:
+    return type(layer).__name__ == "InputLayer" and "int" in str(layer.dtype)
+
+
+def _frozen(layer) -> bool:
+    """A frozen layer holding weights, BatchNormalization excepted: frozen, it keeps its moving statistics, as the
+    Keras transfer-learning guide fine-tunes."""
+    from compress.keras import keras
+
+    return (not layer.trainable and bool(layer.weights) and not _is_model(layer)
+            and not isinstance(getattr(layer, "layer", layer), keras.layers.BatchNormalization))
 
 
 def _is_model(layer) -> bool:
@@ -117,14 +144,12 @@ def _unique(name: str, taken: set) -> str:
 
 
 def _float32_compute(model, config: dict) -> list:
-    """Layers of a mixed-precision policy set to float32 in `config`: [(name, compute dtype)]."""
+    """Layers of a mixed-precision policy set to float32 in `config`: [(name, policy name)]."""
     changed = []
     for layer, entry in _with_entries(model, config):
-        policy = getattr(layer, "dtype_policy", None)
-        if (policy is not None and type(layer).__name__ != "InputLayer"
-                and policy.compute_dtype not in (None, "float32")):
+        if _computes_in_lower_precision(layer):
             entry["config"]["dtype"] = "float32"
-            changed.append((layer.name, policy.name))
+            changed.append((layer.name, layer.dtype_policy.name))
     return changed
 
 
@@ -134,26 +159,20 @@ def _with_entries(model, config: dict) -> list:
     return [(layer, entries[layer.name]) for layer in model.layers]
 
 
-def _float_input(config: dict) -> str | None:
+def _float_input(model, config: dict) -> str | None:
     """The integer dtype of the image input, set to float32 in `config`; None for a float input."""
-    for entry in config["layers"]:
-        dtype = entry["config"].get("dtype")
-        if entry["class_name"] == "InputLayer" and isinstance(dtype, str) and ("int" in dtype):
+    for layer, entry in _with_entries(model, config):
+        if _integer_input(layer):
             entry["config"]["dtype"] = "float32"
-            return dtype
+            return str(layer.dtype)
     return None
 
 
 def _unfrozen(model, config: dict) -> list:
-    """Names of the frozen layers holding weights, made trainable in `config` (BatchNormalization excepted: frozen,
-    it keeps its moving statistics, as the Keras transfer-learning guide fine-tunes)."""
-    from compress.keras import keras
-
+    """Names of the `_frozen` layers, made trainable in `config`."""
     names = []
     for layer, entry in _with_entries(model, config):
-        inner = getattr(layer, "layer", layer)  # a tfmot wrapper's layer
-        if (not layer.trainable and layer.weights and not isinstance(inner, keras.layers.BatchNormalization)
-                and not _is_model(layer)):
+        if _frozen(layer):
             entry["config"]["trainable"] = True
             names.append(layer.name)
     return names
