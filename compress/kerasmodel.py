@@ -307,21 +307,21 @@ def scores_per_class(outputs: np.ndarray, kind: str | None) -> np.ndarray:
     return np.concatenate([-outputs / 2, outputs / 2], axis=1)
 
 
-def rebuilt_from_config(model, config: dict, weights: dict, *, probe: np.ndarray | None = None, atol: float = 1e-5,
+def rebuilt_from_config(model, config: dict, weights: dict, *, pixel_values: bool = False, atol: float = 1e-5,
                         rtol: float = 0.0):
     """`model` rebuilt from its rewritten `config`, each layer's weights from `weights` (by name) or else from the
-    layer of that name in `model`; None where the rebuilt model does not compute what `model` does on `probe`
-    (default: two random [0, 1) images) within `atol` + `rtol` (a graph the rewrite does not understand: left to the
-    refusal that names the layer)."""
+    layer of that name in `model`; None where the rebuilt model does not compute what `model` does on two random
+    images ([0, 1) values, or with `pixel_values` integers 0-255) within `atol` + `rtol` (a graph the rewrite does
+    not understand: left to the refusal that names the layer)."""
     with loading_scope():
         rebuilt = type(model).from_config(config)
     for layer in rebuilt.layers:
         if layer.weights:
             layer.set_weights(weights[layer.name] if layer.name in weights else
                               model.get_layer(layer.name).get_weights())
-    if probe is None:
-        shape = [32 if dim is None else dim for dim in model.input_shape[1:]]  # any size a convolutional model takes
-        probe = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
+    shape = (2, *[32 if dim is None else dim for dim in model.input_shape[1:]])  # any size a fully conv. model takes
+    rng = np.random.default_rng(0)
+    probe = rng.integers(0, 256, shape).astype(np.float32) if pixel_values else rng.random(shape, dtype=np.float32)
     if not np.allclose(model(probe, training=False), rebuilt(probe, training=False), atol=atol, rtol=rtol):
         return None
     return rebuilt

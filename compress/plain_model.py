@@ -10,8 +10,6 @@ frozen for transfer learning, which fine-tuning after pruning or quantization co
 
 from __future__ import annotations
 
-import numpy as np
-
 from compress.errors import ModelError, first_line, listed
 
 MIXED_PRECISION_ATOL = 0.05  # float16 vs float32 compute: logits and probabilities differ by ~1e-3, never this much
@@ -91,8 +89,7 @@ def _inlined(model):
                 args, kwargs = node.map_arguments(values)
                 layer = node.layer
                 if _is_model(layer):
-                    flat = [value for value in _flattened(args[0] if args else next(iter(kwargs.values())))]
-                    outputs = run(layer, flat, layer.name)
+                    outputs = run(layer, _flattened(args[0] if args else next(iter(kwargs.values()))), layer.name)
                 else:
                     if outer and id(layer) not in renamed:
                         renamed.add(id(layer))
@@ -183,11 +180,8 @@ def _rebuilt(model, config: dict, *, loose: bool, integer_input: bool):
     input), exactly or, where float16 compute became float32, to within MIXED_PRECISION_ATOL."""
     from compress.kerasmodel import rebuilt_from_config
 
-    rng = np.random.default_rng(0)
-    shape = (4, *model.input_shape[1:])
-    probe = rng.integers(0, 256, shape).astype(np.float32) if integer_input else rng.random(shape, dtype=np.float32)
-    rebuilt = rebuilt_from_config(model, config, {}, probe=probe, atol=MIXED_PRECISION_ATOL if loose else 1e-5,
-                                  rtol=0.01 if loose else 0.0)
+    rebuilt = rebuilt_from_config(model, config, {}, pixel_values=integer_input,
+                                  atol=MIXED_PRECISION_ATOL if loose else 1e-5, rtol=0.01 if loose else 0.0)
     if rebuilt is None:
         raise ModelError("the model computing in float32 on a float input, its layers trainable, differs from the "
                          "saved one; save it with float32 layers and input")

@@ -40,6 +40,19 @@ def test_a_nested_frozen_backbone_is_inlined_and_made_trainable():
     assert "frozen layer(s) (backbone_conv, conv_2) made trainable" in notes[1]
 
 
+def test_a_frozen_model_of_any_input_size_is_made_trainable():
+    """keras.applications backbones come built on Input((None, None, 3)): the rebuilt model is checked at 32x32."""
+    from compress.keras import keras
+    from compress.plain_model import plain_model
+
+    image = keras.Input((None, None, 3))
+    convolution = keras.layers.Conv2D(4, 3, name="conv")
+    convolution.trainable = False
+    model = keras.Model(image, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(convolution(image))))
+    plain, notes = plain_model(model)
+    assert plain.get_layer("conv").trainable and notes[0].startswith("model: 1 frozen layer(s) (conv) made trainable")
+
+
 def test_a_transfer_learning_model_is_quantized_and_its_channels_pruned(tmp_path, capsys):
     """tfmot refused the nested backbone ("cannot quantize layer(s) backbone (Functional)"), and the channel trace
     stopped at it ("Functional layers are not supported")."""
