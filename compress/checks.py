@@ -60,8 +60,8 @@ def matched_to_data(model, data, log: Callable[[str], None] | None = None) -> tu
     height or width (None in its input shape, as keras.applications backbones built without an input_shape) is
     built at the data's size, at which every later technique, export and timing then works; a binary classifier
     giving one score (Dense(1), as in the Keras guides) is given one score per class (`two_score_model`), and its
-    files give the one score back; layers that act only in training (data augmentation, noise) are left out
-    (`without_training_only_layers`), and the model is given the plain form every technique works on
+    files give the one score back; layers that pass their input through at inference (data augmentation, noise,
+    Identity) are left out (`without_pass_through_layers`), and the model is given the plain form every technique works on
     (`plain_model`: nested models inlined, float32 compute and input, layers trainable).
     Anything else that does not fit is left for `check_model_fits_data` to refuse."""
     from compress.kerasmodel import built_at_size, two_score_model
@@ -91,15 +91,15 @@ def matched_to_data(model, data, log: Callable[[str], None] | None = None) -> tu
 
 
 def in_plain_form(model, say: Callable[[str], None]):
-    """`model` without the layers that act only in training and in the plain form of `plain_model` (nested models
+    """`model` without the layers that pass their input through at inference and in the plain form of `plain_model` (nested models
     inlined, float32 compute and input, layers trainable), each change said."""
-    from compress.kerasmodel import without_training_only_layers
+    from compress.kerasmodel import without_pass_through_layers
     from compress.plain_model import plain_model
 
-    model, dropped = without_training_only_layers(model)
+    model, dropped = without_pass_through_layers(model)
     if dropped:
-        say(f"model: left out {', '.join(dropped)}: layers that act only in training (augmentation, noise, "
-            "regularization) and pass their input through unchanged at inference")
+        say(f"model: left out {', '.join(dropped)}: layers that pass their input through unchanged at inference "
+            "(augmentation, noise, regularization, Identity)")
     model, changes = plain_model(model)
     for change in changes:
         say(change)

@@ -25,8 +25,11 @@ AUGMENTATION_LAYERS = frozenset(
     "RandomPosterization RandomErasing RandomGaussianBlur RandomInvert RandomPerspective RandAugment AugMix MixUp "
     "CutMix".split()
 )
-# Layers that act only in training, as augmentation does: identities at inference (tf_keras models drop them all).
-TRAINING_ONLY_LAYERS = AUGMENTATION_LAYERS | {"GaussianNoise", "GaussianDropout", "AlphaDropout", "ActivityRegularization"}
+# Layers that pass their input through unchanged at inference: those that act only in training, as augmentation
+# does, and Identity (tf_keras models drop them all).
+PASS_THROUGH_LAYERS = AUGMENTATION_LAYERS | {
+    "GaussianNoise", "GaussianDropout", "AlphaDropout", "ActivityRegularization", "Identity",
+}
 # keras.applications' own layers, rebuilt from tf_keras layers that compute the same: ConvNeXt's LayerScale
 # (each channel times a learned factor) as a 1x1 DepthwiseConv2D without bias, its factors as the kernel.
 APPLICATION_LAYERS = frozenset({"LayerScale"})
@@ -59,7 +62,13 @@ _ACTIVATIONS = {
 _EXPANDED_ACTIVATIONS = frozenset({"hard_sigmoid", "hard_silu", "hard_swish"})
 
 # Layer options tf_keras lacks, dropped when they hold Keras 3's default (which means tf_keras' behaviour).
-_DEFAULTS_TF_KERAS_LACKS = {"quantization_config": None, "rms_scaling": False, "lora_rank": None, "optional": False}
+# Options tf_keras lacks, at the Keras 3 value that does what tf_keras always does (Resizing and CenterCrop name
+# their channels-last layout and Resizing its padding options, which tf_keras' layers never had).
+_DEFAULTS_TF_KERAS_LACKS = {
+    "quantization_config": None, "rms_scaling": False, "lora_rank": None, "optional": False,
+    "data_format": "channels_last", "pad_to_aspect_ratio": False, "fill_mode": "constant", "fill_value": 0.0,
+    "antialias": False,
+}
 _RENAMED = {"LeakyReLU": {"negative_slope": "alpha"}, "InputLayer": {"batch_shape": "batch_input_shape"}}
 # Arguments every tf_keras layer takes through **kwargs (base Layer.__init__).
 _BASE_LAYER_KWARGS = frozenset({"input_dim", "input_shape", "batch_input_shape", "batch_size", "weights", "autocast"})

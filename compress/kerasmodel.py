@@ -48,6 +48,7 @@ def load_model_with_source(path: str | os.PathLike, *, unsafe: bool = False,
         major_version,
         translate_keras3,
     )
+    from compress.keras3_layers import MODEL_CLASSES
 
     path = Path(path)
     if path.is_dir():
@@ -60,6 +61,11 @@ def load_model_with_source(path: str | os.PathLike, *, unsafe: bool = False,
     if path.suffix == ".h5" and _holds_weights_only(path):
         raise ModelError(f"{path} holds weights only (model.save_weights), not the model; save the whole model with "
                          "model.save('model.keras')")
+    model_class = (file_config(path) or {}).get("class_name")
+    if model_class and model_class not in MODEL_CLASSES | {"Model"}:  # "Model": functional models before TF 2.4
+        raise ModelError(f"{path} holds a subclassed model (class {model_class}): its layers are joined by its Python "
+                         "code, which the file does not hold; build the same layers with the functional API or "
+                         "keras.Sequential and save that")
     version = file_keras_version(path)
     if is_keras3_file(path) or (path.suffix == ".h5" and major_version(version) >= 3):
         model, info = translate_keras3(path, safe_mode=not unsafe, sample_images=sample_images)
@@ -327,19 +333,19 @@ def rebuilt_from_config(model, config: dict, weights: dict, *, pixel_values: boo
     return rebuilt
 
 
-def without_training_only_layers(model) -> tuple:
-    """(`model` without the layers that act only in training, [their names]): data augmentation (RandomFlip,
-    RandomRotation and their kind, also a nested model made of nothing else, as the Keras guides'
-    `data_augmentation` block), noise (GaussianNoise, GaussianDropout, AlphaDropout) and ActivityRegularization pass
-    their input through unchanged at inference, and tfmot's quantization refuses them.
-    The model is rebuilt without them and checked to compute the same."""
-    from compress.keras3_layers import TRAINING_ONLY_LAYERS
+def without_pass_through_layers(model) -> tuple:
+    """(`model` without the layers that pass their input through unchanged at inference, [their names]): data
+    augmentation (RandomFlip, RandomRotation and their kind, also a nested model made of nothing else, as the Keras
+    guides' `data_augmentation` block), noise (GaussianNoise, GaussianDropout, AlphaDropout) and
+    ActivityRegularization act only in training, Identity never; tfmot's quantization and channel pruning refuse
+    them. The model is rebuilt without them and checked to compute the same."""
+    from compress.keras3_layers import PASS_THROUGH_LAYERS
 
-    def training_only(layer) -> bool:
+    def passes_through(layer) -> bool:
         inner = [item for item in getattr(layer, "layers", None) or [] if type(item).__name__ != "InputLayer"]
-        return type(layer).__name__ in TRAINING_ONLY_LAYERS or (bool(inner) and all(map(training_only, inner)))
+        return type(layer).__name__ in PASS_THROUGH_LAYERS or (bool(inner) and all(map(passes_through, inner)))
 
-    dropped = [layer.name for layer in model.layers if training_only(layer)
+    dropped = [layer.name for layer in model.layers if passes_through(layer)
                and len(layer._inbound_nodes) == 1]  # noqa: SLF001 - Keras 2 exposes calls only this way
     if not dropped:
         return model, []
@@ -356,7 +362,7 @@ def without_training_only_layers(model) -> tuple:
         config["output_layers"] = rerouted_references(config["output_layers"], sources)
     rebuilt = rebuilt_from_config(model, config, {})
     if rebuilt is None:
-        raise ModelError(f"leaving out the training-only layers {', '.join(dropped)} changed what the model computes; "
+        raise ModelError(f"leaving out the pass-through layers {', '.join(dropped)} changed what the model computes; "
                          "save the model without them")
     return rebuilt, dropped
 

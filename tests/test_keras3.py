@@ -140,6 +140,27 @@ x = L.Dense(16, activation="gelu", name="expand")(L.LayerNormalization(epsilon=1
 x = LayerScale(0.5, 8, name="scale")(L.Dense(8, name="project")(x))
 x = L.Add(name="residual")([inputs, x])
 keras.Model(inputs, L.Dense(5, name="logits")(L.GlobalAveragePooling2D()(x))).save(out / "convnext_block.keras")
+
+# A model that takes images of any size and makes them its own size, as models written for deployment do.
+inputs = keras.Input((None, None, 3))
+x = L.CenterCrop(16, 16, name="crop")(L.Resizing(20, 20, name="resize")(inputs))
+x = L.Conv2D(4, 3, name="conv")(L.Identity(name="same")(L.Rescaling(1 / 255, name="scale")(x)))
+keras.Model(inputs, L.Dense(3, name="logits")(L.GlobalAveragePooling2D()(x))).save(out / "resizing.keras")
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Net(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.classifier = L.Dense(2)
+
+    def call(self, x):
+        return self.classifier(x)
+
+
+subclassed = Net()
+subclassed(np.zeros((1, 4), "float32"))
+subclassed.save(out / "subclassed.keras")
 """
 
 
@@ -319,6 +340,21 @@ def test_a_convnext_block_translates_to_layers_onnx_converts(keras3_files, tmp_p
     assert type(model.get_layer("scale")).__name__ == "DepthwiseConv2D"
     result = export_model(model, tmp_path / "out")
     assert result["parity_ok"]
+
+
+def test_a_model_that_resizes_its_images_itself_translates(keras3_files):
+    """Keras 3's Resizing and CenterCrop name their channels-last layout, and Resizing its padding options, which
+    tf_keras' layers lack (they do the same without them): both were refused."""
+    images = np.random.default_rng(1).uniform(0, 255, (12, 24, 24, 3)).astype(np.float32)
+    model, info = translate_keras3(keras3_files / "resizing.keras", sample_images=images)
+    assert info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-4
+    assert [type(layer).__name__ for layer in model.layers][1:5] == ["Resizing", "CenterCrop", "Rescaling", "Identity"]
+
+
+def test_a_subclassed_model_is_refused_in_one_line_saying_why(keras3_files):
+    with pytest.raises(ModelError) as caught:  # it was Keras' own message, cut off mid-sentence
+        load_model_with_source(keras3_files / "subclassed.keras")
+    _assert_one_line(str(caught.value), "subclassed model (class Net)", "functional API")
 
 
 def test_an_op_tf2onnx_cannot_convert_is_one_line_naming_the_layer(tmp_path):

@@ -100,7 +100,7 @@ def _noisy_model():
     layers = keras.layers
     return keras.Sequential([
         keras.Input((32, 32, 3)), layers.GaussianNoise(0.1, name="noise"),
-        layers.Conv2D(8, 3, activation="relu"), layers.ActivityRegularization(l1=1e-5, name="regularize"),
+        layers.Conv2D(8, 3, activation="relu"), layers.Identity(name="same"), layers.ActivityRegularization(l1=1e-5, name="regularize"),
         layers.GlobalAveragePooling2D(), layers.Dense(10),
     ])
 
@@ -108,7 +108,7 @@ def _noisy_model():
 @pytest.mark.parametrize("build, said", [
     (_mixed_precision_model, "4 layer(s) computing in mixed_float16 (mixed precision) made to compute in float32"),
     (_uint8_input_model, "model: takes uint8 pixels; compressed as the same model taking float32 ones"),
-    (_noisy_model, "model: left out noise, regularize: layers that act only in training"),
+    (_noisy_model, "model: left out noise, same, regularize: layers that pass their input through unchanged"),
 ], ids=["mixed-precision", "uint8-input", "noise-layers"])
 def test_a_model_in_a_form_tfmot_refuses_is_quantized_and_converted(build, said, tmp_path, capsys):
     """Each failed before: tfmot's QAT raised inside its QuantizeLayer or refused GaussianNoise, and TFLite's int8

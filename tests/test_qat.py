@@ -331,20 +331,20 @@ def test_augmentation_layers_in_a_tf_keras_model_are_left_out_and_said(tmp_path,
     without them, said in one line, and quantized."""
     from compress.cli import main
     from compress.keras import keras
-    from compress.kerasmodel import save_model, without_training_only_layers
+    from compress.kerasmodel import save_model, without_pass_through_layers
 
     layers = keras.layers
     image = keras.Input((32, 32, 3))
     hidden = layers.RandomRotation(0.1, name="rotate")(layers.RandomFlip("horizontal", name="flip")(image))
     hidden = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3, activation="relu", name="conv")(hidden))
     model = keras.Model(image, layers.Dense(10, name="logits")(hidden))
-    stripped, dropped = without_training_only_layers(model)
+    stripped, dropped = without_pass_through_layers(model)
     assert dropped == ["flip", "rotate"] and [layer.name for layer in stripped.layers][1:2] == ["conv"]
     images = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
     np.testing.assert_allclose(stripped.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
     path = save_model(model, tmp_path / "augmented.keras")
     assert main(["qat", str(path), "--out", str(tmp_path / "out"), "--epochs", "0.1"]) == 0
-    assert "model: left out flip, rotate: layers that act only in training" in capsys.readouterr().out
+    assert "model: left out flip, rotate: layers that pass their input through unchanged" in capsys.readouterr().out
 
 
 def test_a_batch_norm_behind_no_convolution_becomes_a_depthwise_convolution_and_is_quantized(synthetic_data):
