@@ -22,7 +22,8 @@ def data_arguments(args: argparse.Namespace) -> dict:
     if data_dir is None and args.data == "cifar10":
         data_dir = os.environ.get(CIFAR10_DIR_ENV) or None
     return dict(source=args.data, data_dir=None if data_dir is None else str(Path(data_dir).resolve()),
-                seed=args.seed, val_fraction=args.val_fraction, image_size=args.image_size)
+                seed=args.seed, val_fraction=args.val_fraction, image_size=args.image_size,
+                **({"skip_unreadable": True} if args.skip_unreadable else {}))  # absent: earlier run keys hold
 
 
 def data_arguments_for_model(args: argparse.Namespace, model_path, log) -> dict:
@@ -50,8 +51,8 @@ def load_data_from_args(args: argparse.Namespace):
     log = lambda message: info(args, message)  # noqa: E731
     model_path = getattr(args, "model", None) or getattr(args, "file", None)
     data = load_data(**data_arguments_for_model(args, model_path, log), log=log)
-    if data.splits_note:
-        info(args, f"data: {data.splits_note}")
+    for note in data.notes:
+        info(args, f"data: {note}")
     return data
 
 

@@ -36,6 +36,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, default: str | None =
         "--image-size", type=_image_size, metavar="HxW", help="resize every image to HxW (e.g. 32x32)"
     )
     group.add_argument(
+        "--skip-unreadable", action="store_true",
+        help="leave out images that cannot be read (empty, damaged, not images) instead of refusing the folder; "
+             "they are listed",
+    )
+    group.add_argument(
         "--input-range", choices=("auto", "raw", "unit", "symmetric"), default="auto",
         help="pixels as the model takes them: raw 0-255, unit [0, 1] or symmetric [-1, 1]; auto: raw for a model "
              "whose first layer is Rescaling or Normalization, else unit (default: auto)",

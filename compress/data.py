@@ -5,7 +5,8 @@ Sources:
 - ``cifar10``: the full set, from a class-folder copy (``data_dir`` or $COMPRESS_CIFAR10_DIR), else Keras' download.
 - ``folder:PATH``: class folders, either ``PATH/train/<class>/`` + ``PATH/test/<class>/`` (a ``val/`` folder beside
   them is the validation split; ``train/`` + ``val/`` alone, the layout of many published sets, take ``val/`` as the
-  test split) or ``PATH/<class>/``.
+  test split) or ``PATH/<class>/``. A class folder's subfolders are read too, as Keras' image_dataset_from_directory
+  reads them.
 
 Decoded images are cached as .npz under $COMPRESS_CACHE_DIR (default ~/.cache/compress), keyed on the source files'
 names, sizes and modification times, so a second load reads one file instead of decoding thousands.
@@ -26,11 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
-from compress.errors import DataError, first_line
+from compress.errors import DataError, first_line, listed
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_DIR_ENV = "COMPRESS_CIFAR10_DIR"
@@ -65,7 +66,8 @@ class Dataset:
     y_test: np.ndarray
     seed: int = 0
     input_range: str = "unit"  # what the model takes: see INPUT_RANGES
-    splits_note: str = ""  # where the validation and test splits came from, when a folder's layout decided it
+    # What the folder decided: where the validation and test splits came from, unreadable images left out.
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.input_range not in INPUT_RANGES:
@@ -114,7 +116,7 @@ class Dataset:
             "counts": {name: int(len(self.split(name)[1])) for name in ("train", "val", "test")},
             "seed": self.seed,
             "input_range": self.input_range,
-            **({"splits": self.splits_note} if self.splits_note else {}),
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
     def fingerprint(self) -> str:
@@ -197,10 +199,12 @@ def load_data(
     test_fraction: float = 0.2,
     image_size: tuple[int, int] | None = None,
     cache_dir: str | os.PathLike | None = None,
+    skip_unreadable: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Dataset:
     """Load a data source and split it: validation is stratified from the training images, never the test ones.
-    Decoding a folder the cache does not hold yet is said through `log`, with progress on a large one."""
+    Decoding a folder the cache does not hold yet is said through `log`, with progress on a large one. Images
+    that cannot be read refuse the folder, naming them, unless `skip_unreadable` leaves them out (in the notes)."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"validation fraction must be between 0 and 1, got {val_fraction}")
     if not 0.0 < test_fraction < 1.0:
@@ -212,13 +216,13 @@ def load_data(
     note = ""
     if source == "cifar10-mini":
         tree = _zip_tree(resources.files("compress") / "datasets" / MINI_ARCHIVE)
-        raw = _decode_cached(tree, image_size, cache, log)
+        raw = _decode_cached(tree, image_size, cache, skip_unreadable, log)
     elif source == "cifar10":
         folder = data_dir or os.environ.get(CIFAR10_DIR_ENV)
         if folder:
             tree, note = _folder_tree(Path(folder), test_fraction)
-            raw = _decode_cached(tree, image_size, cache, log)
-            if raw[4] != CIFAR10_CLASSES:
+            raw = _decode_cached(tree, image_size, cache, skip_unreadable, log)
+            if raw.class_names != CIFAR10_CLASSES:
                 raise DataError(f"{folder} does not hold the CIFAR-10 classes ({', '.join(CIFAR10_CLASSES)})")
         else:
             raw = _download_cifar10(image_size)
@@ -228,11 +232,11 @@ def load_data(
         if data_dir is not None:
             raise DataError("--data-dir applies to the cifar10 source; for folder:PATH the path is in the name")
         tree, note = _folder_tree(Path(source[len("folder:"):]), test_fraction)
-        raw = _decode_cached(tree, image_size, cache, log)
+        raw = _decode_cached(tree, image_size, cache, skip_unreadable, log)
     else:
         raise DataError(f"unknown data source {source!r}; known sources: {', '.join(KNOWN_SOURCES)}")
 
-    x_train_all, y_train_all, x_test, y_test, class_names, given_val = raw
+    x_train_all, y_train_all, x_test, y_test, class_names, given_val, unreadable = raw
     if len(class_names) < 2:
         raise DataError(f"{source} has {len(class_names)} class ({', '.join(class_names)}); a classifier needs two or "
                         "more class folders")
@@ -253,7 +257,8 @@ def load_data(
         x_test=x_test,
         y_test=y_test,
         seed=seed,
-        splits_note=note,
+        notes=tuple(filter(None, [note, unreadable and f"left out {len(unreadable):,} unreadable image(s): "
+                                                     f"{listed(list(unreadable), shown=3, separator='; ')}"])),
     )
 
 
@@ -352,14 +357,15 @@ def _folder_tree(root: Path, test_fraction: float) -> tuple[Tree, str]:
 
 
 def _class_folders(root: Path) -> dict[str, list[Entry]]:
-    """{class name: its images} of the class folders in `root`. Hidden files and folders are skipped (macOS copies
-    carry a "._name.jpg" beside each image); names are compared in Unicode NFC form, since macOS writes "café" in
-    the decomposed form another system does not."""
+    """{class name: its images} of the class folders in `root`, their subfolders' images included. Hidden files and
+    folders are skipped (macOS copies carry a "._name.jpg" beside each image); names are compared in Unicode NFC
+    form, since macOS writes "café" in the decomposed form another system does not."""
     classes, empty = {}, []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         entries = []
-        for path in sorted(class_dir.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file():
+        for path in sorted(class_dir.rglob("*")):
+            hidden = any(part.startswith(".") for part in path.relative_to(class_dir).parts)
+            if path.suffix.lower() in IMAGE_SUFFIXES and not hidden and path.is_file():
                 stat = path.stat()
                 entries.append((str(path), stat.st_size, stat.st_mtime, path.read_bytes))
         name = unicodedata.normalize("NFC", class_dir.name)
@@ -388,9 +394,23 @@ def _zip_tree(archive_path) -> Tree:
     return tree
 
 
-def _decode_cached(tree: Tree, image_size, cache_dir: Path, log: Callable[[str], None] | None = None):
-    """(x_train, y_train, x_test, y_test, class names, (x_val, y_val) or None) of a tree, from the cache when its
-    listing was decoded before."""
+class _Decoded(NamedTuple):
+    """A source's images: its training and test splits, class names, its own validation split (or None) and the
+    images left out because they cannot be read ("path: why")."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+    val: tuple[np.ndarray, np.ndarray] | None
+    unreadable: tuple[str, ...] = ()
+
+
+def _decode_cached(tree: Tree, image_size, cache_dir: Path, skip_unreadable: bool = False,
+                   log: Callable[[str], None] | None = None) -> _Decoded:
+    """A tree's images, from the cache when its listing was decoded before; unreadable images refuse the tree
+    unless `skip_unreadable` (the cache remembers which were left out)."""
     class_names = tuple(sorted(tree["train"]))
     splits = [split for split in ("train", "test", "val") if split in tree]
     listing = hashlib.sha256(f"{DECODER_VERSION}|{image_size!r}".encode())
@@ -404,11 +424,17 @@ def _decode_cached(tree: Tree, image_size, cache_dir: Path, log: Callable[[str],
         try:
             with np.load(cache_file) as cached:
                 arrays = {split: (cached[f"x_{split}"], cached[f"y_{split}"]) for split in splits}
+                unreadable = tuple(str(item) for item in cached["unreadable"]) if "unreadable" in cached else ()
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # a damaged cache file is rebuilt below
+            arrays = None  # a damaged cache file is rebuilt below
     if arrays is None:
         progress = _DecodeProgress(sum(len(entries) for split in splits for entries in tree[split].values()), log)
-        arrays = {split: _decode_split(tree[split], class_names, image_size, progress) for split in splits}
+        decoded = {split: _decode_split(tree[split], class_names, image_size, progress) for split in splits}
+        unreadable = tuple(problem for split in splits for problem in decoded[split][2])
+        if unreadable and not skip_unreadable:
+            raise _unreadable_error(unreadable, progress.total)
+        arrays = {split: _stacked(split, images, labels, class_names)
+                  for split, (images, labels, _) in decoded.items()}
         progress.done(cache_file)
         if len({x.shape[-1] for x, _ in arrays.values()}) > 1:  # a grayscale split beside a colour one: all RGB
             arrays = {split: (np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x, y)
@@ -422,12 +448,20 @@ def _decode_cached(tree: Tree, image_size, cache_dir: Path, log: Callable[[str],
             cache_dir.mkdir(parents=True, exist_ok=True)
             partial = cache_file.with_suffix(f".{os.getpid()}.partial")
             with open(partial, "wb") as handle:
-                np.savez(handle, **{f"{kind}_{split}": array for split, pair in arrays.items()
-                                    for kind, array in zip("xy", pair)})
+                np.savez(handle, unreadable=np.array(unreadable, dtype=str),
+                         **{f"{kind}_{split}": array for split, pair in arrays.items()
+                            for kind, array in zip("xy", pair)})
             os.replace(partial, cache_file)
         except OSError:
             pass  # a read-only or full cache folder costs speed, not correctness
-    return (*arrays["train"], *arrays["test"], class_names, arrays.get("val"))
+    elif unreadable and not skip_unreadable:  # cached by a run that left them out; this one was not asked to
+        raise _unreadable_error(unreadable, sum(len(y) for _, y in arrays.values()) + len(unreadable))
+    return _Decoded(*arrays["train"], *arrays["test"], class_names, arrays.get("val"), unreadable)
+
+
+def _unreadable_error(unreadable: tuple[str, ...], total: int) -> DataError:
+    return DataError(f"{len(unreadable):,} of {total:,} images cannot be read ({listed(list(unreadable), 2, '; ')}); "
+                     "remove them, or pass --skip-unreadable to leave them out")
 
 
 class _DecodeProgress:
@@ -454,15 +488,29 @@ class _DecodeProgress:
 
 
 def _decode_split(classes: dict[str, list[Entry]], class_names, image_size, progress: _DecodeProgress):
+    """([images], [labels], ["path: why" of each image that cannot be read]) of one split."""
     entries = [(entry, label) for label, name in enumerate(class_names) for entry in classes[name]]
 
     def decode(item):
-        image = _decode_image(item[0], image_size)
-        progress.advance()
-        return image
+        try:
+            return _decode_image(item[0], image_size)
+        except _Unreadable as problem:
+            return f"{_short_path(item[0][0])}: {problem}"
+        finally:
+            progress.advance()
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        images = list(pool.map(decode, entries))
+        decoded = list(pool.map(decode, entries))
+    kept = [(image, label) for image, (_, label) in zip(decoded, entries) if not isinstance(image, str)]
+    return [image for image, _ in kept], [label for _, label in kept], [item for item in decoded
+                                                                        if isinstance(item, str)]
+
+
+def _stacked(split: str, images: list, labels: list, class_names) -> tuple[np.ndarray, np.ndarray]:
+    """One split's images as one uint8 array (grey ones made RGB beside colour ones) and its labels."""
+    missing = [name for label, name in enumerate(class_names) if label not in set(labels)]
+    if missing:  # every image of a class was left out unreadable: the model's outputs would not match the classes
+        raise DataError(f"class(es) {listed(missing)} have no readable {split} image")
     shapes = Counter(image.shape[:2] for image in images)
     if len(shapes) > 1:
         (a, _), (b, _) = shapes.most_common(2)
@@ -471,17 +519,25 @@ def _decode_split(classes: dict[str, list[Entry]], class_names, image_size, prog
         )
     if any(image.shape[2] == 3 for image in images):
         images = [np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image for image in images]
-    labels = np.array([label for _, label in entries], dtype=np.int64)
-    return np.stack(images), labels
+    return np.stack(images), np.array(labels, dtype=np.int64)
+
+
+class _Unreadable(Exception):
+    """An image file that cannot be decoded; its text says why."""
+
+
+def _short_path(name: str) -> str:
+    """The last three parts of an image's path (split/class/file in a folder set): enough to find it."""
+    return "/".join(Path(name).parts[-3:])
 
 
 def _decode_image(entry: Entry, image_size) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
-    name, _, _, read = entry
+    _, _, _, read = entry
     content = read()
     if not content:
-        raise DataError(f"cannot read image {name}: the file is empty")
+        raise _Unreadable("the file is empty")
     try:
         with Image.open(io.BytesIO(content)) as image:
             if image.mode.startswith(("I;16", "I")):  # 16-bit grey (PNG, TIFF): PIL's convert("L") would clip it
@@ -492,9 +548,9 @@ def _decode_image(entry: Entry, image_size) -> np.ndarray:
                 image = image.resize((image_size[1], image_size[0]), Image.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
     except UnidentifiedImageError:
-        raise DataError(f"cannot read image {name}: not an image file PIL can read, or a damaged one") from None
+        raise _Unreadable("not an image PIL can read, or a damaged one") from None
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read image {name}: {first_line(exc)}") from exc
+        raise _Unreadable(first_line(exc, 80)) from exc
     return array[..., None] if array.ndim == 2 else array
 
 
@@ -510,5 +566,5 @@ def _download_cifar10(image_size):
         ) from exc
     if image_size is not None and tuple(image_size) != x_train.shape[1:3]:
         raise DataError("--image-size is not supported for the downloaded CIFAR-10; use a class-folder copy")
-    return (x_train, y_train.ravel().astype(np.int64), x_test, y_test.ravel().astype(np.int64), CIFAR10_CLASSES,
-            None)
+    return _Decoded(x_train, y_train.ravel().astype(np.int64), x_test, y_test.ravel().astype(np.int64),
+                    CIFAR10_CLASSES, None)

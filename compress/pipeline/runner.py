@@ -130,8 +130,8 @@ def run_stages(recipe: RunRecipe, options: RunOptions, started: float | None = N
     for name in (BASELINE, *(stage.name for stage in recipe.stages)):
         stage_dir(out, name)
     data = load_data(**options.data_args, log=options.log)
-    if data.splits_note:
-        options.log(f"data: {data.splits_note}")
+    for note in data.notes:
+        options.log(f"data: {note}")
     check_batch_memory(data.input_shape, recipe.batch_sizes)
     source = model = None
     if options.model is not None:  # refuse a model that cannot work with this data before any work is done
