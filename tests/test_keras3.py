@@ -144,7 +144,8 @@ keras.Model(inputs, L.Dense(5, name="logits")(L.GlobalAveragePooling2D()(x))).sa
 # A model that takes images of any size and makes them its own size, as models written for deployment do.
 inputs = keras.Input((None, None, 3))
 x = L.CenterCrop(16, 16, name="crop")(L.Resizing(20, 20, name="resize")(inputs))
-x = L.Conv2D(4, 3, name="conv")(L.Identity(name="same")(L.Rescaling(1 / 255, name="scale")(x)))
+x = L.Identity(name="same")(L.Rescaling(1 / 255, name="scale")(x))
+x = L.Conv2D(4, 3, activation="leaky_relu", name="conv")(x)
 keras.Model(inputs, L.Dense(3, name="logits")(L.GlobalAveragePooling2D()(x))).save(out / "resizing.keras")
 
 
@@ -344,11 +345,12 @@ def test_a_convnext_block_translates_to_layers_onnx_converts(keras3_files, tmp_p
 
 def test_a_model_that_resizes_its_images_itself_translates(keras3_files):
     """Keras 3's Resizing and CenterCrop name their channels-last layout, and Resizing its padding options, which
-    tf_keras' layers lack (they do the same without them): both were refused."""
+    tf_keras' layers lack (they do the same without them): both were refused, as was the leaky_relu activation."""
     images = np.random.default_rng(1).uniform(0, 255, (12, 24, 24, 3)).astype(np.float32)
     model, info = translate_keras3(keras3_files / "resizing.keras", sample_images=images)
     assert info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-4
     assert [type(layer).__name__ for layer in model.layers][1:5] == ["Resizing", "CenterCrop", "Rescaling", "Identity"]
+    assert model.get_layer("conv").activation.__name__ == "leaky_relu"  # Keras 3's activation of that name, also
 
 
 def test_a_subclassed_model_is_refused_in_one_line_saying_why(keras3_files):
