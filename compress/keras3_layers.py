@@ -170,6 +170,9 @@ class Builder:
             if len(waiting) == len(pending):
                 raise self._refuse(waiting[0][0]["config"]["name"], "has inputs that no layer produces")
             pending = waiting
+        # Keras 3 numbers a nested Functional model's calls from 1 in the input and output references (its loader
+        # takes 1 off), from 0 in call arguments.
+        offset = {layer["config"]["name"]: int(layer["class_name"] == "Functional") for layer in config["layers"]}
         ends = []
         for key in ("input_layers", "output_layers"):
             refs = config[key]
@@ -178,7 +181,7 @@ class Builder:
                     f"{self.path}: model '{config['name']}' has named (dict) inputs or outputs; not supported"
                 )
             refs = [refs] if refs and isinstance(refs[0], str) else refs
-            found = [tensors[tuple(ref)] for ref in refs]
+            found = [tensors[(name, node - offset.get(name, 0), position)] for name, node, position in refs]
             ends.append(found if len(found) > 1 else found[0])
         return keras.Model(ends[0], ends[1], name=config["name"])
 

@@ -148,6 +148,10 @@ x = L.Identity(name="same")(L.Rescaling(1 / 255, name="scale")(x))
 x = L.Conv2D(4, 3, activation="leaky_relu", name="conv")(x)
 keras.Model(inputs, L.Dense(3, name="logits")(L.GlobalAveragePooling2D()(x))).save(out / "resizing.keras")
 
+# A keras.applications model with its classifier, called on the user's preprocessing: the nested model is the output.
+inputs = keras.Input((32, 32, 3))
+backbone = keras.applications.MobileNet((32, 32, 3), alpha=0.25, weights=None, classes=3, name="mobilenet")
+keras.Model(inputs, backbone(L.Rescaling(1 / 127.5, offset=-1)(inputs))).save(out / "nested_output.keras")
 
 @keras.saving.register_keras_serializable(package="tests")
 class Net(keras.Model):
@@ -351,6 +355,14 @@ def test_a_model_that_resizes_its_images_itself_translates(keras3_files):
     assert info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-4
     assert [type(layer).__name__ for layer in model.layers][1:5] == ["Resizing", "CenterCrop", "Rescaling", "Identity"]
     assert model.get_layer("conv").activation.__name__ == "leaky_relu"  # Keras 3's activation of that name, also
+
+
+def test_a_nested_model_giving_the_output_translates(keras3_files):
+    """keras.applications MobileNet with its classifier called inside the user's model: Keras 3 numbers its call
+    1 in the output reference, 0 in call arguments; the translation failed with a KeyError traceback."""
+    model, info = translate_keras3(keras3_files / "nested_output.keras")
+    assert info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-4
+    assert model.output_shape == (None, 3) and model.get_layer("mobilenet").output_shape == (None, 3)
 
 
 def test_a_subclassed_model_is_refused_in_one_line_saying_why(keras3_files):
