@@ -64,7 +64,7 @@ def matched_to_data(model, data, log: Callable[[str], None] | None = None) -> tu
     Identity) are left out (`without_pass_through_layers`), and the model is given the plain form every technique works on
     (`plain_model`: nested models inlined, float32 compute and input, layers trainable).
     Anything else that does not fit is left for `check_model_fits_data` to refuse."""
-    from compress.kerasmodel import built_at_size, two_score_model
+    from compress.kerasmodel import built_at_size, flat_scores_model, two_score_model
 
     inputs = getattr(model, "inputs", None)
     if not inputs or len(inputs) != 1 or len(inputs[0].shape) != 4:
@@ -87,6 +87,10 @@ def matched_to_data(model, data, log: Callable[[str], None] | None = None) -> tu
         negative, positive = data.class_names
         say(f"model: one score per image, {'a sigmoid probability' if kind == 'sigmoid' else 'a logit'} of class "
             f"{positive}: compressed as a score per class ({negative}, {positive}); each file gives the one score back")
+    elif len(outputs) == 1 and len(outputs[0].shape) > 2 and set(outputs[0].shape[1:-1]) == {1}:
+        model = flat_scores_model(model)
+        say(f"model: gives {shape_text(outputs[0].shape[1:])} scores per image; compressed with them reshaped to "
+            f"{outputs[0].shape[-1]}, as its files give them")
     return model, data
 
 
@@ -313,8 +317,9 @@ def outputs_probabilities(model, data=None) -> bool:
     """True when the model's outputs are probabilities: a softmax last layer, or else rows that are non-negative
     and sum to 1 on a few of the data's test images (a model can hide its softmax in a nested block)."""
     from compress.keras import keras
+    from compress.kerasmodel import scoring_layer
 
-    last = model.layers[-1]
+    last = scoring_layer(model)
     last = getattr(last, "layer", last)  # tfmot wrappers hold the layer they wrap
     activation = getattr(last, "activation", None)
     activation = getattr(activation, "activation", activation)  # QAT: tfmot's QuantizeAwareActivation holds it

@@ -278,6 +278,29 @@ def two_score_model(model) -> tuple:
     return keras.Model(model.inputs, scores, name=model.name), kind
 
 
+def flat_scores_model(model):
+    """`model`, whose scores per image have the shape 1x...x1xC (a fully convolutional classifier: a 1x1
+    convolution after a global pooling that kept its dimensions), with them reshaped to C, as every technique,
+    check and file compares them."""
+    from compress.keras import keras
+
+    scores = model.outputs[0]
+    flat = keras.layers.Reshape((scores.shape[-1],), name=f"{model.name}_flat_scores")(scores)
+    return keras.Model(model.inputs, flat, name=model.name)
+
+
+def scoring_layer(model):
+    """The layer whose output the model's scores are: its last one, looked through a Reshape or Flatten (and the
+    tfmot wrapper around one) to the layer before it."""
+    layer = model.layers[-1]
+    while type(getattr(layer, "layer", layer)).__name__ in ("Reshape", "Flatten"):
+        inbound = layer._inbound_nodes[0].inbound_layers  # noqa: SLF001 - Keras 2 exposes calls only this way
+        if not inbound or isinstance(inbound, list):
+            break
+        layer = inbound
+    return layer
+
+
 def binary_kind(model) -> str | None:
     """"sigmoid" or "logit" for a model with the two scores of `two_score_model` (also once QAT-wrapped): what
     single score its files give back; None for any other model."""

@@ -4,8 +4,9 @@ float image input, its layers trainable. Each change is checked to leave the pre
 Users bring models that are not plain: a keras.applications backbone nested in their own model (the
 transfer-learning guides), which tfmot's quantization and the channel trace treat as one opaque layer; layers that
 compute in float16 (mixed precision, trained on a GPU), which TFLite's converter and tfmot refuse and which run
-slowly on a CPU; an input of uint8 pixels, which the float calibration and training data do not fit; a backbone
-frozen for transfer learning, which fine-tuning after pruning or quantization could not adapt.
+slowly on a CPU; an input of uint8 pixels, which the float calibration and training data do not fit; an input of
+a fixed batch size (made for batch-1 inference), which training, calibration and batched timing do not fit; a
+backbone frozen for transfer learning, which fine-tuning after pruning or quantization could not adapt.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ def plain_model(model) -> tuple:
     if nested:
         model = _inlined(model)
         notes.append(f"model: nested model(s) {listed(nested)} inlined, so that every technique sees their layers")
-    if not any(_needs_change(layer) for layer in model.layers):
+    if not (_fixed_batch(model) or _integer_input(model) or any(_needs_change(layer) for layer in model.layers)):
         return model, notes
     try:
         config = model.get_config()
     except Exception as exc:  # a layer without a config: nothing can be rebuilt
-        raise ModelError(f"the model needs float32 layers, a float input or trainable layers, and cannot be rebuilt "
-                         f"for that: {first_line(exc)}") from None
+        raise ModelError(f"the model needs float32 layers, a float input of any batch size or trainable layers, and "
+                         f"cannot be rebuilt for that: {first_line(exc)}") from None
     float16 = _float32_compute(model, config)
     if float16:
         notes.append(f"model: {len(float16)} layer(s) computing in {float16[0][1]} (mixed precision) made to compute "
@@ -37,6 +38,10 @@ def plain_model(model) -> tuple:
     if integer_input:
         notes.append(f"model: takes {integer_input} pixels; compressed as the same model taking float32 ones (its "
                      "files take float32 pixel values)")
+    fixed_batch = _any_batch(model, config)
+    if fixed_batch:
+        notes.append(f"model: its input takes batches of exactly {fixed_batch}; compressed as the same model taking "
+                     "any batch size")
     unfrozen = _unfrozen(model, config)
     if unfrozen:
         notes.append(f"model: {len(unfrozen)} frozen layer(s) ({listed(unfrozen)}) made trainable, so that "
@@ -45,7 +50,7 @@ def plain_model(model) -> tuple:
 
 
 def _needs_change(layer) -> bool:
-    return _computes_in_lower_precision(layer) or _integer_input(layer) or _frozen(layer)
+    return _computes_in_lower_precision(layer) or _frozen(layer)
 
 
 def _computes_in_lower_precision(layer) -> bool:
@@ -54,8 +59,15 @@ def _computes_in_lower_precision(layer) -> bool:
             and policy.compute_dtype not in (None, "float32"))
 
 
-def _integer_input(layer) -> bool:
-    return type(layer).__name__ == "InputLayer" and "int" in str(layer.dtype)
+def _integer_input(model) -> str | None:
+    """The integer dtype of the model's image input (Input(dtype="uint8")), or None."""
+    dtype = model.inputs[0].dtype.name if getattr(model, "inputs", None) else ""
+    return dtype if "int" in dtype else None
+
+
+def _fixed_batch(model) -> int | None:
+    """The batch size the model's input fixes (Input(batch_size=1)), or None."""
+    return model.inputs[0].shape[0] if getattr(model, "inputs", None) else None
 
 
 def _frozen(layer) -> bool:
@@ -157,12 +169,25 @@ def _with_entries(model, config: dict) -> list:
 
 
 def _float_input(model, config: dict) -> str | None:
-    """The integer dtype of the image input, set to float32 in `config`; None for a float input."""
-    for layer, entry in _with_entries(model, config):
-        if _integer_input(layer):
-            entry["config"]["dtype"] = "float32"
-            return str(layer.dtype)
-    return None
+    """The integer dtype of the image input, set to float32 in `config` (a Sequential's lists its InputLayer too);
+    None for a float input."""
+    dtype = _integer_input(model)
+    if dtype:
+        for entry in config["layers"]:
+            if entry["class_name"] == "InputLayer":
+                entry["config"]["dtype"] = "float32"
+    return dtype
+
+
+def _any_batch(model, config: dict) -> int | None:
+    """The batch size the image input fixes, made free (None) in `config` (a Sequential's lists its InputLayer
+    too); None where it fixes none."""
+    fixed = _fixed_batch(model)
+    if fixed:
+        for entry in config["layers"]:
+            if entry["class_name"] == "InputLayer":
+                entry["config"]["batch_input_shape"] = [None, *entry["config"]["batch_input_shape"][1:]]
+    return fixed
 
 
 def _unfrozen(model, config: dict) -> list:
@@ -183,6 +208,6 @@ def _rebuilt(model, config: dict, *, loose: bool, integer_input: bool):
     rebuilt = rebuilt_from_config(model, config, {}, pixel_values=integer_input,
                                   atol=MIXED_PRECISION_ATOL if loose else 1e-5, rtol=0.01 if loose else 0.0)
     if rebuilt is None:
-        raise ModelError("the model computing in float32 on a float input, its layers trainable, differs from the "
-                         "saved one; save it with float32 layers and input")
+        raise ModelError("the model computing in float32 on a float input of any batch size, its layers trainable, "
+                         "differs from the saved one; save it with float32 layers and input")
     return rebuilt

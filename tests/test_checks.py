@@ -412,3 +412,24 @@ def test_images_are_resized_to_the_input_size_the_model_declares_and_said(mixed,
     assert json.loads((tmp_path / "out" / "parity.json").read_text())["parity_ok"]
     assert main(["export", str(path), "--out", str(tmp_path / "again"), "--data", f"folder:{root}",
                  "--image-size", "16x16"]) == 0 and "resized to" not in capsys.readouterr().out
+
+
+def test_a_fully_convolutional_classifier_is_compressed_with_its_scores_flattened(tmp_path, capsys):
+    """A 1x1 convolution with a softmax after a global pooling that kept its dimensions gives 1x1xC scores: it was
+    refused ("outputs 1x1x3 per image ... needs one score per class"); its softmax is still seen behind the
+    Reshape."""
+    from helpers import make_folder_set
+
+    from compress.keras import keras
+    from compress.kerasmodel import save_model
+
+    root = make_folder_set(tmp_path / "s")
+    layers = keras.layers
+    image = keras.Input((12, 10, 3))
+    pooled = layers.GlobalAveragePooling2D(keepdims=True)(layers.Conv2D(4, 3, activation="relu")(image))
+    model = keras.Model(image, layers.Conv2D(3, 1, activation="softmax", name="scores")(pooled))
+    path = save_model(model, tmp_path / "fcn.keras")
+    assert main(["qat", str(path), "--out", str(tmp_path / "qat"), "--data", f"folder:{root}", "--epochs", "1"]) == 0
+    said = capsys.readouterr().out
+    assert "model: gives 1x1x3 scores per image; compressed with them reshaped to 3" in said
+    assert "3 outputs as probabilities (softmax)" in said

@@ -93,6 +93,17 @@ def _uint8_input_model():
     return keras.Model(image, layers.Dense(10)(layers.GlobalAveragePooling2D()(hidden)))
 
 
+def _batch_of_one_model():
+    """Built for batch-1 inference, as a Sequential on uint8 pixels: a Sequential's InputLayer is not among its
+    layers, so its uint8 input went unnoticed, and its files could not run batches."""
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    return keras.Sequential([keras.Input((32, 32, 3), dtype="uint8", batch_size=1), layers.Rescaling(1 / 255),
+                             layers.Conv2D(8, 3, activation="relu"), layers.GlobalAveragePooling2D(), layers.Dense(10)])
+
+
 def _noisy_model():
     from compress.keras import keras
 
@@ -109,7 +120,8 @@ def _noisy_model():
     (_mixed_precision_model, "4 layer(s) computing in mixed_float16 (mixed precision) made to compute in float32"),
     (_uint8_input_model, "model: takes uint8 pixels; compressed as the same model taking float32 ones"),
     (_noisy_model, "model: left out noise, same, regularize: layers that pass their input through unchanged"),
-], ids=["mixed-precision", "uint8-input", "noise-layers"])
+    (_batch_of_one_model, "model: its input takes batches of exactly 1; compressed as the same model taking any"),
+], ids=["mixed-precision", "uint8-input", "noise-layers", "batch-of-one"])
 def test_a_model_in_a_form_tfmot_refuses_is_quantized_and_converted(build, said, tmp_path, capsys):
     """Each failed before: tfmot's QAT raised inside its QuantizeLayer or refused GaussianNoise, and TFLite's int8
     converter refused float16 Mul ops or a uint8 input fed float calibration images."""
@@ -137,3 +149,17 @@ def test_a_mixed_precision_model_exported_without_data_computes_in_float32(tmp_p
                if node.op_type == "Cast" and attribute.name == "to" and attribute.i == onnx.TensorProto.FLOAT16]
     assert not float16 and not [tensor.name for tensor in graph.initializer
                                 if tensor.data_type == onnx.TensorProto.FLOAT16]
+
+
+def test_a_model_made_for_batches_of_one_gives_int8_files_that_take_any_batch(tmp_path):
+    """The int8 file of its QAT model kept the batch of one ("has a fixed batch size of 1; cannot run 64")."""
+    import onnxruntime as ort
+
+    from compress.kerasmodel import save_model
+
+    path = save_model(_batch_of_one_model(), tmp_path / "model.keras")
+    assert main(["qat", str(path), "--out", str(tmp_path / "qat"), "--epochs", "0.02"]) == 0
+    assert main(["export", str(tmp_path / "qat" / "model.keras"), "--out", str(tmp_path / "int8")]) == 0
+    session = ort.InferenceSession(str(tmp_path / "int8" / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    assert session.run(None, {session.get_inputs()[0].name: images})[0].shape == (3, 10)
