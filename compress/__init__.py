@@ -3,8 +3,8 @@
 Importing this package stays light (no TensorFlow); the heavy libraries load when a function needs them.
 """
 
-from compress.data import Dataset, load_data
+from compress.data import Dataset, dataset_from_arrays, load_data
 from compress.errors import CompressError, ConfigError, DataError, ModelError
 
 __version__ = "0.1.0"
-__all__ = ["Dataset", "load_data", "CompressError", "ConfigError", "DataError", "ModelError", "__version__"]
+__all__ = ["Dataset", "dataset_from_arrays", "load_data", "CompressError", "ConfigError", "DataError", "ModelError", "__version__"]

@@ -3,6 +3,8 @@
 Sources:
 - ``cifar10-mini``: a class-balanced CIFAR-10 subset shipped inside the package (no network, no extra files).
 - ``cifar10``: the full set, from a class-folder copy (``data_dir`` or $COMPRESS_CIFAR10_DIR), else Keras' download.
+- ``npz:PATH``: arrays saved with np.savez: x_train, y_train, x_test, y_test (x_val, y_val and class_names
+  optional), read as `dataset_from_arrays` reads arrays given from Python.
 - ``folder:PATH``: class folders, either ``PATH/train/<class>/`` + ``PATH/test/<class>/`` (a ``val/`` folder beside
   them is the validation split; ``train/`` + ``val/`` alone, the layout of many published sets, take ``val/`` as the
   test split) or ``PATH/<class>/``. A class folder's subfolders are read too, as Keras' image_dataset_from_directory
@@ -36,7 +38,9 @@ from compress.errors import DataError, first_line, listed
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_DIR_ENV = "COMPRESS_CIFAR10_DIR"
 CACHE_DIR_ENV = "COMPRESS_CACHE_DIR"
-KNOWN_SOURCES = ("cifar10-mini", "cifar10", "folder:PATH")
+KNOWN_SOURCES = ("cifar10-mini", "cifar10", "folder:PATH", "npz:PATH")
+# The arrays an npz: file holds, as np.savez writes what keras.datasets' load_data() returns (x_val, y_val optional).
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 VALIDATION_FOLDERS = ("val", "valid", "validation")  # a folder of one of these names beside train/
 MINI_ARCHIVE = "cifar10_mini.zip"
@@ -70,6 +74,13 @@ class Dataset:
     notes: tuple[str, ...] = ()
 
     def __post_init__(self):
+        for split in ("train", "val", "test"):  # the images every technique normalizes from 0-255 pixels
+            images, labels = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+                raise DataError(f"x_{split} must be uint8 images (N, H, W, C); dataset_from_arrays takes other pixel "
+                                "types and shapes")
+            if len(images) != len(labels):
+                raise DataError(f"x_{split} holds {len(images):,} images but y_{split} {len(labels):,} labels")
         if self.input_range not in INPUT_RANGES:
             raise DataError(f"input range must be one of {', '.join(INPUT_RANGES)}, got {self.input_range!r}")
 
@@ -233,33 +244,138 @@ def load_data(
             raise DataError("--data-dir applies to the cifar10 source; for folder:PATH the path is in the name")
         tree, note = _folder_tree(Path(source[len("folder:"):]), test_fraction)
         raw = _decode_cached(tree, image_size, cache, skip_unreadable, log)
+    elif source.startswith("npz:"):
+        if image_size is not None:
+            raise DataError("--image-size applies to image files; save the arrays at the size the model takes")
+        return _npz_dataset(source, val_fraction=val_fraction, seed=seed)
     else:
         raise DataError(f"unknown data source {source!r}; known sources: {', '.join(KNOWN_SOURCES)}")
+    notes = [note] if note else []
+    if raw.unreadable:
+        notes.append(f"left out {len(raw.unreadable):,} unreadable image(s): "
+                     f"{listed(list(raw.unreadable), shown=3, separator='; ')}")
+    return _split_dataset(source, raw, val_fraction, seed, notes)
 
-    x_train_all, y_train_all, x_test, y_test, class_names, given_val, unreadable = raw
-    if len(class_names) < 2:
-        raise DataError(f"{source} has {len(class_names)} class ({', '.join(class_names)}); a classifier needs two or "
-                        "more class folders")
-    if given_val is None:
-        train_idx, val_idx = stratified_split(y_train_all, val_fraction, seed, class_names)
-        x_val, y_val = x_train_all[val_idx], y_train_all[val_idx]
+
+def _split_dataset(source: str, raw: _Decoded, val_fraction: float, seed: int, notes: list[str]) -> Dataset:
+    """The Dataset of a source's images: validation stratified from the training images unless the source has
+    its own."""
+    if len(raw.class_names) < 2:
+        raise DataError(f"{source} has {len(raw.class_names)} class ({', '.join(raw.class_names)}); a classifier "
+                        "needs two or more classes")
+    if raw.val is None:
+        train_idx, val_idx = stratified_split(raw.y_train, val_fraction, seed, raw.class_names)
+        x_val, y_val = raw.x_train[val_idx], raw.y_train[val_idx]
     else:  # the user's own validation images; both shuffled as a split's are (a check on the first few sees all)
         rng = np.random.default_rng(seed)
-        train_idx, val_idx = rng.permutation(len(y_train_all)), rng.permutation(len(given_val[1]))
-        x_val, y_val = given_val[0][val_idx], given_val[1][val_idx]
-    return Dataset(
-        source=source,
-        class_names=class_names,
-        x_train=x_train_all[train_idx],
-        y_train=y_train_all[train_idx],
-        x_val=x_val,
-        y_val=y_val,
-        x_test=x_test,
-        y_test=y_test,
-        seed=seed,
-        notes=tuple(filter(None, [note, unreadable and f"left out {len(unreadable):,} unreadable image(s): "
-                                                     f"{listed(list(unreadable), shown=3, separator='; ')}"])),
-    )
+        train_idx, val_idx = rng.permutation(len(raw.y_train)), rng.permutation(len(raw.val[1]))
+        x_val, y_val = raw.val[0][val_idx], raw.val[1][val_idx]
+    return Dataset(source=source, class_names=raw.class_names, x_train=raw.x_train[train_idx],
+                   y_train=raw.y_train[train_idx], x_val=x_val, y_val=y_val, x_test=raw.x_test, y_test=raw.y_test,
+                   seed=seed, notes=tuple(notes))
+
+
+def dataset_from_arrays(x_train, y_train, x_test, y_test, *, x_val=None, y_val=None, class_names=None,
+                        val_fraction: float = 0.1, seed: int = 0, source: str = "arrays") -> Dataset:
+    """A Dataset of images held in arrays, as keras.datasets' load_data() gives them. Images are (N, H, W, C) with
+    1 or 3 channels, or (N, H, W) grey: uint8 pixels, or numbers in 0-255, [0, 1] or [-1, 1] (which range is
+    decided on all the splits' pixels together, and said in the notes). Labels are class indices, (N,) or (N, 1),
+    or one-hot rows. `class_names` defaults to the indices as text. Validation is stratified from the training
+    images (`val_fraction`, `seed`) unless x_val and y_val are given."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"validation fraction must be between 0 and 1, got {val_fraction}")
+    if (x_val is None) != (y_val is None):
+        raise DataError("give x_val and y_val together, or neither (validation is then split from the training set)")
+    given = {"train": (x_train, y_train), "test": (x_test, y_test), **({"val": (x_val, y_val)} if x_val is not None
+                                                                        else {})}
+    images, note = _pixels({split: x for split, (x, _) in given.items()})
+    labels, label_notes = {}, []
+    for split, (_, y) in given.items():
+        labels[split], one_hot = _class_indices(y, f"y_{split}", len(images[split]))
+        if one_hot:
+            label_notes.append(f"y_{split}")
+    count = 1 + max(int(y.max()) for y in labels.values())
+    names = tuple(str(index) for index in range(count)) if class_names is None else tuple(map(str, class_names))
+    if len(names) < count:
+        raise DataError(f"the labels go up to {count - 1} but {len(names)} class names are given")
+    for split, y in labels.items():
+        missing = [names[index] for index in range(len(names)) if not (y == index).any()]
+        if missing and split != "val":
+            raise DataError(f"class(es) {listed(missing)} have no {split} images")
+    notes = [note] if note else []
+    if label_notes:
+        notes.append(f"labels: {', '.join(label_notes)} one-hot, read as class indices")
+    raw = _Decoded(images["train"], labels["train"], images["test"], labels["test"], names,
+                   (images["val"], labels["val"]) if "val" in images else None)
+    return _split_dataset(source, raw, val_fraction, seed, notes)
+
+
+def _pixels(arrays: dict) -> tuple[dict, str | None]:
+    """({split: uint8 NHWC images}, a line saying which range float or integer pixels were read in, or None for
+    uint8 ones)."""
+    shaped = {}
+    for split, x in arrays.items():
+        x = np.asarray(x)
+        x = x[..., None] if x.ndim == 3 else x
+        if x.ndim != 4 or x.shape[-1] not in (1, 3) or len(x) == 0:
+            raise DataError(f"x_{split} must hold images, (N, H, W) or (N, H, W, C) with 1 or 3 channels; got an "
+                            f"array of shape {tuple(x.shape)}")
+        if x.dtype != np.uint8 and not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+            raise DataError(f"x_{split} holds {x.dtype} values; pass pixels as numbers")
+        shaped[split] = x
+    if len({x.shape[1:] for x in shaped.values()}) > 1:
+        raise DataError("the splits' images differ in shape: " + ", ".join(f"x_{split} {x.shape[1:]}"
+                                                                           for split, x in shaped.items()))
+    if all(x.dtype == np.uint8 for x in shaped.values()):
+        return shaped, None
+    low = min(float(x.min()) for x in shaped.values())
+    high = max(float(x.max()) for x in shaped.values())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise DataError("the images hold NaN or infinite values")
+    for name, (start, end), (scale, offset) in (("[0, 1]", (0, 1), (255, 0)), ("[-1, 1]", (-1, 1), (127.5, 127.5)),
+                                                ("0-255", (0, 255), (1, 0))):
+        if start <= low and high <= end:
+            converted = {split: np.clip(np.round(x.astype(np.float64) * scale + offset), 0, 255).astype(np.uint8)
+                         for split, x in shaped.items()}
+            return converted, (f"pixels: {low:g} to {high:g}, read as the range {name}"
+                               + (" and scaled to 0-255" if name != "0-255" else ""))
+    raise DataError(f"the images hold values from {low:g} to {high:g}; pass pixels as uint8, or as numbers in "
+                    "0-255, [0, 1] or [-1, 1]")
+
+
+def _class_indices(y, name: str, count: int) -> tuple[np.ndarray, bool]:
+    """(labels as int64 class indices, whether they were one-hot rows)."""
+    y = np.asarray(y)
+    one_hot = y.ndim == 2 and y.shape[1] > 1
+    if one_hot:
+        if not (np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all()):
+            raise DataError(f"{name} has rows of {y.shape[1]} values that are not one-hot; pass class indices")
+        y = y.argmax(axis=1)
+    elif y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != count:
+        raise DataError(f"{name} must hold one label per image ({count:,}); got an array of shape {tuple(y.shape)}")
+    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and (y == np.round(y)).all())):
+        raise DataError(f"{name} must hold class indices (integers); got {y.dtype} values")
+    if (y < 0).any():
+        raise DataError(f"{name} holds negative labels; pass class indices from 0")
+    return y.astype(np.int64), one_hot
+
+
+def _npz_dataset(source: str, *, val_fraction: float, seed: int) -> Dataset:
+    path = Path(source[len("npz:"):])
+    if not path.is_file():
+        raise DataError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            missing = [key for key in NPZ_KEYS if key not in saved]
+            if missing:
+                raise DataError(f"{path} lacks {', '.join(missing)}; save np.savez(path, x_train=..., y_train=..., "
+                                "x_test=..., y_test=...)")
+            arrays = {key: saved[key] for key in (*NPZ_KEYS, "x_val", "y_val", "class_names") if key in saved}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read {path} as an .npz file of arrays: {first_line(exc)}") from None
+    return dataset_from_arrays(**arrays, val_fraction=val_fraction, seed=seed, source=source)
 
 
 def sample_image_sizes(source: str, *, data_dir: str | os.PathLike | None = None, test_fraction: float = 0.2,

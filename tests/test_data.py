@@ -322,3 +322,67 @@ def test_images_in_a_class_folders_subfolders_are_read(tmp_path):
     nested = load_data(f"folder:{root}", cache_dir=tmp_path / "c")
     assert np.bincount(nested.y_train).tolist() == np.bincount(flat.y_train).tolist()
     assert np.bincount(nested.y_test).tolist() == np.bincount(flat.y_test).tolist() == [1, 1, 1]
+
+
+def test_arrays_in_any_common_pixel_range_and_label_form_give_the_same_dataset():
+    """Images in memory, as keras.datasets gives them or as a training script normalised them: uint8, floats in
+    [0, 1], [-1, 1] or 0-255, grey without a channel axis; labels as indices, (N, 1) or one-hot rows. Read as
+    0-255 pixels, the range said, so that no model is fed images a factor of 255 off."""
+    from compress import dataset_from_arrays
+
+    rng = np.random.default_rng(0)
+    grey, labels = rng.integers(0, 256, (40, 6, 5), dtype=np.uint8), np.arange(40) % 4
+    test, test_labels = rng.integers(0, 256, (12, 6, 5), dtype=np.uint8), np.arange(12) % 4
+    expected = dataset_from_arrays(grey, labels, test, test_labels, class_names="abcd")
+    assert expected.notes == () and expected.input_shape == (6, 5, 1) and expected.class_names == tuple("abcd")
+    assert np.bincount(expected.y_val).tolist() == [1, 1, 1, 1]
+    for pixels, said in ((lambda x: x / 255, "read as the range [0, 1] and scaled to 0-255"),
+                         (lambda x: x / 127.5 - 1, "read as the range [-1, 1] and scaled"),
+                         (lambda x: x.astype(np.float32)[..., None], "read as the range 0-255")):
+        data = dataset_from_arrays(pixels(grey), labels[:, None], pixels(test), np.eye(4)[test_labels],
+                                   class_names="abcd")
+        assert np.array_equal(data.x_train, expected.x_train) and np.array_equal(data.x_test, expected.x_test)
+        assert np.array_equal(data.y_test, expected.y_test) and said in data.notes[0]
+        assert data.notes[1] == "labels: y_test one-hot, read as class indices"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"x_train": lambda x: x * 300.0}, "values from 0 to 76500"),
+    ({"x_train": lambda x: x[..., None].repeat(2, axis=-1)}, "1 or 3 channels"),
+    ({"y_train": lambda y: y[:-1]}, "one label per image"),
+    ({"y_test": lambda y: y * 0}, "class.es. 1, 2, 3 have no test images"),
+    ({"y_train": lambda y: y + 0.5}, "class indices"),
+], ids=["out-of-range", "two-channels", "label-count", "class-missing", "fractional-labels"])
+def test_arrays_that_are_not_images_and_labels_are_refused_in_one_line(change, message):
+    from compress import dataset_from_arrays
+
+    arrays = {"x_train": np.arange(40 * 9, dtype=np.uint8).reshape(40, 3, 3), "y_train": np.arange(40) % 4,
+              "x_test": np.zeros((8, 3, 3), np.uint8), "y_test": np.arange(8) % 4}
+    for key, how in change.items():
+        arrays[key] = how(arrays[key])
+    with pytest.raises(DataError, match=message) as caught:
+        dataset_from_arrays(**arrays)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_dataset_of_float_images_built_directly_is_refused():
+    from compress.data import Dataset
+
+    images, labels = np.zeros((4, 3, 3, 1), np.float32), np.zeros(4, np.int64)
+    with pytest.raises(DataError, match="x_train must be uint8 images .* dataset_from_arrays"):
+        Dataset("mine", ("a", "b"), images, labels, images, labels, images, labels)
+
+
+def test_an_npz_file_of_arrays_is_a_data_source(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "digits.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (30, 4, 4, 3), dtype=np.uint8), y_train=np.arange(30) % 3,
+             x_test=rng.integers(0, 256, (9, 4, 4, 3), dtype=np.uint8), y_test=np.arange(9) % 3,
+             class_names=np.array(["zero", "one", "two"]))
+    data = load_data(f"npz:{path}")
+    assert data.class_names == ("zero", "one", "two") and data.input_shape == (4, 4, 3) and len(data.y_test) == 9
+    np.savez(tmp_path / "partial.npz", x_train=np.zeros((3, 4, 4), np.uint8))
+    for source, message in ((f"npz:{tmp_path / 'partial.npz'}", "lacks y_train, x_test, y_test"),
+                            (f"npz:{tmp_path / 'missing.npz'}", "does not exist")):
+        with pytest.raises(DataError, match=message):
+            load_data(source)
