@@ -6,7 +6,7 @@ import tomllib
 import numpy as np
 import pytest
 
-from compress.errors import CompressError, ConfigError
+from compress.errors import CompressError, ConfigError, ModelError
 from compress.techniques.qat import QATConfig, qat
 
 
@@ -254,7 +254,6 @@ def test_hard_swish_made_of_rescaling_and_multiply_is_quantized_by_its_outputs(s
 def test_a_graph_rewrite_that_never_finishes_is_refused_in_one_line(tiny_cnn, synthetic_data, monkeypatch):
     import time
 
-    from compress.errors import ModelError
     from compress.keras import tfmot
     from compress.techniques import qat as qat_module
 
@@ -496,3 +495,18 @@ def test_a_densenet_transition_quantizes_and_converts_to_an_int8_file(synthetic_
     assert type(wrapped(outcome.model)["transition_pool"].layer).__name__ == "DepthwiseConv2D"
     result = export_model(outcome.model, tmp_path, data=synthetic_data, parity_samples=32)
     assert result["parity_ok"], result["parity"]
+
+
+def test_an_activation_tfmot_cannot_quantize_in_a_layer_kept_in_float_is_named_in_one_line(synthetic_data):
+    """tfmot quantizes a convolution's activation even when the convolution is kept in float: its own message
+    ("Only some Keras activations ... are supported ...") was cut off before the hint that says what to change."""
+    from compress.keras import keras
+    from compress.techniques.qat import QATConfig, qat
+
+    layers = keras.layers
+    model = keras.Sequential([keras.Input(synthetic_data.input_shape), layers.Conv2D(4, 3, activation="elu"),
+                              layers.BatchNormalization(), layers.GlobalAveragePooling2D(), layers.Dense(3)])
+    with pytest.raises(ModelError) as caught:
+        qat(model, QATConfig(epochs=1, unsupported="float"), synthetic_data, verbose=0)
+    message = str(caught.value)
+    assert "cannot quantize elu; use relu, relu6, swish or gelu there" in message and len(message) < 300

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 
 from compress.checks import GEOMETRIC_PREPROCESSING_LAYERS, PREPROCESSING_LAYERS
-from compress.errors import ModelError
+from compress.errors import ModelError, first_line, listed
 from compress.kerasmodel import rebuilt_from_config, rerouted_references, variable_short_name
 from compress.techniques.finetune import (
     check_training_settings,
@@ -388,11 +388,11 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
                    and type(layer).__name__ in _OUTPUT_QUANTIZED and not registry.supports(layer)]
     float_names = [layer.name for layer in unsupported]
     if unsupported and config.unsupported == "error":
-        listed = ", ".join(f"{layer.name} ({type(layer).__name__}" + (
+        named = ", ".join(f"{layer.name} ({type(layer).__name__}" + (
             f", activation {unquantized_activation(layer)})" if unquantized_activation(layer) else ")")
             for layer in unsupported)
         raise ModelError(
-            f"tfmot's 8-bit scheme cannot quantize layer(s) {listed}; keep them in float with --unsupported float "
+            f"tfmot's 8-bit scheme cannot quantize layer(s) {named}; keep them in float with --unsupported float "
             "(in a recipe stage's settings: unsupported = \"float\")"
         )
     before = _kernel_stats(_float_kernels(work), config.preserve)
@@ -409,10 +409,13 @@ def qat(model, config: QATConfig, data, *, out_dir=None, verbose: int = 1) -> Ou
         with quantization.quantize_scope(), _time_limit(QUANTIZE_APPLY_LIMIT_S):
             quantized = quantization.quantize_apply(annotated, _scheme(config.preserve))
     except (ValueError, RuntimeError, TypeError) as exc:
-        kept = f" with {', '.join(float_names)} kept in float" if float_names else ""
-        hint = ("; tfmot quantizes an activation that follows Conv-BatchNorm even when kept in float: use relu, "
-                "relu6, swish or gelu there" if any(unquantized_activation(layer) for layer in unsupported) else "")
-        raise ModelError(f"tfmot cannot quantize this model{kept}: {str(exc).strip().splitlines()[0]}{hint}") from exc
+        kept = f" with {listed(float_names, 3)} kept in float" if float_names else ""
+        activations = sorted({unquantized_activation(layer) for layer in unsupported} - {None})
+        if activations:  # tfmot's own message names a function object; the cause fits in the line instead
+            raise ModelError(f"tfmot cannot quantize this model{kept}: it quantizes the activation of a convolution "
+                             f"or Dense layer even when the layer is kept in float, and cannot quantize "
+                             f"{', '.join(activations)}; use relu, relu6, swish or gelu there") from exc
+        raise ModelError(f"tfmot cannot quantize this model{kept}: {first_line(exc)}") from exc
 
     calibrated = _activation_ranges_from_data(quantized, work, data)
     history = fine_tune(
