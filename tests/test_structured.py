@@ -1,6 +1,7 @@
 """Structured pruning: the smaller model computes what the original computes with the removed channels zeroed.
 
-Each shape (a chain with BatchNormalization, Flatten into Dense, a residual Add, a depthwise block, a Concatenate)
+Each shape (a chain with BatchNormalization, Flatten into Dense, a residual Add, a depthwise block, a Concatenate,
+PReLU slopes)
 is pruned, then compared with a masked copy of the original: removed filters and biases zeroed, removed
 BatchNormalization channels set to output exactly 0 (gamma = beta = 0).
 """
@@ -136,6 +137,18 @@ def concat_model():
     return randomize(keras.Model(inputs, outputs, name="concat"))
 
 
+def prelu_model():
+    """PReLU slopes per channel (shared over height and width), per position and channel, per Dense unit."""
+    from compress.keras import keras
+
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = layers.PReLU(shared_axes=[1, 2], name="p1")(layers.Conv2D(8, 3, padding="same", name="c1")(inputs))
+    x = layers.PReLU(name="p2")(layers.Conv2D(6, 3, strides=2, padding="same", name="c2")(x))
+    x = layers.PReLU(name="p3")(layers.Dense(10, name="d1")(layers.Flatten(name="flatten")(x)))
+    return randomize(keras.Model(inputs, layers.Dense(4, name="logits")(x), name="prelu"))
+
+
 def masked_copy(model, info):
     """The original with the removed channels zeroed, so that they output exactly 0."""
     from compress.keras import keras
@@ -181,6 +194,7 @@ SHAPES = {
     "concat": (concat_model, ["a", "b", "c"]),
     "separable": (separable_model, ["c1", "s1", "s2"]),
     "squeeze_excite": (squeeze_excite_model, ["c1", "se_reduce", "c2"]),
+    "prelu": (prelu_model, ["c1", "c2", "d1"]),
 }
 
 

@@ -21,7 +21,7 @@ FIXED_OUTPUT = ("Conv2DTranspose",)
 JOINS = ("Add", "Subtract", "Multiply", "Maximum", "Average")
 # Per-channel or spatial-only layers: the output has the input's channels.
 PASS_THROUGH = (
-    "ReLU", "LeakyReLU", "ELU", "ThresholdedReLU", "Activation", "BatchNormalization",
+    "ReLU", "LeakyReLU", "ELU", "ThresholdedReLU", "PReLU", "Activation", "BatchNormalization",
     "Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout", "ActivityRegularization",
     "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D", "GlobalMaxPooling2D",
     "ZeroPadding2D", "Cropping2D", "UpSampling2D", "Resizing", "CenterCrop", "Rescaling", "Normalization",
@@ -183,6 +183,8 @@ def _unsupported_reason(layer, inputs, outputs, descs, calls: int) -> str | None
         return "a grouped convolution"
     if kind == "BatchNormalization" and list(layer.axis) not in ([rank - 1], [-1]):
         return "normalises an axis other than the channels"
+    if kind == "PReLU" and layer.get_weights()[0].shape[-1] not in (1, inputs[0].shape[-1]):
+        return "its slopes do not follow the channels"
     if kind == "Rescaling" and (np.ndim(layer.scale) or np.ndim(layer.offset)):
         return "rescales each channel by its own factor"
     if kind == "Normalization" and list(layer.axis) not in ([rank - 1], [-1]):

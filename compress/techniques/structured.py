@@ -173,6 +173,8 @@ def _slice(layer, weights: list, kept_in, kept_out) -> list:
         return [take(weights[0], kept_in, 3)] + weights[1:]
     if kind == "BatchNormalization":
         return [take(weight, kept_out, 0) for weight in weights]
+    if kind == "PReLU":  # slopes (..., channels) per position and channel, or shared by all channels (..., 1)
+        return [weights[0] if weights[0].shape[-1] == 1 else take(weights[0], kept_out, -1)]
     if kind == "Normalization":  # mean and variance per channel, then a scalar count
         return [take(weight, kept_out, -1) if np.ndim(weight) else weight for weight in weights]
     return weights
