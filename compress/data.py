@@ -224,14 +224,14 @@ def load_data(
         raise DataError(f"image size must be two integers from 1 to {MAX_IMAGE_SIDE} (height, width), got {image_size}")
     cache = Path(cache_dir or os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "compress")
 
-    note = ""
+    notes = []
     if source == "cifar10-mini":
         tree = _zip_tree(resources.files("compress") / "datasets" / MINI_ARCHIVE)
         raw = _decode_cached(tree, image_size, cache, skip_unreadable, log)
     elif source == "cifar10":
         folder = data_dir or os.environ.get(CIFAR10_DIR_ENV)
         if folder:
-            tree, note = _folder_tree(Path(folder), test_fraction)
+            tree, notes = _folder_tree(Path(folder), test_fraction)
             raw = _decode_cached(tree, image_size, cache, skip_unreadable, log)
             if raw.class_names != CIFAR10_CLASSES:
                 raise DataError(f"{folder} does not hold the CIFAR-10 classes ({', '.join(CIFAR10_CLASSES)})")
@@ -242,7 +242,7 @@ def load_data(
             raise DataError("folder: needs the path of your image folder, e.g. --data folder:/data/flowers")
         if data_dir is not None:
             raise DataError("--data-dir applies to the cifar10 source; for folder:PATH the path is in the name")
-        tree, note = _folder_tree(Path(source[len("folder:"):]), test_fraction)
+        tree, notes = _folder_tree(Path(source[len("folder:"):]), test_fraction)
         raw = _decode_cached(tree, image_size, cache, skip_unreadable, log)
     elif source.startswith("npz:"):
         if image_size is not None:
@@ -250,7 +250,6 @@ def load_data(
         return _npz_dataset(source, val_fraction=val_fraction, seed=seed)
     else:
         raise DataError(f"unknown data source {source!r}; known sources: {', '.join(KNOWN_SOURCES)}")
-    notes = [note] if note else []
     if raw.unreadable:
         notes.append(f"left out {len(raw.unreadable):,} unreadable image(s): "
                      f"{listed(list(raw.unreadable), shown=3, separator='; ')}")
@@ -424,9 +423,9 @@ Entry = tuple[str, int, float, Callable[[], bytes]]
 Tree = dict[str, dict[str, list[Entry]]]
 
 
-def _folder_tree(root: Path, test_fraction: float) -> tuple[Tree, str]:
-    """(tree of the folder's splits, a line saying where the validation and test splits come from where the
-    layout decided it, else "")."""
+def _folder_tree(root: Path, test_fraction: float) -> tuple[Tree, list[str]]:
+    """(tree of the folder's splits, lines saying where the validation and test splits come from where the
+    layout decided it, and which files were not read as images)."""
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
@@ -446,7 +445,9 @@ def _folder_tree(root: Path, test_fraction: float) -> tuple[Tree, str]:
                     "part of train/ (--val-fraction)")
         else:
             raise DataError(f"{root} has a train/ folder but no test/ (or val/) folder beside it")
-        tree = {split: _class_folders(folder) for split, folder in splits.items()}
+        listed_splits = {split: _class_folders(folder) for split, folder in splits.items()}
+        tree = {split: classes for split, (classes, _) in listed_splits.items()}
+        ignored = sum((other for _, other in listed_splits.values()), Counter())
         for split in tree:
             if split == "train":
                 continue
@@ -458,8 +459,8 @@ def _folder_tree(root: Path, test_fraction: float) -> tuple[Tree, str]:
             if only_other:
                 raise DataError(f"class(es) {', '.join(only_other)} in {splits[split]} have no images in "
                                 f"{splits['train']}")
-        return tree, note
-    classes = _class_folders(root)
+        return tree, [line for line in (note, _ignored_note(ignored)) if line]
+    classes, ignored = _class_folders(root)
     # Split a single tree per class by ratio, with a fixed seed so the test images never depend on --seed.
     tree: Tree = {"train": {}, "test": {}}
     for name, entries in classes.items():
@@ -469,21 +470,40 @@ def _folder_tree(root: Path, test_fraction: float) -> tuple[Tree, str]:
         n_test = max(1, round(len(entries) * test_fraction))
         tree["test"][name] = [entries[i] for i in sorted(order[:n_test])]
         tree["train"][name] = [entries[i] for i in sorted(order[n_test:])]
-    return tree, ""
+    return tree, [line for line in (_ignored_note(ignored),) if line]
 
 
-def _class_folders(root: Path) -> dict[str, list[Entry]]:
-    """{class name: its images} of the class folders in `root`, their subfolders' images included. Hidden files and
-    folders are skipped (macOS copies carry a "._name.jpg" beside each image); names are compared in Unicode NFC
-    form, since macOS writes "café" in the decomposed form another system does not."""
-    classes, empty = {}, []
+def _ignored_note(ignored: Counter) -> str:
+    """The line saying which files in the class folders are not images of a kind read here, or ""."""
+    if not ignored:
+        return ""
+    return (f"ignored {sum(ignored.values()):,} file(s) that are not {'/'.join(IMAGE_SUFFIXES)} images "
+            f"({_file_kinds(ignored)})")
+
+
+def _file_kinds(counts: Counter) -> str:
+    """".heic 120, .txt 2": the commonest suffixes and how many files have each."""
+    return ", ".join(f"{suffix} {count:,}" for suffix, count in counts.most_common(3)) + (
+        ", ..." if len(counts) > 3 else "")
+
+
+def _class_folders(root: Path) -> tuple[dict[str, list[Entry]], Counter]:
+    """({class name: its images} of the class folders in `root`, their subfolders' images included; how many
+    other files each suffix names). Hidden files and folders are skipped (macOS copies carry a "._name.jpg" beside
+    each image); names are compared in Unicode NFC form, since macOS writes "café" in the decomposed form another
+    system does not."""
+    classes, empty, ignored = {}, [], Counter()
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         entries = []
         for path in sorted(class_dir.rglob("*")):
             hidden = any(part.startswith(".") for part in path.relative_to(class_dir).parts)
-            if path.suffix.lower() in IMAGE_SUFFIXES and not hidden and path.is_file():
+            if hidden or not path.is_file():
+                continue
+            if path.suffix.lower() in IMAGE_SUFFIXES:
                 stat = path.stat()
                 entries.append((str(path), stat.st_size, stat.st_mtime, path.read_bytes))
+            else:
+                ignored[path.suffix.lower() or "(no suffix)"] += 1
         name = unicodedata.normalize("NFC", class_dir.name)
         if name in classes:
             raise DataError(f"{root} holds two folders named {name!r} (in different Unicode forms); merge them")
@@ -492,11 +512,13 @@ def _class_folders(root: Path) -> dict[str, list[Entry]]:
         else:
             empty.append(name)
     if not classes:
-        raise DataError(f"no images found in {root}: expected class folders holding {'/'.join(IMAGE_SUFFIXES)} files")
+        found = f" (only other files: {_file_kinds(ignored)})" if ignored else ""
+        raise DataError(f"no images found in {root}{found}: expected class folders holding "
+                        f"{'/'.join(IMAGE_SUFFIXES)} files")
     if empty:  # a class the data would silently lack: the model's outputs would no longer line up with the folders
         raise DataError(f"class folder(s) {', '.join(empty)} in {root} hold no {'/'.join(IMAGE_SUFFIXES)} images; "
                         "add images or remove the folder")
-    return classes
+    return classes, ignored
 
 
 def _zip_tree(archive_path) -> Tree:

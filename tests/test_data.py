@@ -386,3 +386,19 @@ def test_an_npz_file_of_arrays_is_a_data_source(tmp_path):
                             (f"npz:{tmp_path / 'missing.npz'}", "does not exist")):
         with pytest.raises(DataError, match=message):
             load_data(source)
+
+
+def test_files_that_are_not_images_of_a_kind_read_are_counted_not_dropped_silently(tmp_path):
+    """An iPhone's HEIC photos beside JPEGs were left out without a word; a folder of them only said "no images"."""
+    root = make_folder_set(tmp_path / "s")
+    for index in range(3):
+        (root / "train" / "cat" / f"IMG_{index}.HEIC").write_bytes(b"ftypheic")
+    (root / "test" / "dog" / "labels.txt").write_text("dog")
+    data = load_data(f"folder:{root}", cache_dir=tmp_path / "c")
+    assert data.notes == ("ignored 4 file(s) that are not .png/.jpg/.jpeg/.bmp/.webp/.gif/.tif/.tiff images "
+                          "(.heic 3, .txt 1)",)
+    photos = tmp_path / "photos" / "cat"
+    photos.mkdir(parents=True)
+    (photos / "IMG_1.heic").write_bytes(b"ftypheic")
+    with pytest.raises(DataError, match=r"no images found in .*photos \(only other files: \.heic 1\)"):
+        load_data(f"folder:{tmp_path / 'photos'}", cache_dir=tmp_path / "c")
