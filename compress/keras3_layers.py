@@ -242,15 +242,24 @@ class Builder:
 
     def _operation(self, layer: dict, args: list, kwargs: dict):
         """A keras.ops call saved as a layer, as the tf_keras layer computing the same: a tensor and a number as
-        Rescaling (x + 3 -> x * 1 + 3), two tensors as the merge layer, relu6 and its kind as activation layers."""
+        Rescaling (x + 3 -> x * 1 + 3), a tensor and a value per channel as Normalization, two tensors as the merge
+        layer, relu6 and its kind as activation layers."""
         layers = self.keras.layers
         name, operation = layer["config"]["name"], layer["class_name"]
-        numbers = [isinstance(arg, (int, float)) and not isinstance(arg, bool) for arg in args]
+        constants = [_constant(arg) for arg in args]
+        numbers = [constant is None and isinstance(arg, (int, float)) and not isinstance(arg, bool)
+                   for arg, constant in zip(args, constants)]
         if not kwargs and len(args) == 2 and numbers.count(True) == 1 and operation in AFFINE:
             tensor, number = (args[0], args[1]) if numbers[1] else (args[1], args[0])
             affine = AFFINE[operation](float(number), numbers[1])
             if affine is not None:
                 return layers.Rescaling(affine[0], offset=affine[1], name=name)(tensor)
+        elif not kwargs and len(args) == 2 and operation in AFFINE and sum(c is not None for c in constants) == 1:
+            tensor_first = constants[1] is not None
+            tensor, constant = (args[0], constants[1]) if tensor_first else (args[1], constants[0])
+            built = self._per_channel_affine(name, operation, tensor, constant, tensor_first)
+            if built is not None:
+                return built
         elif not kwargs and len(args) == 2 and not any(numbers) and operation in _MERGES:
             return getattr(layers, operation)(name=name)(list(args))
         elif not kwargs and len(args) == 1 and not numbers[0] and operation in _UNARY:
@@ -258,9 +267,34 @@ class Builder:
             return getattr(layers, class_name)(name=name, **options)(args[0])
         elif (built := self._configured_operation(layer, args, kwargs)) is not None:
             return built
+        if operation in ("GetItem", "Stack") and _picks_channels(operation, args, layer["config"]):
+            raise self._refuse(name, "picks the image's channels one by one (x[..., k]), as keras.applications' "
+                                     "caffe-style preprocess_input (ResNet50, VGG16) turns RGB into BGR; models "
+                                     "that reorder their channels have no tf_keras translation")
         shown = ", ".join("a tensor" if not number else repr(arg) for arg, number in zip(args, numbers))
         raise self._refuse(name, f"is the Keras 3 operation {layer.get('module')}.{operation}({shown}), which has no "
                                  "tf_keras translation; use a layer instead, or save the model with tf_keras")
+
+    def _per_channel_affine(self, name: str, operation: str, tensor, constant: np.ndarray, tensor_first: bool):
+        """`tensor` op `constant` for a constant of one value (as Rescaling) or of one value per channel, as
+        keras.applications' torch-style preprocess_input and a script's (x - mean) / std compute it (as the
+        Normalization computing it: x * s + o = (x - m) / sqrt(v) with m = -o / s, v = 1 / s^2, for s > 0); None
+        for any other constant."""
+        layers = self.keras.layers
+        if constant.size == 1:
+            affine = AFFINE[operation](float(constant.ravel()[0]), tensor_first)
+            return None if affine is None else layers.Rescaling(affine[0], offset=affine[1], name=name)(tensor)
+        channels = tensor.shape[-1]
+        if constant.size != channels or constant.shape[-1] != channels or constant.ndim > len(tensor.shape):
+            return None
+        pairs = [AFFINE[operation](float(value), tensor_first) for value in constant.ravel()]
+        if any(pair is None for pair in pairs):
+            return None
+        scale, offset = np.array([pair[0] for pair in pairs]), np.array([pair[1] for pair in pairs])
+        if not (scale > 0).all():
+            return None
+        return layers.Normalization(axis=-1, mean=(-offset / scale).tolist(), variance=(1 / scale**2).tolist(),
+                                    name=name)(tensor)
 
     def _configured_operation(self, layer: dict, args: list, kwargs: dict):
         """The keras.ops calls whose options sit in their config, as the tf_keras layer computing the same: a mean or
@@ -438,6 +472,26 @@ def _histories(value):
     elif isinstance(value, list):
         for item in value:
             yield from _histories(item)
+
+
+def _picks_channels(operation: str, args: list, config: dict) -> bool:
+    """Whether a GetItem takes one channel (x[..., k]) or a Stack joins such channels along the last axis."""
+    if operation == "Stack":
+        return config.get("axis") == -1
+    index = args[1] if len(args) == 2 else None
+    return (isinstance(index, list) and len(index) == 2 and isinstance(index[1], int)
+            and isinstance(index[0], dict) and index[0].get("class_name") == "__ellipsis__")
+
+
+def _constant(value) -> np.ndarray | None:
+    """A constant in a serialised call argument (a `__tensor__`, a `__numpy__` array, or a list of numbers) as an
+    array, else None."""
+    if isinstance(value, dict) and value.get("class_name") in ("__tensor__", "__numpy__"):
+        return np.asarray(value["config"]["value"], dtype=np.float64)
+    if isinstance(value, list) and value and all(isinstance(item, (int, float)) and not isinstance(item, bool)
+                                                 for item in value):
+        return np.asarray(value, dtype=np.float64)
+    return None
 
 
 def _resolve(value, tensors: dict):

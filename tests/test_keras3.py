@@ -152,6 +152,15 @@ keras.Model(inputs, L.Dense(3, name="logits")(L.GlobalAveragePooling2D()(x))).sa
 inputs = keras.Input((32, 32, 3))
 backbone = keras.applications.MobileNet((32, 32, 3), alpha=0.25, weights=None, classes=3, name="mobilenet")
 keras.Model(inputs, backbone(L.Rescaling(1 / 127.5, offset=-1)(inputs))).save(out / "nested_output.keras")
+# keras.applications' preprocess_input inside the model: torch style (a mean and a deviation per channel, then a
+# script's own per-channel factors), caffe style (RGB reordered to BGR).
+for style, preprocess in (("torch", keras.applications.densenet.preprocess_input),
+                          ("caffe", keras.applications.resnet50.preprocess_input)):
+    inputs = keras.Input((16, 16, 3))
+    x = preprocess(inputs)
+    x = x * np.array([0.5, 2.0, 1.5], "float32") if style == "torch" else x
+    x = L.GlobalAveragePooling2D()(L.Conv2D(4, 3, name="conv")(x))
+    keras.Model(inputs, L.Dense(3, name="logits")(x)).save(out / f"{style}_preprocessing.keras")
 
 @keras.saving.register_keras_serializable(package="tests")
 class Net(keras.Model):
@@ -363,6 +372,19 @@ def test_a_nested_model_giving_the_output_translates(keras3_files):
     model, info = translate_keras3(keras3_files / "nested_output.keras")
     assert info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-4
     assert model.output_shape == (None, 3) and model.get_layer("mobilenet").output_shape == (None, 3)
+
+
+def test_preprocessing_with_a_value_per_channel_translates_and_channel_reordering_is_refused(keras3_files):
+    """keras.applications' torch-style preprocess_input (DenseNet) and a script's per-channel factors failed with a
+    traceback; the caffe style (ResNet50, VGG16) reorders the channels, which is refused naming that."""
+    images = np.random.default_rng(1).uniform(0, 255, (12, 16, 16, 3)).astype(np.float32)
+    model, info = translate_keras3(keras3_files / "torch_preprocessing.keras", sample_images=images)
+    assert info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-4
+    assert [type(layer).__name__ for layer in model.layers][1:5] == [
+        "Rescaling", "Normalization", "Normalization", "Normalization"]  # /255, - mean, / std, * factors
+    with pytest.raises(ModelError) as caught:
+        translate_keras3(keras3_files / "caffe_preprocessing.keras")
+    _assert_one_line(str(caught.value), "caffe-style preprocess_input", "reorder their channels")
 
 
 def test_a_subclassed_model_is_refused_in_one_line_saying_why(keras3_files):
