@@ -256,12 +256,13 @@ def load_data(
     return _split_dataset(source, raw, val_fraction, seed, notes)
 
 
-def _split_dataset(source: str, raw: _Decoded, val_fraction: float, seed: int, notes: list[str]) -> Dataset:
+def _split_dataset(source: str, raw: _Decoded, val_fraction: float, seed: int, notes: list[str],
+                   classes: str = "class folders") -> Dataset:
     """The Dataset of a source's images: validation stratified from the training images unless the source has
-    its own."""
+    its own. `classes` names what the source's classes are, for the refusal of a single one."""
     if len(raw.class_names) < 2:
         raise DataError(f"{source} has {len(raw.class_names)} class ({', '.join(raw.class_names)}); a classifier "
-                        "needs two or more classes")
+                        f"needs two or more {classes}")
     if raw.val is None:
         train_idx, val_idx = stratified_split(raw.y_train, val_fraction, seed, raw.class_names)
         x_val, y_val = raw.x_train[val_idx], raw.y_train[val_idx]
@@ -306,7 +307,7 @@ def dataset_from_arrays(x_train, y_train, x_test, y_test, *, x_val=None, y_val=N
         notes.append(f"labels: {', '.join(label_notes)} one-hot, read as class indices")
     raw = _Decoded(images["train"], labels["train"], images["test"], labels["test"], names,
                    (images["val"], labels["val"]) if "val" in images else None)
-    return _split_dataset(source, raw, val_fraction, seed, notes)
+    return _split_dataset(source, raw, val_fraction, seed, notes, classes="classes")
 
 
 def _pixels(arrays: dict) -> tuple[dict, str | None]:

@@ -246,23 +246,17 @@ class Builder:
         layer, relu6 and its kind as activation layers."""
         layers = self.keras.layers
         name, operation = layer["config"]["name"], layer["class_name"]
-        constants = [_constant(arg) for arg in args]
-        numbers = [constant is None and isinstance(arg, (int, float)) and not isinstance(arg, bool)
-                   for arg, constant in zip(args, constants)]
-        if not kwargs and len(args) == 2 and numbers.count(True) == 1 and operation in AFFINE:
-            tensor, number = (args[0], args[1]) if numbers[1] else (args[1], args[0])
-            affine = AFFINE[operation](float(number), numbers[1])
-            if affine is not None:
-                return layers.Rescaling(affine[0], offset=affine[1], name=name)(tensor)
-        elif not kwargs and len(args) == 2 and operation in AFFINE and sum(c is not None for c in constants) == 1:
-            tensor_first = constants[1] is not None
+        constants = [constant_operand(arg) for arg in args]
+        fixed = [constant is not None for constant in constants]
+        if not kwargs and len(args) == 2 and fixed.count(True) == 1 and operation in AFFINE:
+            tensor_first = fixed[1]
             tensor, constant = (args[0], constants[1]) if tensor_first else (args[1], constants[0])
-            built = self._per_channel_affine(name, operation, tensor, constant, tensor_first)
-            if built is not None:
-                return built
-        elif not kwargs and len(args) == 2 and not any(numbers) and operation in _MERGES:
+            affine = affine_layer(operation, constant, tensor_first, tensor.shape[-1])
+            if affine is not None:
+                return getattr(layers, affine[0])(name=name, **affine[1])(tensor)
+        elif not kwargs and len(args) == 2 and not any(fixed) and operation in _MERGES:
             return getattr(layers, operation)(name=name)(list(args))
-        elif not kwargs and len(args) == 1 and not numbers[0] and operation in _UNARY:
+        elif not kwargs and len(args) == 1 and not fixed[0] and operation in _UNARY:
             class_name, options = _UNARY[operation]
             return getattr(layers, class_name)(name=name, **options)(args[0])
         elif (built := self._configured_operation(layer, args, kwargs)) is not None:
@@ -271,30 +265,10 @@ class Builder:
             raise self._refuse(name, "picks the image's channels one by one (x[..., k]), as keras.applications' "
                                      "caffe-style preprocess_input (ResNet50, VGG16) turns RGB into BGR; models "
                                      "that reorder their channels have no tf_keras translation")
-        shown = ", ".join("a tensor" if not number else repr(arg) for arg, number in zip(args, numbers))
+        shown = ", ".join("a tensor" if constant is None else repr(arg) if constant.size == 1 else "a constant"
+                          for arg, constant in zip(args, constants))
         raise self._refuse(name, f"is the Keras 3 operation {layer.get('module')}.{operation}({shown}), which has no "
                                  "tf_keras translation; use a layer instead, or save the model with tf_keras")
-
-    def _per_channel_affine(self, name: str, operation: str, tensor, constant: np.ndarray, tensor_first: bool):
-        """`tensor` op `constant` for a constant of one value (as Rescaling) or of one value per channel, as
-        keras.applications' torch-style preprocess_input and a script's (x - mean) / std compute it (as the
-        Normalization computing it: x * s + o = (x - m) / sqrt(v) with m = -o / s, v = 1 / s^2, for s > 0); None
-        for any other constant."""
-        layers = self.keras.layers
-        if constant.size == 1:
-            affine = AFFINE[operation](float(constant.ravel()[0]), tensor_first)
-            return None if affine is None else layers.Rescaling(affine[0], offset=affine[1], name=name)(tensor)
-        channels = tensor.shape[-1]
-        if constant.size != channels or constant.shape[-1] != channels or constant.ndim > len(tensor.shape):
-            return None
-        pairs = [AFFINE[operation](float(value), tensor_first) for value in constant.ravel()]
-        if any(pair is None for pair in pairs):
-            return None
-        scale, offset = np.array([pair[0] for pair in pairs]), np.array([pair[1] for pair in pairs])
-        if not (scale > 0).all():
-            return None
-        return layers.Normalization(axis=-1, mean=(-offset / scale).tolist(), variance=(1 / scale**2).tolist(),
-                                    name=name)(tensor)
 
     def _configured_operation(self, layer: dict, args: list, kwargs: dict):
         """The keras.ops calls whose options sit in their config, as the tf_keras layer computing the same: a mean or
@@ -483,13 +457,32 @@ def _picks_channels(operation: str, args: list, config: dict) -> bool:
             and isinstance(index[0], dict) and index[0].get("class_name") == "__ellipsis__")
 
 
-def _constant(value) -> np.ndarray | None:
-    """A constant in a serialised call argument (a `__tensor__`, a `__numpy__` array, or a list of numbers) as an
-    array, else None."""
+def affine_layer(operation: str, constant: np.ndarray, tensor_first: bool, channels) -> tuple[str, dict] | None:
+    """(class name, options) of the layer computing `tensor` op `constant` (an AFFINE operation): for one value, the
+    Rescaling x * scale + offset (x + 3 -> x * 1 + 3); for one value per channel, as keras.applications' torch-style
+    preprocess_input and a script's (x - mean) / std compute, the Normalization (x - m) / sqrt(v) computing
+    x * s + o (m = -o / s, v = 1 / s^2, for s > 0); None for any other constant."""
+    if constant.size == 1:
+        affine = AFFINE[operation](float(constant.ravel()[0]), tensor_first)
+        return None if affine is None else ("Rescaling", {"scale": affine[0], "offset": affine[1]})
+    if constant.size != channels or constant.shape[-1] != channels:
+        return None
+    pairs = [AFFINE[operation](float(value), tensor_first) for value in constant.ravel()]
+    if any(pair is None for pair in pairs):
+        return None
+    scale, offset = np.array([pair[0] for pair in pairs]), np.array([pair[1] for pair in pairs])
+    if not (scale > 0).all():
+        return None
+    return "Normalization", {"axis": -1, "mean": (-offset / scale).tolist(), "variance": (1 / scale**2).tolist()}
+
+
+def constant_operand(value) -> np.ndarray | None:
+    """A constant in a serialised call argument (a number, a list of numbers, a Keras 3 `__tensor__` or
+    `__numpy__` array) as an array, else None."""
     if isinstance(value, dict) and value.get("class_name") in ("__tensor__", "__numpy__"):
         return np.asarray(value["config"]["value"], dtype=np.float64)
-    if isinstance(value, list) and value and all(isinstance(item, (int, float)) and not isinstance(item, bool)
-                                                 for item in value):
+    items = value if isinstance(value, list) and value else [value]
+    if all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in items):
         return np.asarray(value, dtype=np.float64)
     return None
 

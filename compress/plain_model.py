@@ -6,7 +6,9 @@ transfer-learning guides), which tfmot's quantization and the channel trace trea
 compute in float16 (mixed precision, trained on a GPU), which TFLite's converter and tfmot refuse and which run
 slowly on a CPU; an input of uint8 pixels, which the float calibration and training data do not fit; an input of
 a fixed batch size (made for batch-1 inference), which training, calibration and batched timing do not fit; a
-backbone frozen for transfer learning, which fine-tuning after pruning or quantization could not adapt.
+backbone frozen for transfer learning, which fine-tuning after pruning or quantization could not adapt; Python
+arithmetic on tensors (the TensorFlow tutorials' preprocess_input inside the model, `x + shortcut`), which Keras 2
+records as TFOpLambda layers that tfmot, the channel trace and the input range rule cannot read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from __future__ import annotations
 from compress.errors import ModelError, first_line, listed
 
 MIXED_PRECISION_ATOL = 0.05  # float16 vs float32 compute: logits and probabilities differ by ~1e-3, never this much
+# the functions a TFOpLambda layer records for Python operators -> the operation (keras3_layers.AFFINE's names)
+_OPERATORS = {"__operators__.add": "Add", "math.add": "Add", "math.subtract": "Subtract", "math.multiply": "Multiply",
+              "math.truediv": "TrueDivide", "nn.bias_add": "Add"}
 
 
 def plain_model(model) -> tuple:
@@ -23,6 +28,10 @@ def plain_model(model) -> tuple:
     if nested:
         model = _inlined(model)
         notes.append(f"model: nested model(s) {listed(nested)} inlined, so that every technique sees their layers")
+    model, replaced = operators_as_layers(model)
+    if replaced:
+        notes.append(f"model: arithmetic on tensors ({listed(list(replaced))}: TFOpLambda layers) made the layers "
+                     f"computing it ({', '.join(sorted(set(replaced.values())))})")
     if not (_fixed_batch(model) or _integer_input(model) or any(_needs_change(layer) for layer in model.layers)):
         return model, notes
     try:
@@ -211,3 +220,55 @@ def _rebuilt(model, config: dict, *, loose: bool, integer_input: bool):
         raise ModelError("the model computing in float32 on a float input of any batch size, its layers trainable, "
                          "differs from the saved one; save it with float32 layers and input")
     return rebuilt
+
+
+def operators_as_layers(model):
+    """(`model` with each Python operator between layer outputs as the layer that computes it, {layer: its kind}):
+    Keras 2 records `x + y`, `x - y`, `x * y` in a functional model as TFOpLambda layers (keras.applications RegNet
+    adds its shortcuts so, MobileNetV3 writes hard-sigmoid as `relu6(x + 3) * (1 / 6)`), which tfmot refuses. Two
+    tensors become the Add, Subtract or Multiply layer; a tensor and a number the Rescaling computing it (x + 3 ->
+    x * 1 + 3), a tensor and a value per channel (keras.applications' torch-style preprocess_input, a script's
+    (x - mean) / std) the Normalization computing it, as the Keras 3 translation writes them. The layer keeps its
+    name."""
+    from compress.keras3_layers import affine_layer, constant_operand
+    from compress.kerasmodel import rebuilt_from_config
+
+    if not any(type(layer).__name__ == "TFOpLambda" for layer in model.layers):
+        return model, {}
+    config = model.get_config()
+    replaced = {}
+    for position, layer in enumerate(config.get("layers", [])):
+        operation = _OPERATORS.get(layer["config"].get("function")) if layer["class_name"] == "TFOpLambda" else None
+        nodes = layer.get("inbound_nodes") or []
+        if operation is None or len(nodes) != 1:
+            continue
+        # Keras 2 writes the call function(x, y=...) as one entry: [layer, node, tensor, {"y": ...}], a number
+        # first as ["_CONSTANT_VALUE", -1, number, {"y": ...}]
+        # tf.nn.bias_add(x, bias) as [layer, node, tensor, {"bias": ..., "data_format": "NHWC"}]
+        first = nodes[0]
+        if (len(first) != 4 or not isinstance(first[3], dict) or set(first[3]) - {"y", "bias", "name", "data_format"}
+                or first[3].get("data_format") not in (None, "NHWC")):
+            continue
+        operands = [first[2] if first[0] == "_CONSTANT_VALUE" else first[:3], first[3].get("y", first[3].get("bias"))]
+        tensors = [isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) for item in operands]
+        constants = [None if tensor else constant_operand(item) for item, tensor in zip(operands, tensors)]
+        name = layer["config"]["name"]
+        entry = {"name": name, "config": {"name": name, "dtype": layer["config"].get("dtype", "float32")}}
+        if all(tensors) and operation != "TrueDivide":
+            entry.update(class_name=operation, inbound_nodes=[[[*operands[0], {}], [*operands[1], {}]]])
+        elif tensors.count(True) == 1 and constants[1 - tensors.index(True)] is not None:
+            tensor_first = tensors[0]
+            channels = model.get_layer(name).output.shape[-1]  # the tensor's: a constant only broadcasts
+            affine = affine_layer(operation, constants[1 - tensors.index(True)], tensor_first, channels)
+            if affine is None:
+                continue
+            entry["config"].update(affine[1])
+            entry.update(class_name=affine[0], inbound_nodes=[[[*operands[tensors.index(True)], {}]]])
+        else:
+            continue
+        config["layers"][position] = entry
+        replaced[name] = entry["class_name"]
+    if not replaced:
+        return model, {}
+    rebuilt = rebuilt_from_config(model, config, {})
+    return (model, {}) if rebuilt is None else (rebuilt, replaced)

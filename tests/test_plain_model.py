@@ -1,5 +1,8 @@
 """Models users bring in forms tfmot and the converters refuse: a nested backbone (transfer learning, frozen),
-mixed precision, a uint8 input, noise layers. Each is made the plain model it computes, said, and compressed."""
+mixed precision, a uint8 input, a fixed batch size, noise layers, arithmetic recorded as TFOpLambda layers. Each is
+made the plain model it computes, said, and compressed."""
+
+import re
 
 import numpy as np
 import pytest
@@ -163,3 +166,23 @@ def test_a_model_made_for_batches_of_one_gives_int8_files_that_take_any_batch(tm
     session = ort.InferenceSession(str(tmp_path / "int8" / "model.onnx"), providers=["CPUExecutionProvider"])
     images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
     assert session.run(None, {session.get_inputs()[0].name: images})[0].shape == (3, 10)
+
+
+def test_preprocessing_written_as_arithmetic_is_read_as_layers(tmp_path, capsys):
+    """The TensorFlow tutorials' `(x / 255 - mean) / std` or preprocess_input inside a tf_keras model: TFOpLambda
+    layers, so the input range rule saw no Rescaling first and fed [0, 1] pixels to a model taking 0-255 ones, and
+    QAT refused them. As the Rescaling and Normalization layers they compute, both read them."""
+    from compress.keras import keras
+    from compress.kerasmodel import save_model
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    image = keras.Input((32, 32, 3))
+    hidden = (image / 255.0 - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225],
+                                                                                         np.float32)
+    hidden = layers.GlobalAveragePooling2D()(layers.Conv2D(8, 3, activation="relu")(hidden))
+    path = save_model(keras.Model(image, layers.Dense(10)(hidden)), tmp_path / "model.keras")
+    assert main(["qat", str(path), "--out", str(tmp_path / "qat"), "--epochs", "0.02"]) == 0
+    said = capsys.readouterr().out
+    assert "TFOpLambda layers) made the layers computing it (Normalization, Rescaling)" in said
+    assert re.search(r"input range: raw \(its first layer tf\.math\.truediv\S* \(Rescaling\) takes 0-255 pixels", said)

@@ -425,13 +425,13 @@ def test_a_resizing_layer_first_is_input_preprocessing(synthetic_data):
 def test_python_operators_between_layer_outputs_become_layers_and_are_quantized(synthetic_data, tmp_path):
     """`x + shortcut`, `x * gate` and MobileNetV3's `relu6(x + 3) * (1 / 6)` in a functional model are TFOpLambda
     layers in Keras 2, which tfmot refused (keras.applications RegNet, MobileNetV3): QAT takes them as the Add,
-    Multiply and Rescaling layers they compute; an operator with an array constant is left as it is. The int8
-    file adds on integer kernels."""
+    Multiply and Rescaling layers they compute, a factor per channel the Normalization computing it; one with a
+    negative factor is left as it is. The int8 file adds on integer kernels."""
     from helpers import optimized_ops
 
     from compress.export.exporter import export_model
     from compress.keras import keras, tf
-    from compress.techniques.qat import operators_as_layers
+    from compress.plain_model import operators_as_layers
 
     keras.utils.set_random_seed(0)
     layers = keras.layers
@@ -445,10 +445,12 @@ def test_python_operators_between_layer_outputs_become_layers_and_are_quantized(
     model = keras.Model(image, scores)
     assert [type(layer).__name__ for layer in model.layers].count("TFOpLambda") == 4
 
-    weighted = keras.Model(image, [2.0 - scores / 4.0, scores * np.arange(1, 4, dtype=np.float32)])
+    weighted = keras.Model(image, [2.0 - scores / 4.0, scores * np.arange(1, 4, dtype=np.float32),
+                                   scores * np.array([-1, 2, 3], dtype=np.float32)])
     rebuilt, replaced = operators_as_layers(weighted)
-    assert sorted(replaced.values()) == ["Add", "Multiply", "Rescaling", "Rescaling", "Rescaling", "Rescaling"]
-    assert [type(layer).__name__ for layer in rebuilt.layers].count("TFOpLambda") == 1  # the array constant's
+    assert sorted(replaced.values()) == ["Add", "Multiply", "Normalization", "Rescaling", "Rescaling", "Rescaling",
+                                         "Rescaling"]
+    assert [type(layer).__name__ for layer in rebuilt.layers].count("TFOpLambda") == 1  # the negative factors
     images = synthetic_data.normalized("test")[0][:8]
     for got, expected in zip(rebuilt.predict(images, verbose=0), weighted.predict(images, verbose=0)):
         np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from compress.checks import GEOMETRIC_PREPROCESSING_LAYERS, PREPROCESSING_LAYERS
 from compress.errors import ModelError, first_line, listed
 from compress.kerasmodel import rebuilt_from_config, rerouted_references, variable_short_name
+from compress.plain_model import operators_as_layers
 from compress.techniques.finetune import (
     check_training_settings,
     copy_model,
@@ -46,9 +47,6 @@ _OWN_ACTIVATION_FUNCTIONS = frozenset({"relu", "swish", "gelu", "linear", "softm
 # Weightless elementwise layers tfmot's registry does not know (MobileNetV3's hard-swish x * relu6(x + 3) / 6 is made
 # of them) but TFLite runs on int8 kernels: they compute in float and only their output is quantized.
 _OUTPUT_QUANTIZED = frozenset({"Rescaling", "Multiply", "Subtract", "Maximum", "Minimum"})
-# the functions a TFOpLambda layer records for Python operators -> the operation (keras3_layers.AFFINE's names)
-_OPERATORS = {"__operators__.add": "Add", "math.add": "Add", "math.subtract": "Subtract", "math.multiply": "Multiply",
-              "math.truediv": "TrueDivide"}
 
 
 @dataclass(frozen=True)
@@ -146,50 +144,6 @@ def activations_as_layers(model):
         config["output_layers"] = rerouted_references(config["output_layers"], activation_layers)
     rebuilt = rebuilt_from_config(model, config, {})
     return (model, {}) if rebuilt is None else (rebuilt, moved)
-
-
-def operators_as_layers(model):
-    """(`model` with each Python operator between layer outputs as the layer that computes it, {layer: its kind}):
-    Keras 2 records `x + y`, `x - y`, `x * y` in a functional model as TFOpLambda layers (keras.applications RegNet
-    adds its shortcuts so, MobileNetV3 writes hard-sigmoid as `relu6(x + 3) * (1 / 6)`), which tfmot refuses. Two
-    tensors become the Add, Subtract or Multiply layer; a tensor and a number the Rescaling computing it (x + 3 ->
-    x * 1 + 3), as the Keras 3 translation writes them. The layer keeps its name."""
-    from compress.keras3_layers import AFFINE
-
-    config = model.get_config()
-    replaced = {}
-    for position, layer in enumerate(config.get("layers", [])):
-        operation = _OPERATORS.get(layer["config"].get("function")) if layer["class_name"] == "TFOpLambda" else None
-        nodes = layer.get("inbound_nodes") or []
-        if operation is None or len(nodes) != 1:
-            continue
-        # Keras 2 writes the call function(x, y=...) as one entry: [layer, node, tensor, {"y": ...}], a number
-        # first as ["_CONSTANT_VALUE", -1, number, {"y": ...}]
-        first = nodes[0]
-        if len(first) != 4 or not isinstance(first[3], dict) or set(first[3]) - {"y", "name"}:
-            continue
-        operands = [first[2] if first[0] == "_CONSTANT_VALUE" else first[:3], first[3].get("y")]
-        tensors = [isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) for item in operands]
-        numbers = [isinstance(item, (int, float)) and not isinstance(item, bool) for item in operands]
-        name = layer["config"]["name"]
-        entry = {"name": name, "config": {"name": name, "dtype": layer["config"].get("dtype", "float32")}}
-        if all(tensors) and operation != "TrueDivide":
-            entry.update(class_name=operation, inbound_nodes=[[[*operands[0], {}], [*operands[1], {}]]])
-        elif tensors.count(True) == 1 and numbers.count(True) == 1:
-            tensor_first = tensors[0]
-            affine = AFFINE[operation](float(operands[numbers.index(True)]), tensor_first)
-            if affine is None:
-                continue
-            entry["config"].update(scale=affine[0], offset=affine[1])
-            entry.update(class_name="Rescaling", inbound_nodes=[[[*operands[tensors.index(True)], {}]]])
-        else:
-            continue
-        config["layers"][position] = entry
-        replaced[name] = entry["class_name"]
-    if not replaced:
-        return model, {}
-    rebuilt = rebuilt_from_config(model, config, {})
-    return (model, {}) if rebuilt is None else (rebuilt, replaced)
 
 
 def separable_convolutions_split(model):
