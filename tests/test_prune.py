@@ -260,3 +260,19 @@ def test_channel_pruned_model_goes_through_qat_to_an_int8_file(tiny_cnn, synthet
     quantized = qat(smaller, QATConfig(epochs=0.5, batch_size=16), synthetic_data, verbose=0).model
     result = export_model(quantized, tmp_path, data=synthetic_data, chain=["prune", "qat"])
     assert result["precision"] == "int8" and result["parity_ok"]
+
+
+def test_training_whose_loss_becomes_nan_is_stopped_and_refused(synthetic_data):
+    """A fine-tune that diverged went on to export NaN weights (and once crashed a converter): it stops at the
+    first NaN batch and the stage is refused in one line."""
+    from compress.errors import ModelError
+    from compress.keras import keras
+    from compress.techniques.finetune import fine_tune
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([keras.Input(synthetic_data.input_shape), layers.Conv2D(8, 3, activation="relu"),
+                              layers.Flatten(), layers.Dense(3)])
+    with pytest.raises(ModelError, match=r"training diverged: the loss became nan in epoch 1; a lower learning rate "
+                                         r"than 1e\+30 may help"):
+        fine_tune(model, synthetic_data, epochs=2, batch_size=32, learning_rate=1e30, verbose=0)

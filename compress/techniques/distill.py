@@ -24,6 +24,7 @@ from compress.techniques.finetune import (
     DISTILL_TEMPERATURE,
     MAX_BATCH_SIZE,
     MAX_FINE_TUNE_EPOCHS as MAX_EPOCHS,
+    trained,
 )
 
 from compress.techniques.base import Outcome, Technique, TechniqueConfig, option, require
@@ -202,7 +203,8 @@ def distill(model, config: DistillConfig, data, *, out_dir=None, verbose: int = 
     keras.utils.set_random_seed(data.seed)
     train = data.pipeline("train", config.batch_size, shuffle=True, augment=config.augment)
     distiller.compile(optimizer=_optimizer(config, int(train.cardinality())))
-    history = distiller.fit(train, epochs=config.epochs, validation_data=data.pipeline("val", 256), verbose=verbose)
+    history = trained(distiller, train, learning_rate=config.learning_rate, epochs=config.epochs,
+                      validation_data=data.pipeline("val", 256), verbose=verbose)
     train_seconds = time.perf_counter() - train_started
 
     teacher_params = int(teacher.count_params())
@@ -219,7 +221,7 @@ def distill(model, config: DistillConfig, data, *, out_dir=None, verbose: int = 
         "student_test_accuracy": _test_accuracy(student, data),
         "epochs": config.epochs,
         "train_seconds": round(train_seconds, 2),
-        "history": {key: [float(v) for v in values] for key, values in history.history.items()},
+        "history": history,
     }
     if config.compare_scratch:
         scratch, scratch_history = _train_from_scratch(student, initial_weights, config, data, verbose)
@@ -298,8 +300,8 @@ def _train_from_scratch(student, initial_weights, config: DistillConfig, data, v
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    history = scratch.fit(train, epochs=config.epochs, validation_data=data.pipeline("val", 256), verbose=verbose)
-    return scratch, {key: [float(v) for v in values] for key, values in history.history.items()}
+    return scratch, trained(scratch, train, learning_rate=config.learning_rate, epochs=config.epochs,
+                            validation_data=data.pipeline("val", 256), verbose=verbose)
 
 
 def _optimizer(config: DistillConfig, steps_per_epoch: int):

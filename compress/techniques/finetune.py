@@ -186,14 +186,26 @@ def fine_tune(model, data, *, epochs: float, batch_size: int, learning_rate: flo
     part_epochs = steps != steps_per_epoch(data, batch_size)
     if part_epochs:  # Keras cuts them from one stream of batches, reshuffled at each pass over the data
         train = train.repeat()
-    history = model.fit(
-        train,
-        epochs=keras_epochs,
-        steps_per_epoch=steps if part_epochs else None,
-        validation_data=data.pipeline("val", 256),
-        callbacks=list(callbacks),
-        verbose=verbose,
-    )
+    return trained(model, train, learning_rate=learning_rate, epochs=keras_epochs,
+                   steps_per_epoch=steps if part_epochs else None, validation_data=data.pipeline("val", 256),
+                   callbacks=list(callbacks), verbose=verbose)
+
+
+def trained(model, train, *, learning_rate: float, callbacks=(), **fit_options) -> dict:
+    """`model.fit(train, ...)`'s per-epoch history as floats. Training stops at the first batch whose loss is not
+    finite, and is refused: weights that made it NaN are unusable, and exporting them crashed a converter."""
+    from compress.keras import keras
+
+    class StopOnNonFiniteLoss(keras.callbacks.Callback):  # Keras' TerminateOnNaN, without its print
+        def on_train_batch_end(self, batch, logs=None):
+            if not math.isfinite(float((logs or {}).get("loss", 0.0))):
+                self.model.stop_training = True
+
+    history = model.fit(train, callbacks=[*callbacks, StopOnNonFiniteLoss()], **fit_options)
+    losses = [float(value) for value in history.history.get("loss", [])]
+    if not all(math.isfinite(value) for value in losses):
+        raise ModelError(f"training diverged: the loss became {losses[-1]} in epoch {len(losses)}; a lower "
+                         f"learning rate than {learning_rate:g} may help")
     return {key: [float(v) for v in values] for key, values in history.history.items()}
 
 
