@@ -190,7 +190,6 @@ def batch_norms_as_depthwise(model):
     DepthwiseConv2D that computes it, [their names]): per channel, x * gamma / sqrt(variance + epsilon) + (beta -
     mean * that), which tfmot quantizes and onnxruntime runs on integer kernels. Only batch norms over the channels
     of images; layers called more than once and nested models are left as they are."""
-    import numpy as np
 
     def as_depthwise(norm):
         scale, offset = _batch_norm_affine(norm)
