@@ -326,6 +326,10 @@ def _pixels(arrays: dict) -> tuple[dict, str | None]:
     if len({x.shape[1:] for x in shaped.values()}) > 1:
         raise DataError("the splits' images differ in shape: " + ", ".join(f"x_{split} {x.shape[1:]}"
                                                                            for split, x in shaped.items()))
+    if len({x.dtype == np.uint8 for x in shaped.values()}) > 1:  # one range decided for all would misread some
+        raise DataError("the splits' images differ in type: " + ", ".join(f"x_{split} {x.dtype}"
+                                                                          for split, x in shaped.items())
+                        + "; pass them all as uint8 pixels or all in the same range")
     if all(x.dtype == np.uint8 for x in shaped.values()):
         return shaped, None
     low = min(float(x.min()) for x in shaped.values())

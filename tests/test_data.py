@@ -347,12 +347,13 @@ def test_arrays_in_any_common_pixel_range_and_label_form_give_the_same_dataset()
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"x_train": lambda x: x * 300.0}, "values from 0 to 76500"),
+    ({"x_train": lambda x: x * 300.0, "x_test": lambda x: x * 1.0}, "values from 0 to 76500"),
     ({"x_train": lambda x: x[..., None].repeat(2, axis=-1)}, "1 or 3 channels"),
     ({"y_train": lambda y: y[:-1]}, "one label per image"),
     ({"y_test": lambda y: y * 0}, "class.es. 1, 2, 3 have no test images"),
     ({"y_train": lambda y: y + 0.5}, "class indices"),
-], ids=["out-of-range", "two-channels", "label-count", "class-missing", "fractional-labels"])
+    ({"x_test": lambda x: x / 255.0}, "differ in type: x_train uint8, x_test float64"),
+], ids=["out-of-range", "two-channels", "label-count", "class-missing", "fractional-labels", "uint8-beside-floats"])
 def test_arrays_that_are_not_images_and_labels_are_refused_in_one_line(change, message):
     from compress import dataset_from_arrays
 
