@@ -7,4 +7,5 @@ from compress.data import Dataset, dataset_from_arrays, load_data
 from compress.errors import CompressError, ConfigError, DataError, ModelError
 
 __version__ = "0.1.0"
-__all__ = ["Dataset", "dataset_from_arrays", "load_data", "CompressError", "ConfigError", "DataError", "ModelError", "__version__"]
+__all__ = ["Dataset", "dataset_from_arrays", "load_data", "CompressError", "ConfigError", "DataError", "ModelError",
+           "__version__"]

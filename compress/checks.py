@@ -61,8 +61,9 @@ def matched_to_data(model, data, log: Callable[[str], None] | None = None) -> tu
     built at the data's size, at which every later technique, export and timing then works; a binary classifier
     giving one score (Dense(1), as in the Keras guides) is given one score per class (`two_score_model`), and its
     files give the one score back; layers that pass their input through at inference (data augmentation, noise,
-    Identity) are left out (`without_pass_through_layers`), and the model is given the plain form every technique works on
-    (`plain_model`: nested models inlined, float32 compute and input, layers trainable).
+    Identity) are left out (`without_pass_through_layers`), and the model is given the plain form every technique
+    works on (`plain_model`: nested models inlined, float32 compute and input, layers trainable); scores of shape
+    1x1xC are reshaped to C (`flat_scores_model`).
     Anything else that does not fit is left for `check_model_fits_data` to refuse."""
     from compress.kerasmodel import built_at_size, flat_scores_model, two_score_model
 
@@ -95,8 +96,9 @@ def matched_to_data(model, data, log: Callable[[str], None] | None = None) -> tu
 
 
 def in_plain_form(model, say: Callable[[str], None]):
-    """`model` without the layers that pass their input through at inference and in the plain form of `plain_model` (nested models
-    inlined, float32 compute and input, layers trainable), each change said."""
+    """`model` without the layers that pass their input through at inference and in the plain form of `plain_model`
+    (nested models inlined, arithmetic as layers, float32 compute and input of any batch size, layers trainable),
+    each change said."""
     from compress.kerasmodel import without_pass_through_layers
     from compress.plain_model import plain_model
 

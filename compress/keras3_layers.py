@@ -55,7 +55,8 @@ MODEL_CLASSES = frozenset({"Functional", "Sequential"})
 # Keras 3 activation names that mean the same function in tf_keras, under the tf_keras name.
 _ACTIVATIONS = {
     name: name
-    for name in "relu relu6 gelu softmax sigmoid tanh linear elu selu softplus softsign exponential mish leaky_relu".split()
+    for name in ("relu relu6 gelu softmax sigmoid tanh linear elu selu softplus softsign exponential mish "
+                 "leaky_relu").split()
 } | {"silu": "swish", "swish": "swish"}
 # Keras 3 activations tf_keras lacks or defines differently (its hard_sigmoid is clip(0.2x + 0.5)): built from
 # tf_keras layers after the layer, which then gets a linear activation.

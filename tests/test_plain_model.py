@@ -114,7 +114,8 @@ def _noisy_model():
     layers = keras.layers
     return keras.Sequential([
         keras.Input((32, 32, 3)), layers.GaussianNoise(0.1, name="noise"),
-        layers.Conv2D(8, 3, activation="relu"), layers.Identity(name="same"), layers.ActivityRegularization(l1=1e-5, name="regularize"),
+        layers.Conv2D(8, 3, activation="relu"), layers.Identity(name="same"),
+        layers.ActivityRegularization(l1=1e-5, name="regularize"),
         layers.GlobalAveragePooling2D(), layers.Dense(10),
     ])
 
