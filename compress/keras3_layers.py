@@ -262,7 +262,7 @@ class Builder:
             return getattr(layers, class_name)(name=name, **options)(args[0])
         elif (built := self._configured_operation(layer, args, kwargs)) is not None:
             return built
-        if operation in ("GetItem", "Stack") and _picks_channels(operation, args, layer["config"]):
+        if operation == "GetItem" and _picks_a_channel(args):
             raise self._refuse(name, "picks the image's channels one by one (x[..., k]), as keras.applications' "
                                      "caffe-style preprocess_input (ResNet50, VGG16) turns RGB into BGR; models "
                                      "that reorder their channels have no tf_keras translation")
@@ -449,10 +449,8 @@ def _histories(value):
             yield from _histories(item)
 
 
-def _picks_channels(operation: str, args: list, config: dict) -> bool:
-    """Whether a GetItem takes one channel (x[..., k]) or a Stack joins such channels along the last axis."""
-    if operation == "Stack":
-        return config.get("axis") == -1
+def _picks_a_channel(args: list) -> bool:
+    """Whether a GetItem's index takes one channel of the last axis (x[..., k])."""
     index = args[1] if len(args) == 2 else None
     return (isinstance(index, list) and len(index) == 2 and isinstance(index[1], int)
             and isinstance(index[0], dict) and index[0].get("class_name") == "__ellipsis__")
