@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from compress.errors import ConfigError, DataError, ModelError, listed
-from compress.kerasmodel import shape_text
+from compress.kerasmodel import require_one_input_one_output, shape_text
 
 MAX_BATCH_BYTES = 2 << 30  # one timed or evaluated batch of float32 images
 
@@ -27,12 +27,8 @@ def check_model_fits_data(model, data, *, role: str = "model", batch_sizes: Sequ
     Returns what was decided about the model: whether it outputs probabilities (softmax) or logits, told by its
     last layer or else by its outputs on a few test images.
     """
-    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
-    if not inputs or not outputs:
-        raise ModelError(f"the {role} has no defined inputs; build it as a Sequential or functional model on an Input")
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise ModelError(f"the {role} has {len(inputs)} inputs and {len(outputs)} outputs; compress handles image "
-                         "classifiers with one image input and one output")
+    require_one_input_one_output(model, f"the {role}")
+    inputs, outputs = model.inputs, model.outputs
     input_shape = tuple(inputs[0].shape[1:])
     if len(input_shape) != 3:
         raise ModelError(f"the {role} takes inputs of shape {shape_text(input_shape)}; compress handles image models "
@@ -160,6 +156,7 @@ def decide_input_range(model, choice: str = "auto", log: Callable[[str], None] |
         else:
             decided, why = "unit", "no rescaling layer first, so pixels scaled to [0, 1]"
         if data is not None:
+            require_one_input_one_output(model, f"model {model.name!r}")  # one output to score the ranges by
             decided, why = _range_checked_on_data(model, data, decided, why)
     if log is not None:
         log(f"input range: {decided} ({why}); --input-range raw|unit|symmetric overrides")

@@ -53,6 +53,8 @@ def translate_keras3(path: str | os.PathLike, *, safe_mode: bool = True, sample_
     many). Refuses, with a one-line ModelError, a layer tf_keras cannot reproduce and a translation whose outputs
     differ from the original's.
     """
+    from compress.kerasmodel import require_one_input_one_output
+
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
@@ -75,6 +77,7 @@ def translate_keras3(path: str | os.PathLike, *, safe_mode: bool = True, sample_
             expected = [saved[key] for key in saved.files]
     builder = Builder(path)
     model = builder.build(config, weights)
+    require_one_input_one_output(model, str(path))  # before comparing: which output to compare would be a guess
     info = {"keras_version": file_keras_version(path), "left_out": builder.left_out}
     info.update(_compare(path, model, inputs, expected))
     return model, info

@@ -177,10 +177,7 @@ class Builder:
         ends = []
         for key in ("input_layers", "output_layers"):
             refs = config[key]
-            if isinstance(refs, dict):
-                raise ModelError(
-                    f"{self.path}: model '{config['name']}' has named (dict) inputs or outputs; not supported"
-                )
+            refs = list(refs.values()) if isinstance(refs, dict) else refs  # named ends: keras.Model({"image": x}, ...)
             refs = [refs] if refs and isinstance(refs[0], str) else refs
             found = [tensors[(name, node - offset.get(name, 0), position)] for name, node, position in refs]
             ends.append(found if len(found) > 1 else found[0])

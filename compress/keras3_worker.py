@@ -73,6 +73,7 @@ def main(argv: list[str]) -> int:
         outputs = model.predict(inputs if len(inputs) > 1 else inputs[0], verbose=0, batch_size=32)
     except Exception as exc:  # a model that loads but cannot run on the images
         return fail("run", exc)
+    outputs = list(outputs.values()) if isinstance(outputs, dict) else outputs  # named outputs, in config order
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     np.savez(workdir / "inputs.npz", *inputs)
     np.savez(workdir / "outputs.npz", *[np.asarray(o) for o in outputs])

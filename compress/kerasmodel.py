@@ -84,7 +84,24 @@ def load_model_with_source(path: str | os.PathLike, *, unsafe: bool = False,
         model, info = translate_keras3(path, safe_mode=not unsafe, sample_images=sample_images)  # no version: try 3
         return model, {"file": path.name, "keras": "Keras 3", "translated_to_tf_keras": True,
                        **{key: info[key] for key in ("max_abs_diff", "top1_agreement", "images", "left_out")}}
+    require_one_input_one_output(model, str(path))
     return model, {"file": path.name, "keras": f"tf_keras {version}".strip(), "translated_to_tf_keras": False}
+
+
+def require_one_input_one_output(model, what: str) -> None:
+    """Refuse (one ModelError line) a model without exactly one input and one output: an image classifier's scores
+    are one output; an auxiliary head or a second input leaves which one to compress to a guess."""
+    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
+    if not inputs or not outputs:
+        raise ModelError(f"{what} has no defined inputs; build it as a Sequential or functional model on an Input")
+    if len(inputs) == 1 and len(outputs) == 1:
+        return
+    names = list(getattr(model, "output_names", None) or [])
+    hint = (f": save a model of the output you deploy, e.g. keras.Model(model.input, "
+            f"model.get_layer({names[0]!r}).output)" if len(inputs) == 1 and names else "")
+    raise ModelError(f"{what} has {len(inputs)} input(s) and {len(outputs)} output(s)"
+                     + (f" ({', '.join(names)})" if len(outputs) > 1 and names else "")
+                     + f"; compress handles image classifiers with one image input and one output{hint}")
 
 
 def _holds_weights_only(path: Path) -> bool:

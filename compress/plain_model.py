@@ -55,11 +55,19 @@ def plain_model(model) -> tuple:
     if unfrozen:
         notes.append(f"model: {len(unfrozen)} frozen layer(s) ({listed(unfrozen)}) made trainable, so that "
                      "fine-tuning after compression can adapt them; frozen BatchNormalization layers stay frozen")
+    unregularized = _without_activity_regularizers(model, config)
+    if unregularized:
+        notes.append(f"model: the activity regularizer(s) of {listed(unregularized)} left out: they only add a "
+                     "training loss, which tfmot's quantization cannot rebuild")
     return _rebuilt(model, config, loose=bool(float16), integer_input=bool(integer_input)), notes
 
 
 def _needs_change(layer) -> bool:
-    return _computes_in_lower_precision(layer) or _frozen(layer)
+    return _computes_in_lower_precision(layer) or _frozen(layer) or _activity_regularized(layer)
+
+
+def _activity_regularized(layer) -> bool:
+    return getattr(layer, "activity_regularizer", None) is not None
 
 
 def _computes_in_lower_precision(layer) -> bool:
@@ -205,6 +213,16 @@ def _unfrozen(model, config: dict) -> list:
     for layer, entry in _with_entries(model, config):
         if _frozen(layer):
             entry["config"]["trainable"] = True
+            names.append(layer.name)
+    return names
+
+
+def _without_activity_regularizers(model, config: dict) -> list:
+    """Names of the layers with an activity regularizer, removed in `config`."""
+    names = []
+    for layer, entry in _with_entries(model, config):
+        if _activity_regularized(layer):
+            entry["config"]["activity_regularizer"] = None
             names.append(layer.name)
     return names
 

@@ -175,6 +175,12 @@ class Net(keras.Model):
 subclassed = Net()
 subclassed(np.zeros((1, 4), "float32"))
 subclassed.save(out / "subclassed.keras")
+
+pixels = keras.Input((16, 16, 3), name="image")
+features = L.GlobalAveragePooling2D()(L.Conv2D(4, 3, name="conv")(pixels))
+keras.Model({"image": pixels}, {"probs": L.Dense(3, activation="softmax", name="scores")(features)}).save(
+    out / "named_ends.keras")
+keras.Model(pixels, [L.Dense(3, name="main")(features), L.Dense(3, name="aux")(features)]).save(out / "two_heads.keras")
 """
 
 
@@ -391,6 +397,15 @@ def test_a_subclassed_model_is_refused_in_one_line_saying_why(keras3_files):
     with pytest.raises(ModelError) as caught:  # it was Keras' own message, cut off mid-sentence
         load_model_with_source(keras3_files / "subclassed.keras")
     _assert_one_line(str(caught.value), "subclassed model (class Net)", "functional API")
+
+
+def test_named_ends_translate_and_a_second_output_is_refused_naming_the_outputs(keras3_files):
+    """A dict of one output was pickled by np.savez (a traceback); two outputs failed in the input range check."""
+    model, info = translate_keras3(keras3_files / "named_ends.keras")
+    assert len(model.outputs) == 1 and info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-5
+    with pytest.raises(ModelError) as caught:
+        load_model_with_source(keras3_files / "two_heads.keras")
+    _assert_one_line(str(caught.value), "1 input(s) and 2 output(s) (main, aux)", "model.get_layer('main').output")
 
 
 def test_an_op_tf2onnx_cannot_convert_is_one_line_naming_the_layer(tmp_path):

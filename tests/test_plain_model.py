@@ -120,12 +120,26 @@ def _noisy_model():
     ])
 
 
+def _activity_regularized_model():
+    """A layer's activity_regularizer: tfmot's QAT raised "The tensor ... ActivityRegularizer/div_no_nan:0 cannot be
+    accessed from here"."""
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((32, 32, 3)), layers.Conv2D(8, 3, activation="relu", activity_regularizer="l2", name="conv"),
+        layers.GlobalAveragePooling2D(), layers.Dense(10),
+    ])
+
+
 @pytest.mark.parametrize("build, said", [
     (_mixed_precision_model, "4 layer(s) computing in mixed_float16 (mixed precision) made to compute in float32"),
     (_uint8_input_model, "model: takes uint8 pixels; compressed as the same model taking float32 ones"),
     (_noisy_model, "model: left out noise, same, regularize: layers that pass their input through unchanged"),
     (_batch_of_one_model, "model: its input takes batches of exactly 1; compressed as the same model taking any"),
-], ids=["mixed-precision", "uint8-input", "noise-layers", "batch-of-one"])
+    (_activity_regularized_model, "model: the activity regularizer(s) of conv left out: they only add a training"),
+], ids=["mixed-precision", "uint8-input", "noise-layers", "batch-of-one", "activity-regularizer"])
 def test_a_model_in_a_form_tfmot_refuses_is_quantized_and_converted(build, said, tmp_path, capsys):
     """Each failed before: tfmot's QAT raised inside its QuantizeLayer or refused GaussianNoise, and TFLite's int8
     converter refused float16 Mul ops or a uint8 input fed float calibration images."""
