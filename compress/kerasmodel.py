@@ -99,7 +99,9 @@ def require_one_input_one_output(model, what: str) -> None:
     names = list(getattr(model, "output_names", None) or [])
     hint = (f": save a model of the output you deploy, e.g. keras.Model(model.input, "
             f"model.get_layer({names[0]!r}).output)" if len(inputs) == 1 and names else "")
-    raise ModelError(f"{what} has {len(inputs)} input(s) and {len(outputs)} output(s)"
+    counts = " and ".join(f"{len(ends)} {kind}{'s' if len(ends) != 1 else ''}"
+                          for ends, kind in ((inputs, "input"), (outputs, "output")))
+    raise ModelError(f"{what} has {counts}"
                      + (f" ({', '.join(names)})" if len(outputs) > 1 and names else "")
                      + f"; compress handles image classifiers with one image input and one output{hint}")
 

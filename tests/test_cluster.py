@@ -34,6 +34,27 @@ def test_clustered_kernels_hold_at_most_k_values(tiny_cnn, synthetic_data, init)
     json.dumps(stats)
 
 
+def test_the_default_init_leaves_a_trained_kernel_in_fewer_bits_than_kmeans(tiny_cnn, synthetic_data):
+    """Trained kernels are peaked at zero with a few large weights: linear centroids give those their own values
+    and leave most weights in the central ones, which gzip codes in fewer bits (k-means++ fills its clusters
+    evenly)."""
+    import gzip
+
+    dense = tiny_cnn.get_layer("dense1")
+    kernel = np.random.default_rng(0).laplace(0, 0.02, dense.kernel.shape).astype(np.float32)
+    dense.kernel.assign(kernel)
+    assert ClusterConfig().init == "linear"
+
+    def gzip_bits(init):
+        config = ClusterConfig(clusters=8, init=init, layers=("dense1",), epochs=0.01, learning_rate=1e-9)
+        values = cluster(tiny_cnn, config, synthetic_data, verbose=0).model.get_layer("dense1").kernel.numpy()
+        codes = np.unique(values, return_inverse=True)[1].astype(np.uint8)
+        return 8 * len(gzip.compress(codes.tobytes(), 9)) / codes.size
+
+    linear, kmeans = gzip_bits("linear"), gzip_bits("kmeans_plus_plus")
+    assert linear < kmeans - 0.3, (linear, kmeans)
+
+
 def test_chosen_layers_unknown_names_and_too_few_weights(tiny_cnn, synthetic_data):
     with pytest.raises(ConfigError, match="nope.*conv1, conv2, dense1, logits"):
         cluster(tiny_cnn, ClusterConfig(layers=("nope",)), synthetic_data, verbose=0)

@@ -405,7 +405,7 @@ def test_named_ends_translate_and_a_second_output_is_refused_naming_the_outputs(
     assert len(model.outputs) == 1 and info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-5
     with pytest.raises(ModelError) as caught:
         load_model_with_source(keras3_files / "two_heads.keras")
-    _assert_one_line(str(caught.value), "1 input(s) and 2 output(s) (main, aux)", "model.get_layer('main').output")
+    _assert_one_line(str(caught.value), "1 input and 2 outputs (main, aux)", "model.get_layer('main').output")
 
 
 def test_an_op_tf2onnx_cannot_convert_is_one_line_naming_the_layer(tmp_path):

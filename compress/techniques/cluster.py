@@ -39,7 +39,11 @@ INITS = {
 @dataclass(frozen=True)
 class ClusterConfig(TechniqueConfig):
     clusters: int = option(16, "distinct values per clustered kernel (at least 2)")
-    init: str = option("kmeans_plus_plus", "how centroids start: " + ", ".join(INITS),
+    # Linear centroids span the kernel's range evenly: the few large weights keep values of their own (Han et al.,
+    # Deep Compression, found this init the most accurate) and most weights share the central values, which gzip
+    # codes in fewer bits than k-means++'s evenly filled clusters (16 clusters: 11.8 vs 14.6 kB for tfmot's
+    # example model, 160 vs 254 kB for a 0.5M-parameter CNN, at the same accuracy within noise).
+    init: str = option("linear", "how centroids start: " + ", ".join(INITS),
                        metavar="{" + ",".join(INITS) + "}")
     layers: tuple[str, ...] = option((), "comma-separated Conv2D/SeparableConv2D/Dense layers to cluster; none: "
                                      "all but the "
