@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import math
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -150,12 +151,30 @@ def _load_tf_keras(path: Path, unsafe: bool):
                 raise ModelError(
                     f"{path} holds a Lambda layer (arbitrary Python code); pass --unsafe if you trust the file"
                 ) from exc
-            raise ModelError(f"cannot load {path}: {first_line(exc)}") from exc
+            raise _load_error(path, exc) from exc
         except Exception as exc:  # zip, h5 and deserialisation errors all mean "not a usable model file"
             if not zipfile.is_zipfile(path) and path.read_bytes()[:8] != b"\x89HDF\r\n\x1a\n":
                 raise ModelError(f"{path} is not a Keras model file (neither a .keras archive nor HDF5): damaged, "
                                  "or another format; save the model with model.save('model.keras')") from exc
-            raise ModelError(f"cannot load {path}: {first_line(exc)}") from exc
+            raise _load_error(path, exc) from exc
+
+
+# how tf_keras names a class it cannot find: .h5 files, .keras files, registered names it has no code for
+# (a Sequential in a .keras file hands on the class name as a string)
+_UNKNOWN_CLASS = re.compile(r"Unknown (?:layer|object|activation)s?: '([^']+)'|Cannot deserialize object of type "
+                            r"`([^`]+)`|Could not locate class '([^']+)'|Received: layer=(\w+) of type <class 'str'>")
+
+
+def _load_error(path: Path, exc: Exception) -> ModelError:
+    """One line for a file tf_keras cannot load; a custom class (the user's own layer) is named, with what to do:
+    Keras' own text asks for a custom_object_scope, which the command line cannot give."""
+    unknown = _UNKNOWN_CLASS.search(str(exc))
+    if unknown:
+        name = next(group for group in unknown.groups() if group)
+        return ModelError(f"{path} uses {name!r}, a custom class whose code the file does not hold (and that no "
+                          "technique could quantize or prune): build the model from built-in Keras layers and save "
+                          "that")
+    return ModelError(f"cannot load {path}: {first_line(exc)}")
 
 
 def save_model(model, target: str | os.PathLike) -> Path:

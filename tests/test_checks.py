@@ -90,6 +90,23 @@ def test_a_weights_only_file_is_named_as_such(name, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_a_model_with_a_custom_layer_class_is_refused_naming_the_class(suffix, tmp_path, capsys):
+    """Keras' own text asked for a custom_object_scope, which the command line cannot give."""
+    from compress.keras import keras
+
+    class Halve(keras.layers.Layer):
+        def call(self, inputs):
+            return inputs * 0.5
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), Halve(), keras.layers.Flatten(), keras.layers.Dense(2)])
+    model.save(tmp_path / f"model{suffix}")
+    assert main(["export", str(tmp_path / f"model{suffix}"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "uses 'Halve', a custom class whose code the file does not hold" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_one_class_data_is_refused(tmp_path):
     from helpers import make_folder_set
 
