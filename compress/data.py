@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import tarfile
 import threading
 import time
 import unicodedata
@@ -434,7 +435,10 @@ def _folder_tree(root: Path, test_fraction: float) -> tuple[Tree, list[str]]:
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
-        raise DataError(f"data folder {root} is not a folder")
+        archive = zipfile.is_zipfile(root) or tarfile.is_tarfile(root)
+        raise DataError(f"data folder {root} is " + ("an archive: unpack it and pass the folder it holds" if archive
+                                                     else "not a folder"))
+    root, wrappers = _inside_wrapper_folders(root)
     val_dir = next((root / name for name in VALIDATION_FOLDERS if (root / name).is_dir()), None)
     if (root / "train").is_dir() or (root / "test").is_dir() or val_dir is not None:
         if not (root / "train").is_dir():
@@ -464,7 +468,7 @@ def _folder_tree(root: Path, test_fraction: float) -> tuple[Tree, list[str]]:
             if only_other:
                 raise DataError(f"class(es) {', '.join(only_other)} in {splits[split]} have no images in "
                                 f"{splits['train']}")
-        return tree, [line for line in (note, _ignored_note(ignored)) if line]
+        return tree, [line for line in (wrappers, note, _ignored_note(ignored)) if line]
     classes, ignored = _class_folders(root)
     # Split a single tree per class by ratio, with a fixed seed so the test images never depend on --seed.
     tree: Tree = {"train": {}, "test": {}}
@@ -475,7 +479,24 @@ def _folder_tree(root: Path, test_fraction: float) -> tuple[Tree, list[str]]:
         n_test = max(1, round(len(entries) * test_fraction))
         tree["test"][name] = [entries[i] for i in sorted(order[:n_test])]
         tree["train"][name] = [entries[i] for i in sorted(order[n_test:])]
-    return tree, [line for line in (_ignored_note(ignored),) if line]
+    return tree, [line for line in (wrappers, _ignored_note(ignored)) if line]
+
+
+def _inside_wrapper_folders(root: Path) -> tuple[Path, str]:
+    """(the folder holding the data, the line saying so or ""): an unpacked archive often wraps the class folders
+    (or train/ and test/) in one folder of the data set's name, and a single class folder is never data to
+    classify, so a folder holding nothing but one folder stands for that folder's contents."""
+    start = root
+    while True:
+        entries = [path for path in root.iterdir() if not path.name.startswith(".")]
+        folders = [path for path in entries if path.is_dir()]
+        if len(folders) != 1 or any(path.suffix.lower() in IMAGE_SUFFIXES for path in entries) or not any(
+                path.is_dir() for path in folders[0].iterdir()):
+            break
+        root = folders[0]
+    if root == start:
+        return root, ""
+    return root, f"data: {start} holds only {root.relative_to(start)}/; its folders are taken as the data's"
 
 
 def _ignored_note(ignored: Counter) -> str:

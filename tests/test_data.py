@@ -1,6 +1,7 @@
 """Data sources: shapes, dtypes, balance, stratified validation, caching, and refusals of bad folders."""
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,6 +136,25 @@ def test_train_and_val_folders_alone_take_val_as_the_test_split(tmp_path):
     data = load_data(f"folder:{root}", cache_dir=tmp_path / "c", val_fraction=0.34)
     assert np.bincount(data.y_test).tolist() == [3, 3, 3] and np.bincount(data.y_val).tolist() == [2, 2, 2]
     assert data.notes[0].startswith("test split: the images of validation/")
+
+
+@pytest.mark.parametrize("layout", ["split", "flat"])
+def test_an_unpacked_archive_s_wrapping_folder_is_looked_inside_and_an_archive_is_named(layout, tmp_path):
+    """A folder holding one folder (flowers/flower_photos/daisy/...) was one class, refused; an archive given as
+    the folder was "not a folder"."""
+    import shutil
+
+    make_folder_set(tmp_path / "flowers" / "flower_photos" / "inner", layout=layout)
+    (tmp_path / "flowers" / ".DS_Store").write_bytes(b"")
+    data = load_data(f"folder:{tmp_path / 'flowers'}", cache_dir=tmp_path / "c")
+    assert data.class_names == ("cat", "dog", "fox") and len(data.y_test) > 0
+    assert f"holds only {Path('flower_photos', 'inner')}/" in data.notes[0]
+    archive = shutil.make_archive(str(tmp_path / "flowers"), "zip", tmp_path / "flowers")
+    with pytest.raises(DataError, match="is an archive: unpack it and pass the folder it holds"):
+        load_data(f"folder:{archive}", cache_dir=tmp_path / "c")
+    one_class = make_folder_set(tmp_path / "one", classes=("cat",), layout="flat")
+    with pytest.raises(DataError, match="has 1 class"):  # a folder of images is a class, not a wrapper
+        load_data(f"folder:{one_class}", cache_dir=tmp_path / "c")
 
 
 def test_webp_tiff_and_gif_images_are_read(tmp_path):
