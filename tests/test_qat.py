@@ -233,6 +233,26 @@ def test_relu6_as_a_layers_own_activation_is_moved_into_a_layer_that_qat_quantiz
     assert result["parity_ok"] and result["files"]["onnx"]["precision"] == "int8"
 
 
+def test_leaky_relu_and_elu_become_their_layers_which_qat_quantizes_or_keeps_in_float(synthetic_data, tmp_path):
+    """A convolution's own leaky_relu or elu, or an Activation layer of either, refused QAT even with
+    unsupported="float": tfmot quantizes a layer's own activation when it keeps the layer in float."""
+    from compress.export.exporter import export_model
+    from compress.keras import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)), layers.Conv2D(8, 3, activation="leaky_relu", name="conv"),
+        layers.Conv2D(8, 3, name="conv2"), layers.Activation("leaky_relu", name="leaky"),
+        layers.Conv2D(8, 3, activation="elu", name="conv3"), layers.Flatten(), layers.Dense(3, name="logits"),
+    ])
+    outcome = qat(model, QATConfig(unsupported="float", epochs=1, batch_size=32), synthetic_data, verbose=0)
+    assert outcome.stats["activations_split"] == {"conv": "leaky_relu", "leaky": "leaky_relu", "conv3": "elu"}
+    assert outcome.stats["float_layers"] == ["conv3_elu"]  # tfmot has no int8 ELU; LeakyReLU it quantizes
+    result = export_model(outcome.model, tmp_path, formats=("onnx",), data=synthetic_data)
+    assert result["parity_ok"] and result["files"]["onnx"]["precision"] == "int8"
+
+
 def test_hard_swish_made_of_rescaling_and_multiply_is_quantized_by_its_outputs(synthetic_data, tmp_path):
     from compress.export.exporter import export_model
     from compress.keras import keras

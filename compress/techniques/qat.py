@@ -44,6 +44,10 @@ QUANTIZE_APPLY_LIMIT_S = 300  # tfmot takes seconds to a minute for the models h
 # another one (elu, selu, ...) fails inside quantize_apply with a message that names neither layer nor function.
 _ACTIVATION_LAYER_FUNCTIONS = frozenset({"relu", "relu6", "swish", "gelu", "linear", "softmax", "sigmoid", "tanh"})
 _OWN_ACTIVATION_FUNCTIONS = frozenset({"relu", "swish", "gelu", "linear", "softmax", "sigmoid", "tanh"})
+# Activations with a layer of their own that tfmot quantizes (LeakyReLU) or keeps in float (ELU, with
+# `unsupported="float"`), where the same function as a convolution's own activation refuses the convolution:
+# function -> (layer class, its config computing the function's defaults).
+_ACTIVATION_LAYERS = {"leaky_relu": ("LeakyReLU", {"alpha": 0.2}), "elu": ("ELU", {"alpha": 1.0})}
 # Weightless elementwise layers tfmot's registry does not know (MobileNetV3's hard-swish x * relu6(x + 3) / 6 is made
 # of them) but TFLite runs on int8 kernels: they compute in float and only their output is quantized.
 _OUTPUT_QUANTIZED = frozenset({"Rescaling", "Multiply", "Subtract", "Maximum", "Minimum"})
@@ -116,12 +120,17 @@ def unquantized_activation(layer) -> str | None:
 def activations_as_layers(model):
     """(`model` with each convolution's or Dense layer's activation that tfmot quantizes only as a layer of its own
     moved into one, {layer: activation moved}): Conv2D(activation="relu6") becomes Conv2D + Activation("relu6"),
-    the same function, which QAT then quantizes instead of refusing the layer. Layers called more than once and
-    nested models are left as they are."""
+    the same function, which QAT then quantizes instead of refusing the layer; leaky_relu becomes a LeakyReLU
+    layer, elu an ELU layer (`_ACTIVATION_LAYERS`), as does an Activation layer of either. Layers called more than
+    once and nested models are left as they are."""
+    movable = _ACTIVATION_LAYER_FUNCTIONS | set(_ACTIVATION_LAYERS)
     moved = {layer.name: unquantized_activation(layer) for layer in model.layers
-             if type(layer).__name__ != "Activation" and unquantized_activation(layer) in _ACTIVATION_LAYER_FUNCTIONS
+             if type(layer).__name__ not in ("Activation", "Functional", "Sequential")
+             and unquantized_activation(layer) in movable
              and len(layer._inbound_nodes) == 1}  # noqa: SLF001 - Keras 2 exposes calls only this way
-    if not moved:
+    replaced = {layer.name: unquantized_activation(layer) for layer in model.layers
+                if type(layer).__name__ == "Activation" and unquantized_activation(layer) in _ACTIVATION_LAYERS}
+    if not (moved or replaced):
         return model, {}
     activation_layers = {name: [f"{name}_{activation}", 0, 0] for name, activation in moved.items()}
     config = model.get_config()
@@ -130,11 +139,14 @@ def activations_as_layers(model):
         name = layer["config"]["name"]
         if "inbound_nodes" in layer:  # functional: read the new activation's output instead of the layer's
             layer["inbound_nodes"] = rerouted_references(layer["inbound_nodes"], activation_layers)
+        if name in replaced:
+            kind, options = _ACTIVATION_LAYERS[replaced[name]]
+            layer.update(class_name=kind, config={"name": name, **options})
         layers.append(layer)
         if name in moved:
             layer["config"]["activation"] = "linear"
-            activation = {"class_name": "Activation", "config": {"name": f"{name}_{moved[name]}",
-                                                                 "activation": moved[name]}}
+            kind, options = _ACTIVATION_LAYERS.get(moved[name], ("Activation", {"activation": moved[name]}))
+            activation = {"class_name": kind, "config": {"name": f"{name}_{moved[name]}", **options}}
             if "inbound_nodes" in layer:
                 activation["inbound_nodes"] = [[[name, 0, 0, {}]]]
             activation["name"] = activation["config"]["name"]
@@ -143,7 +155,7 @@ def activations_as_layers(model):
     if "output_layers" in config:
         config["output_layers"] = rerouted_references(config["output_layers"], activation_layers)
     rebuilt = rebuilt_from_config(model, config, {})
-    return (model, {}) if rebuilt is None else (rebuilt, moved)
+    return (model, {}) if rebuilt is None else (rebuilt, {**moved, **replaced})
 
 
 def separable_convolutions_split(model):
