@@ -8,7 +8,8 @@ slowly on a CPU; an input of uint8 pixels, which the float calibration and train
 a fixed batch size (made for batch-1 inference), which training, calibration and batched timing do not fit; a
 backbone frozen for transfer learning, which fine-tuning after pruning or quantization could not adapt; Python
 arithmetic on tensors (the TensorFlow tutorials' preprocess_input inside the model, `x + shortcut`), which Keras 2
-records as TFOpLambda layers that tfmot, the channel trace and the input range rule cannot read.
+records as TFOpLambda layers that tfmot, the channel trace and the input range rule cannot read; a layer's
+activity regularizer, a training loss only, which tfmot's quantization cannot rebuild.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def plain_model(model) -> tuple:
     except Exception as exc:  # a layer without a config: nothing can be rebuilt
         raise ModelError(f"the model needs float32 layers, a float input of any batch size or trainable layers, and "
                          f"cannot be rebuilt for that: {first_line(exc)}") from None
-    float16 = _float32_compute(model, config)
+    float16 = [(layer.name, layer.dtype_policy.name)
+               for layer in _changed(model, config, _computes_in_lower_precision, "dtype", "float32")]
     if float16:
         notes.append(f"model: {len(float16)} layer(s) computing in {float16[0][1]} (mixed precision) made to compute "
                      "in float32, as a CPU runs them; their weights are float32 already")
@@ -51,11 +53,12 @@ def plain_model(model) -> tuple:
     if fixed_batch:
         notes.append(f"model: its input takes batches of exactly {fixed_batch}; compressed as the same model taking "
                      "any batch size")
-    unfrozen = _unfrozen(model, config)
+    unfrozen = [layer.name for layer in _changed(model, config, _frozen, "trainable", True)]
     if unfrozen:
         notes.append(f"model: {len(unfrozen)} frozen layer(s) ({listed(unfrozen)}) made trainable, so that "
                      "fine-tuning after compression can adapt them; frozen BatchNormalization layers stay frozen")
-    unregularized = _without_activity_regularizers(model, config)
+    unregularized = [layer.name for layer in _changed(model, config, _activity_regularized, "activity_regularizer",
+                                                      None)]
     if unregularized:
         notes.append(f"model: the activity regularizer(s) of {listed(unregularized)} left out: they only add a "
                      "training loss, which tfmot's quantization cannot rebuild")
@@ -169,13 +172,13 @@ def _unique(name: str, taken: set) -> str:
     return candidate
 
 
-def _float32_compute(model, config: dict) -> list:
-    """Layers of a mixed-precision policy set to float32 in `config`: [(name, policy name)]."""
+def _changed(model, config: dict, needs_change, key: str, value) -> list:
+    """The layers of `model` for which `needs_change(layer)` holds, each one's `key` set to `value` in `config`."""
     changed = []
     for layer, entry in _with_entries(model, config):
-        if _computes_in_lower_precision(layer):
-            entry["config"]["dtype"] = "float32"
-            changed.append((layer.name, layer.dtype_policy.name))
+        if needs_change(layer):
+            entry["config"][key] = value
+            changed.append(layer)
     return changed
 
 
@@ -205,26 +208,6 @@ def _any_batch(model, config: dict) -> int | None:
             if entry["class_name"] == "InputLayer":
                 entry["config"]["batch_input_shape"] = [None, *entry["config"]["batch_input_shape"][1:]]
     return fixed
-
-
-def _unfrozen(model, config: dict) -> list:
-    """Names of the `_frozen` layers, made trainable in `config`."""
-    names = []
-    for layer, entry in _with_entries(model, config):
-        if _frozen(layer):
-            entry["config"]["trainable"] = True
-            names.append(layer.name)
-    return names
-
-
-def _without_activity_regularizers(model, config: dict) -> list:
-    """Names of the layers with an activity regularizer, removed in `config`."""
-    names = []
-    for layer, entry in _with_entries(model, config):
-        if _activity_regularized(layer):
-            entry["config"]["activity_regularizer"] = None
-            names.append(layer.name)
-    return names
 
 
 def _rebuilt(model, config: dict, *, loose: bool, integer_input: bool):
