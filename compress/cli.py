@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from compress.pipeline import RunOptions, describe_plan, load_recipe, run
 
-    recipe = load_recipe(args.recipe, quick=args.quick)
+    recipe = load_recipe(args.recipe, quick=args.quick, unsupported=args.unsupported)
     out = args.out or default_run_dir(args)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     options = RunOptions(

@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allow Lambda layers (arbitrary code) in --model and in the run folder's models")
     run.add_argument("--remeasure", action="store_true",
                      help="measure every file again (default: reuse the figures of files unchanged since measured)")
+    run.add_argument("--unsupported", choices=("error", "float"),
+                     help="layers tfmot cannot quantize, in every QAT stage that does not say: error (refuse the "
+                     "stage, naming them; the default) or float (keep them in float)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.set_defaults(handler="cmd_run")
 

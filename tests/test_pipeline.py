@@ -104,6 +104,19 @@ def test_quick_caps_epochs():
             assert stage.config.epochs == 1
 
 
+def test_run_unsupported_sets_every_qat_stage_that_does_not_set_it(capsys):
+    """A model with layers tfmot cannot quantize (PReLU, ELU) had every QAT stage of `compress run` refused, and no
+    way to keep those layers in float short of writing a recipe."""
+    text = ('[[stage]]\nname = "q"\ntechnique = "qat"\n\n[[stage]]\nname = "strict"\ntechnique = "qat"\n'
+            'settings = { unsupported = "error" }\n\n[[stage]]\nname = "p"\ntechnique = "prune"\n')
+    recipe = parse_recipe(text, unsupported="float")
+    assert [stage.config.unsupported for stage in recipe.stages[:2]] == ["float", "error"]
+    assert parse_recipe(text).stage("q").config.unsupported == "error"
+    assert main(["run", "--dry-run", "--unsupported", "float", "--out", "unused"]) == 0
+    plan = capsys.readouterr().out
+    assert "qat: qat <- baseline; export onnx; unsupported=float" in plan
+
+
 def test_quick_names_a_wrongly_typed_epochs_setting_in_one_line():
     text = '[[stage]]\nname = "p"\ntechnique = "prune"\nsettings = { epochs = "1" }\n'
     for quick in (False, True):  # --quick caps epochs with min(): a string must not reach it

@@ -61,17 +61,20 @@ def default_recipe_text() -> str:
     return (resources.files("compress") / "recipes" / "default.toml").read_text()
 
 
-def load_recipe(path: str | Path | None = None, *, quick: bool = False) -> RunRecipe:
+def load_recipe(path: str | Path | None = None, *, quick: bool = False, unsupported: str | None = None) -> RunRecipe:
     """Read a recipe file (default: the shipped one); every problem is one ConfigError naming it."""
     if path is None:
-        return parse_recipe(default_recipe_text(), quick=quick, where="default recipe")
+        return parse_recipe(default_recipe_text(), quick=quick, unsupported=unsupported, where="default recipe")
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe file {path} does not exist")
-    return parse_recipe(path.read_text(), quick=quick, where=str(path))
+    return parse_recipe(path.read_text(), quick=quick, unsupported=unsupported, where=str(path))
 
 
-def parse_recipe(text: str, *, quick: bool = False, where: str = "recipe") -> RunRecipe:
+def parse_recipe(text: str, *, quick: bool = False, unsupported: str | None = None,
+                 where: str = "recipe") -> RunRecipe:
+    """The recipe in `text`; `quick` caps every stage's epochs at the [quick] table's; `unsupported` is the
+    setting of every stage with that setting (QAT's) that does not set it itself."""
     from baseline.train import TRAINING_RECIPES
     from compress import registry
     from compress.export.exporter import EXPORT_FORMATS
@@ -142,6 +145,8 @@ def parse_recipe(text: str, *, quick: bool = False, where: str = "recipe") -> Ru
         epochs = settings.get("epochs", None if epochs_field is None else epochs_field.default)
         if stage_epochs_cap is not None and isinstance(epochs, (int, float)) and not isinstance(epochs, bool):
             settings["epochs"] = min(epochs, stage_epochs_cap)  # other types: from_dict below names the error
+        if unsupported is not None and "unsupported" in technique.config_class.__dataclass_fields__:
+            settings.setdefault("unsupported", unsupported)
         try:
             config = technique.config_class.from_dict(settings)
         except ConfigError as exc:
