@@ -485,13 +485,15 @@ def _folder_tree(root: Path, test_fraction: float) -> tuple[Tree, list[str]]:
 def _inside_wrapper_folders(root: Path) -> tuple[Path, str]:
     """(the folder holding the data, the line saying so or ""): an unpacked archive often wraps the class folders
     (or train/ and test/) in one folder of the data set's name, and a single class folder is never data to
-    classify, so a folder holding nothing but one folder stands for that folder's contents."""
+    classify, so a folder holding nothing but one folder stands for that folder's contents (a lone train/ stays
+    refused for its missing test/)."""
     start = root
     while True:
         entries = [path for path in root.iterdir() if not path.name.startswith(".")]
         folders = [path for path in entries if path.is_dir()]
-        if len(folders) != 1 or any(path.suffix.lower() in IMAGE_SUFFIXES for path in entries) or not any(
-                path.is_dir() for path in folders[0].iterdir()):
+        if (len(folders) != 1 or folders[0].name in ("train", "test", *VALIDATION_FOLDERS)
+                or any(path.suffix.lower() in IMAGE_SUFFIXES for path in entries)
+                or not any(path.is_dir() for path in folders[0].iterdir())):
             break
         root = folders[0]
     if root == start:

@@ -152,6 +152,10 @@ def test_an_unpacked_archive_s_wrapping_folder_is_looked_inside_and_an_archive_i
     archive = shutil.make_archive(str(tmp_path / "flowers"), "zip", tmp_path / "flowers")
     with pytest.raises(DataError, match="is an archive: unpack it and pass the folder it holds"):
         load_data(f"folder:{archive}", cache_dir=tmp_path / "c")
+    (tmp_path / "lone" / "train").mkdir(parents=True)
+    make_folder_set(tmp_path / "lone" / "train", layout="flat")
+    with pytest.raises(DataError, match="has a train/ folder but no test/"):
+        load_data(f"folder:{tmp_path / 'lone'}", cache_dir=tmp_path / "c")
     one_class = make_folder_set(tmp_path / "one", classes=("cat",), layout="flat")
     with pytest.raises(DataError, match="has 1 class"):  # a folder of images is a class, not a wrapper
         load_data(f"folder:{one_class}", cache_dir=tmp_path / "c")
