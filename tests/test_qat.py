@@ -526,9 +526,9 @@ def test_an_activation_tfmot_cannot_quantize_in_a_layer_kept_in_float_is_named_i
     from compress.techniques.qat import QATConfig, qat
 
     layers = keras.layers
-    model = keras.Sequential([keras.Input(synthetic_data.input_shape), layers.Conv2D(4, 3, activation="elu"),
+    model = keras.Sequential([keras.Input(synthetic_data.input_shape), layers.Conv2D(4, 3, activation="selu"),
                               layers.BatchNormalization(), layers.GlobalAveragePooling2D(), layers.Dense(3)])
     with pytest.raises(ModelError) as caught:
         qat(model, QATConfig(epochs=1, unsupported="float"), synthetic_data, verbose=0)
     message = str(caught.value)
-    assert "cannot quantize elu; use relu, relu6, swish or gelu there" in message and len(message) < 300
+    assert "cannot quantize selu; use relu, relu6, swish or gelu there" in message and len(message) < 300
