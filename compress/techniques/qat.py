@@ -125,8 +125,7 @@ def activations_as_layers(model):
     once and nested models are left as they are."""
     movable = _ACTIVATION_LAYER_FUNCTIONS | set(_ACTIVATION_LAYERS)
     moved = {layer.name: unquantized_activation(layer) for layer in model.layers
-             if type(layer).__name__ not in ("Activation", "Functional", "Sequential")
-             and unquantized_activation(layer) in movable
+             if type(layer).__name__ != "Activation" and unquantized_activation(layer) in movable
              and len(layer._inbound_nodes) == 1}  # noqa: SLF001 - Keras 2 exposes calls only this way
     replaced = {layer.name: unquantized_activation(layer) for layer in model.layers
                 if type(layer).__name__ == "Activation" and unquantized_activation(layer) in _ACTIVATION_LAYERS}
