@@ -176,6 +176,14 @@ def test_failed_parity_is_never_best_nor_on_the_front(results):
     assert failed["name"] not in summary["pareto_size"] + summary["pareto_latency"]
 
 
+def test_a_parity_passed_with_a_note_is_listed_in_the_report(results, tmp_path):
+    passed = next(v for v in results["variants"] if v["parity_ok"] is True and v["name"] != results["baseline"])
+    passed["parity"] = {**(passed.get("parity") or {}), "note": "its kernels round otherwise"}
+    report.write_report(results, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert f"Parity passed, with a note:\n\n- {passed['name']}: its kernels round otherwise" in markdown
+
+
 def test_unchecked_parity_is_not_best(results):
     for v in results["variants"]:
         if v["name"] != results["baseline"]:

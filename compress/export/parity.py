@@ -22,6 +22,12 @@ PARITY_SEED = 0
 # model is quantization error, shown by the file's own accuracy, and its agreement with that model is recorded beside
 # it: on a model with small margins (one trained briefly) it can be far below 96 %.
 PARITY_THRESHOLDS = {"float32": 0.99, "float16": 0.99, "int8": 0.96, "int8-ptq": 0.98}
+# Integer kernels need not round as the reference run does: on a PTQ MobileNetV2, LiteRT's optimised kernels differ
+# from its reference kernels by one level in 0.2 % of the first convolution's outputs, and through 50 layers a model
+# with small margins answers otherwise on 3 % of the images, as close to the float model as the reference run (97.3 %
+# vs 97.2 % top-1 agreement). Below "int8-ptq", such a file passes with the float-comparison threshold ("int8") when
+# it agrees with the float model no less than the reference run does, within sampling noise.
+ROUNDING_NOISE = 0.005
 REFERENCE_RUNS = {
     ".onnx": "the file's QDQ graph computed op by op in float (onnxruntime, no graph optimisations)",
     ".tflite": "the file run on LiteRT's reference kernels",
@@ -114,6 +120,14 @@ def check_quantized_file(path, inputs: np.ndarray, source: np.ndarray, *, labels
     result = check_parity(path, inputs, reference, precision="int8-ptq", labels=labels, batch_size=batch_size,
                           source=source)
     result["reference"] = REFERENCE_RUNS[Path(path).suffix]
+    result["reference_source_top1_agreement"] = float(np.mean(top1_agreeing(reference, np.asarray(source))[0]))
+    closer, further = result["source_top1_agreement"], result["reference_source_top1_agreement"]
+    if (not result["ok"] and result["max_abs_diff"] is not None
+            and result["top1_agreement"] >= PARITY_THRESHOLDS["int8"] and closer >= further - ROUNDING_NOISE):
+        result["ok"] = True
+        result["note"] = (f"agrees with the reference run on {result['top1_agreement']:.1%} of the images: its kernels "
+                          f"round otherwise, and it is as close to the float model as the reference run "
+                          f"({closer:.1%} vs {further:.1%} top-1 agreement)")
     return result
 
 

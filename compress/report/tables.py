@@ -170,6 +170,11 @@ def render_markdown(results: dict, summary: dict, rows: list[dict]) -> str:
         lines += ["", "Stages refused, or a stage's file formats (`stage:format`): the technique or converter cannot "
                       "handle this model, nothing was exported for them:", ""]
         lines += [f"- {_md(name)}: {_md(str(reason))}" for name, reason in refused.items()]
+    passed_with_note = [(v["name"], v["parity"]["note"]) for v in results["variants"]
+                        if v["parity_ok"] is True and (v.get("parity") or {}).get("note")]
+    if passed_with_note:
+        lines += ["", "Parity passed, with a note:", ""]
+        lines += [f"- {_md(name)}: {_md(note)}" for name, note in passed_with_note]
     untouched = [(v["name"], layer, reason) for v in results["variants"]
                  for layer, reason in (v.get("left_alone") or {}).items()]
     if untouched:
