@@ -23,10 +23,10 @@ PARITY_SEED = 0
 # it: on a model with small margins (one trained briefly) it can be far below 96 %.
 PARITY_THRESHOLDS = {"float32": 0.99, "float16": 0.99, "int8": 0.96, "int8-ptq": 0.98}
 # Integer kernels need not round as the reference run does: on a PTQ MobileNetV2, LiteRT's optimised kernels differ
-# from its reference kernels by one level in 0.2 % of the first convolution's outputs, and through 50 layers a model
-# with small margins answers otherwise on 3 % of the images, as close to the float model as the reference run (97.3 %
-# vs 97.2 % top-1 agreement). Below "int8-ptq", such a file passes with the float-comparison threshold ("int8") when
-# it agrees with the float model no less than the reference run does, within sampling noise.
+# from its reference kernels by one level in 0.2 % of the first block's projection outputs, and through 50 layers a
+# model with small margins answers otherwise on 3 % of the images, as close to the float model as the reference run
+# (97.3 % vs 97.2 % top-1 agreement). Below "int8-ptq", such a file passes with the float-comparison threshold
+# ("int8") when it agrees with the float model no less than the reference run does, within sampling noise.
 ROUNDING_NOISE = 0.005
 REFERENCE_RUNS = {
     ".onnx": "the file's QDQ graph computed op by op in float (onnxruntime, no graph optimisations)",
