@@ -121,13 +121,14 @@ def check_quantized_file(path, inputs: np.ndarray, source: np.ndarray, *, labels
                           source=source)
     result["reference"] = REFERENCE_RUNS[Path(path).suffix]
     result["reference_source_top1_agreement"] = float(np.mean(top1_agreeing(reference, np.asarray(source))[0]))
-    closer, further = result["source_top1_agreement"], result["reference_source_top1_agreement"]
+    file_to_float, reference_to_float = result["source_top1_agreement"], result["reference_source_top1_agreement"]
     if (not result["ok"] and result["max_abs_diff"] is not None
-            and result["top1_agreement"] >= PARITY_THRESHOLDS["int8"] and closer >= further - ROUNDING_NOISE):
+            and result["top1_agreement"] >= PARITY_THRESHOLDS["int8"]
+            and file_to_float >= reference_to_float - ROUNDING_NOISE):
         result["ok"] = True
         result["note"] = (f"agrees with the reference run on {result['top1_agreement']:.1%} of the images: its kernels "
                           f"round otherwise, and it is as close to the float model as the reference run "
-                          f"({closer:.1%} vs {further:.1%} top-1 agreement)")
+                          f"({file_to_float:.1%} vs {reference_to_float:.1%} top-1 agreement)")
     return result
 
 
